@@ -1,0 +1,51 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+LISTEN_INVENTORY ?= 127.0.0.1:8001
+CONFIG ?= routes.yaml
+
+.PHONY: venv run test check lint typecheck pytest bench lock clean
+
+venv: $(STAMP)
+
+# Reinstalled only when the dependency declarations change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Inventory and gateway in the foreground; Ctrl-C (or SIGTERM) stops both cleanly.
+run: venv
+	@mkdir -p var
+	@trap 'kill -TERM $$inv $$gw 2>/dev/null; wait' INT TERM; \
+	$(PY) -m inventory --db var/inventory.db --listen $(LISTEN_INVENTORY) & inv=$$!; \
+	$(PY) -m gateway --config $(CONFIG) & gw=$$!; \
+	wait
+
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+pytest: venv
+	$(PY) -m pytest -q
+
+# What CI runs: lint, type-check, then the whole suite.
+test: lint typecheck pytest
+
+check: test
+
+bench: venv
+	$(PY) bench/run.py
+
+lock: venv
+	{ echo '# Tested versions: `make` installs with `pip install -c constraints.txt`. Regenerate with `make lock`.'; \
+	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache
