@@ -1,0 +1,183 @@
+"""The public application: one catch-all handler that matches the current route table and
+runs the route's composed chain, under the exchange and problem+json middlewares.
+
+`Gateway` is the process-wide state: the current table, the services (pools, health) and the
+last load result. Reload builds a new table off to the side and swaps one reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway.accesslog import AccessLog
+from gateway.compile import LoadResult, build_table
+from gateway.errors import problem_middleware
+from gateway.exchange import EXCHANGE, apply_exchange, start_exchange
+from gateway.forward import ClientAddress
+from gateway.health import HealthChecker
+from gateway.metrics import Metrics
+from gateway.model import GatewayConfig
+from gateway.pipeline import Handler
+from gateway.reload import Reloader
+from gateway.routing import RouteTable, normalize_path, split_target
+from gateway.upstream import Service, close_later
+
+config_log = logging.getLogger("gateway.config")
+
+
+@dataclass(slots=True)
+class LoadStatus:
+    """What /config reports about the last load or reload."""
+
+    ok: bool
+    at: float
+    version_hash: str | None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Gateway:
+    """The current config, route table and services of this process."""
+
+    def __init__(self, config: GatewayConfig, config_path: str | None = None) -> None:
+        self.config_path = config_path  # watched for hot reload when set
+        self.access_log = AccessLog()
+        self.metrics = Metrics()
+        self.health = HealthChecker()
+        self.reloader: Reloader | None = None
+        self.services: dict[str, Service] = {}
+        self.metrics.watch(lambda: self.services.values())
+        self.config = config
+        self.table = RouteTable(())
+        self.status = LoadStatus(True, time.time(), config.version_hash)
+        self._retired: list[Service] = []
+        self.swap(config)
+
+    def swap(self, config: GatewayConfig) -> list[Service]:
+        """Install `config`: keep services whose config is unchanged, build the new table."""
+        kept: dict[str, Service] = {}
+        for name, service_config in config.services.items():
+            old = self.services.get(name)
+            kept[name] = (
+                old if old is not None and old.config == service_config else Service(service_config)
+            )
+        removed = [s for name, s in self.services.items() if kept.get(name) is not s]
+        clients = ClientAddress(config.trusted_proxies)
+        table = build_table(config, kept, clients)
+        self.services, self.table, self.config = kept, table, config  # the swap
+        return removed
+
+    def apply(self, result: LoadResult) -> bool:
+        """Swap in a reloaded file, or keep serving the old table and record why not."""
+        warnings = [str(w) for w in result.warnings]
+        if result.config is None:
+            errors = [str(e) for e in result.errors]
+            self.status = LoadStatus(False, time.time(), result.doc.version_hash, errors, warnings)
+            for line in errors:
+                config_log.warning("reload rejected: %s", line)
+            self.metrics.reloads.labels("rejected").inc()
+            return False
+        # Listeners are bound once: a reload changes routes and services, not addresses.
+        config = replace(result.config, listen=self.config.listen, admin=self.config.admin)
+        removed = self.swap(config)
+        self.health.sync(self.services.values())
+        self.metrics.reloads.labels("applied").inc()
+        self.status = LoadStatus(True, time.time(), result.config.version_hash, [], warnings)
+        config_log.info("reload applied: version %s", result.config.version_hash[:12])
+        if removed:
+            self._retired.extend(removed)
+            asyncio.get_running_loop().create_task(
+                close_later(removed, result.config.shutdown_grace)
+            )
+        return True
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload now."""
+        if self.reloader is not None:
+            self.reloader.trigger()
+
+    async def close(self) -> None:
+        await self.health.stop()
+        for service in [*self.services.values(), *self._retired]:
+            await service.close()
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Match the table this request started with, then run the route's chain."""
+    table = request.app[GATEWAY].table  # read once: in-flight requests keep their table
+    exchange = request[EXCHANGE]
+    raw = request.raw_path
+    if not raw.startswith("/"):  # absolute-form request target
+        raw = request.rel_url.raw_path_qs
+    path, exchange.query = split_target(raw)
+    exchange.path = normalize_path(path)
+    route = table.match(request.method, exchange.path)
+    exchange.route = route.config.name
+    exchange.service = route.config.service
+    return await route.handler(request)
+
+
+def exchange_middleware(gateway: Gateway) -> Middleware:
+    access_log, metrics = gateway.access_log, gateway.metrics
+    in_flight = metrics.in_flight
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        exchange = start_exchange(request)
+        request[EXCHANGE] = exchange
+        status, sent = 499, 0  # 499: the client went away first (nginx's code)
+        in_flight.inc()
+        try:
+            response = await handler(request)
+            status = response.status
+            sent = response.body_length if response.prepared else (response.content_length or 0)
+            return response
+        finally:
+            in_flight.dec()
+            received = request.content.total_bytes if request.body_exists else 0
+            seconds = time.perf_counter() - exchange.started
+            metrics.observe(exchange, request.method, status, received, sent, seconds)
+            access_log.record(request, exchange, status, received, sent, seconds)
+
+    return middleware
+
+
+def create_app(gateway: Gateway) -> web.Application:
+    app = web.Application(
+        middlewares=[exchange_middleware(gateway), problem_middleware],
+        handler_args={"max_field_size": 16384},
+    )
+    app[GATEWAY] = gateway
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.on_response_prepare.append(apply_exchange)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Start the access-log writer, health checks and file watch; stop them on shutdown."""
+    gateway = app[GATEWAY]
+    gateway.access_log.start()
+    gateway.health.sync(gateway.services.values())
+    watch = None
+    if gateway.config_path is not None:
+        gateway.reloader = Reloader(gateway.config_path, gateway.apply)
+        watch = asyncio.get_running_loop().create_task(gateway.reloader.run())
+    yield
+    if watch is not None:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+    await gateway.close()
+    gateway.access_log.stop()

@@ -1,0 +1,182 @@
+"""From validated data to the frozen model: `load()` is the one loader for --check, startup
+and reload. Units are applied here (durations to seconds, CIDRs to networks, header names
+to istr) so request handling only looks things up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from ipaddress import ip_network
+from pathlib import Path
+
+from multidict import istr
+
+from gateway.config import JSON, ConfigError, Document, parse_text, read_file
+from gateway.forward import ClientAddress, forward_handler
+from gateway.model import (
+    DEFAULT_ADMIN,
+    DEFAULT_LISTEN,
+    CircuitBreakerConfig,
+    GatewayConfig,
+    HeaderRules,
+    HealthCheckConfig,
+    RetryBudgetConfig,
+    RouteConfig,
+    ServiceConfig,
+    TargetConfig,
+    Timeouts,
+)
+from gateway.pipeline import build_chain
+from gateway.routing import Route, RouteTable
+from gateway.upstream import Service
+from gateway.validate import normalize_prefix, parse_duration, route_methods, validate
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadResult:
+    return _finish(read_file(path, environ))
+
+
+def load_text(
+    text: str, file: str = "<string>", environ: Mapping[str, str] | None = None
+) -> LoadResult:
+    return _finish(parse_text(text, file, environ))
+
+
+class LoadResult:
+    """A compiled config (None when any error was found) and every error and warning."""
+
+    __slots__ = ("config", "doc", "problems")
+
+    def __init__(self, doc: Document, config: GatewayConfig | None) -> None:
+        self.doc = doc
+        self.config = config
+        self.problems: list[ConfigError] = doc.errors
+
+    @property
+    def errors(self) -> list[ConfigError]:
+        return [p for p in self.problems if not p.warning]
+
+    @property
+    def warnings(self) -> list[ConfigError]:
+        return [p for p in self.problems if p.warning]
+
+
+def _finish(doc: Document) -> LoadResult:
+    validate(doc)
+    doc.errors.sort(key=lambda e: (e.line, e.col))
+    if any(not e.warning for e in doc.errors):
+        return LoadResult(doc, None)
+    return LoadResult(doc, build_config(doc))
+
+
+def build_config(doc: Document) -> GatewayConfig:
+    data: dict[str, JSON] = doc.data
+    limits = data.get("limits") or {}
+    services = {name: _service(name, raw) for name, raw in data["services"].items()}
+    routes = tuple(_route(i, raw, services) for i, raw in enumerate(data["routes"]))
+    return GatewayConfig(
+        file=doc.file,
+        version_hash=doc.version_hash,
+        text=doc.text,
+        listen=_hostport(data.get("listen"), DEFAULT_LISTEN),
+        admin=_hostport(data.get("admin"), DEFAULT_ADMIN),
+        access_log=data.get("access_log"),
+        trusted_proxies=tuple(ip_network(c, strict=False) for c in data.get("trusted_proxies", ())),
+        max_body_bytes=limits.get("max_body_bytes"),
+        shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
+        services=services,
+        routes=routes,
+    )
+
+
+def _hostport(text: str | None, default: tuple[str, int]) -> tuple[str, int]:
+    if not text:
+        return default
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _seconds(text: JSON, default: float | None) -> float | None:
+    return default if text is None else parse_duration(text)
+
+
+def _timeouts(raw: JSON, base: Timeouts) -> Timeouts:
+    raw = raw or {}
+    return Timeouts(
+        connect=_seconds(raw.get("connect"), base.connect),
+        read=_seconds(raw.get("read"), base.read),
+        total=_seconds(raw.get("total"), base.total),
+    )
+
+
+def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
+    targets = tuple(
+        TargetConfig(t.rstrip("/"))
+        if isinstance(t, str)
+        else TargetConfig(t["url"].rstrip("/"), t.get("weight", 1))
+        for t in raw["targets"]
+    )
+    health = raw.get("health_check")
+    breaker = raw.get("circuit_breaker") or {}
+    budget = raw.get("retry_budget") or {}
+    return ServiceConfig(
+        name=name,
+        targets=targets,
+        balance=raw.get("balance", "round_robin"),
+        timeouts=_timeouts(raw.get("timeouts"), Timeouts()),
+        retries=raw.get("retries", 0),
+        retry_budget=RetryBudgetConfig(
+            ratio=float(budget.get("ratio", 0.2)),
+            window=_seconds(budget.get("window"), 10.0) or 10.0,
+            min_retries=budget.get("min_retries", 3),
+        ),
+        health_check=None
+        if health is None
+        else HealthCheckConfig(
+            path=health["path"],
+            interval=_seconds(health.get("interval"), 5.0) or 5.0,
+            timeout=_seconds(health.get("timeout"), 2.0) or 2.0,
+            healthy_threshold=health.get("healthy_threshold", 2),
+            unhealthy_threshold=health.get("unhealthy_threshold", 3),
+        ),
+        circuit_breaker=CircuitBreakerConfig(
+            failures=breaker.get("failures", 5),
+            open_for=_seconds(breaker.get("open_for"), 30.0) or 30.0,
+        ),
+        max_connections=raw.get("max_connections", 1000),
+    )
+
+
+def _headers(raw: JSON) -> HeaderRules:
+    raw = raw or {}
+    return HeaderRules(
+        set=tuple((istr(k), str(v)) for k, v in (raw.get("set") or {}).items()),
+        remove=frozenset(istr(k) for k in raw.get("remove") or ()),
+    )
+
+
+def _route(index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig]) -> RouteConfig:
+    service = services[raw["service"]]
+    return RouteConfig(
+        prefix=normalize_prefix(raw["prefix"]),
+        service=service.name,
+        index=index,
+        methods=route_methods(raw.get("methods")),
+        strip_prefix=raw.get("strip_prefix", False),
+        timeouts=_timeouts(raw.get("timeouts"), service.timeouts),
+        request_headers=_headers(raw.get("request_headers")),
+        response_headers=_headers(raw.get("response_headers")),
+        max_body_bytes=raw.get("max_body_bytes"),
+    )
+
+
+def build_table(
+    config: GatewayConfig, services: Mapping[str, Service], clients: ClientAddress
+) -> RouteTable:
+    """Compose every route's chain once; requests only look the result up."""
+    routes = []
+    for route in config.routes:
+        forward = forward_handler(route, services[route.service], clients)
+        chain = build_chain(route, forward, config.max_body_bytes)
+        routes.append(Route(route, chain.handler, chain.stages))
+    return RouteTable(routes)

@@ -1,0 +1,167 @@
+"""Every failure the gateway answers itself, and the one place they become HTTP responses.
+
+GatewayError
+  RouteNotFound 404 · MethodNotAllowed 405 · Unauthenticated 401 · Forbidden 403
+  PayloadTooLarge 413 · RateLimited 429 · BadRequest 400
+  UpstreamError
+    UpstreamUnavailable 502 · NoHealthyTarget 503 · UpstreamTimeout 504
+ResponseAborted: a failure after the response started; the connection is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, ClassVar, Final
+
+import aiohttp
+from aiohttp import web
+
+from gateway.exchange import EXCHANGE
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Handler
+
+logger = logging.getLogger(__name__)
+upstream_log = logging.getLogger("gateway.upstream")
+
+PROBLEM_TYPE: Final = "application/problem+json"
+
+
+class GatewayError(Exception):
+    status: int = 500
+    title: str = "Internal Server Error"
+    slug: str = "internal-error"  # the last part of the problem's `type` URI
+
+    def __init__(self, detail: str = "", *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class BadRequest(GatewayError):
+    status, title, slug = 400, "Bad Request", "bad-request"
+
+
+class RouteNotFound(GatewayError):
+    status, title, slug = 404, "Not Found", "route-not-found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, title, slug = 405, "Method Not Allowed", "method-not-allowed"
+
+
+class Unauthenticated(GatewayError):
+    status, title, slug = 401, "Unauthorized", "unauthenticated"
+
+
+class Forbidden(GatewayError):
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
+class PayloadTooLarge(GatewayError):
+    status, title, slug = 413, "Content Too Large", "payload-too-large"
+
+
+class RateLimited(GatewayError):
+    status, title, slug = 429, "Too Many Requests", "rate-limited"
+
+
+class UpstreamError(GatewayError):
+    status, title, slug = 502, "Bad Gateway", "upstream-error"
+    kind: ClassVar[str] = "error"  # the label upstream-error metrics carry
+
+
+class UpstreamUnavailable(UpstreamError):
+    status, title, slug = 502, "Bad Gateway", "upstream-unavailable"
+    kind = "unavailable"
+
+
+class NoHealthyTarget(UpstreamError):
+    status, title, slug = 503, "Service Unavailable", "no-healthy-target"
+    kind = "no_healthy_target"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, title, slug = 504, "Gateway Timeout", "upstream-timeout"
+    kind = "timeout"
+
+
+class ResponseAborted(Exception):
+    """The upstream failed after the response started: the client must see a broken body."""
+
+    def __init__(self, service: str, response: web.StreamResponse) -> None:
+        super().__init__(service)
+        self.response = response
+
+
+@contextmanager
+def upstream_errors(service: str) -> Iterator[None]:
+    """Translate client-library failures before the first response byte into GatewayErrors."""
+    try:
+        yield
+    except TimeoutError as exc:  # aiohttp's timeouts subclass it: catch before ClientError
+        raise UpstreamTimeout(f"service {service!r} did not answer in time") from exc
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"service {service!r} failed: {_describe(exc)}") from exc
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    match exc:
+        case aiohttp.ClientConnectorError():
+            return "connection refused or unreachable"
+        case aiohttp.ServerDisconnectedError():
+            return "connection closed before a response"
+        case aiohttp.ClientResponseError():
+            return "malformed response"
+        case aiohttp.ClientOSError():
+            return "connection reset"
+    return "connection error"
+
+
+def problem_response(request: web.BaseRequest, error: GatewayError) -> web.Response:
+    exchange = request.get(EXCHANGE)
+    body = {
+        "type": f"https://gateway.example/problems/{error.slug}",
+        "title": error.title,
+        "status": error.status,
+        "detail": error.detail or error.title,
+        "request_id": exchange.request_id if exchange else None,
+    }
+    response = web.Response(
+        status=error.status, text=json.dumps(body), content_type=PROBLEM_TYPE, headers=error.headers
+    )
+    return response
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The only place failures become statuses; the only bare `except Exception`."""
+    try:
+        return await handler(request)
+    except UpstreamError as error:
+        request[EXCHANGE].upstream_error = error.kind
+        return problem_response(request, error)
+    except GatewayError as error:
+        return problem_response(request, error)
+    except ResponseAborted as aborted:
+        request[EXCHANGE].upstream_error = "aborted"
+        upstream_log.warning("service %r failed mid-response; connection dropped", str(aborted))
+        if request.transport is not None:
+            request.transport.abort()  # no clean end: the client sees a broken body
+        return aborted.response
+    except web.HTTPException as exc:  # raised by aiohttp itself (bad request line, 413...)
+        return problem_response(request, _from_http(exc))
+    except (aiohttp.ClientConnectionResetError, ConnectionResetError):
+        raise  # the client went away; aiohttp handles it quietly
+    except Exception:
+        logger.exception("unhandled error while handling %s %s", request.method, request.path)
+        return problem_response(request, GatewayError())
+
+
+def _from_http(exc: web.HTTPException) -> GatewayError:
+    error = GatewayError(exc.reason, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+    error.status, error.title, error.slug = exc.status, exc.reason, "http-error"
+    return error

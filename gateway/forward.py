@@ -1,0 +1,184 @@
+"""The streaming forwarder: what goes up, what comes back, and nothing else.
+
+Request headers lose hop-by-hop fields (RFC 9110 §7.6.1) and the ones the gateway owns, then
+gain X-Forwarded-*, X-Request-ID and traceparent. Bodies stream both ways; upstream bytes are
+never decompressed or re-encoded. Target choice and retries belong to `upstream.Service`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from ipaddress import ip_address
+from typing import Final
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+from gateway.errors import ResponseAborted
+from gateway.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
+from gateway.model import Network, RouteConfig
+from gateway.pipeline import Handler
+from gateway.routing import strip
+from gateway.upstream import Reply, Service, client_timeout
+from gateway.websocket import is_websocket, proxy_websocket
+
+# RFC 9110 §7.6.1 (and Proxy-Connection, a non-standard relative): never forwarded.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Set by the gateway, never taken from the client as sent.
+GATEWAY_OWNED: Final = frozenset(
+    {
+        "host",
+        "expect",
+        "x-request-id",
+        "traceparent",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-prefix",
+        "forwarded",
+        "x-consumer",
+        "x-auth-subject",
+        "x-auth-scopes",
+    }
+)
+REQUEST_DROP: Final = HOP_BY_HOP | GATEWAY_OWNED
+X_FORWARDED_FOR: Final = istr("X-Forwarded-For")
+X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
+X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
+X_FORWARDED_PREFIX: Final = istr("X-Forwarded-Prefix")
+
+
+def connection_listed(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
+    """`drop` plus the names a Connection header lists (RFC 9110 §7.6.1)."""
+    listed = headers.getall(hdrs.CONNECTION, ())
+    if not listed:
+        return drop
+    return drop | {name.strip().lower() for value in listed for name in value.split(",")}
+
+
+class ClientAddress:
+    """Who the client is, believing X-Forwarded-For only from trusted proxies (right to left)."""
+
+    def __init__(self, trusted: tuple[Network, ...]) -> None:
+        self.trusted = trusted
+        self.is_trusted: Callable[[str], bool] = lru_cache(maxsize=4096)(self._trusted)
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def resolve(self, request: web.BaseRequest) -> tuple[str, str | None]:
+        """(client address, X-Forwarded-For value to extend or None)."""
+        peer = request.remote or ""
+        if not self.trusted or not self.is_trusted(peer):
+            return peer, None
+        chain = ", ".join(request.headers.getall(X_FORWARDED_FOR, ()))
+        client = peer
+        for hop in reversed([h.strip() for h in chain.split(",") if h.strip()]):
+            client = hop
+            if not self.is_trusted(hop):
+                break
+        return client, chain or None
+
+
+def upstream_headers(
+    request: web.BaseRequest, exchange: Exchange, route: RouteConfig, clients: ClientAddress
+) -> CIMultiDict[str]:
+    incoming = request.headers
+    drop = connection_listed(incoming, REQUEST_DROP)
+    if exchange.upstream_remove:
+        drop = drop | exchange.upstream_remove
+    out: CIMultiDict[str] = CIMultiDict(
+        [(name, value) for name, value in incoming.items() if name.lower() not in drop]
+    )
+    client, chain = clients.resolve(request)
+    exchange.client = client
+    peer = request.remote or ""
+    out[X_FORWARDED_FOR] = f"{chain}, {peer}" if chain else peer
+    trusted = chain is not None
+    out[X_FORWARDED_PROTO] = (trusted and incoming.get(X_FORWARDED_PROTO)) or request.scheme
+    host = (trusted and incoming.get(X_FORWARDED_HOST)) or incoming.get(hdrs.HOST)
+    if host:
+        out[X_FORWARDED_HOST] = host
+    if route.strip_prefix and route.prefix != "/":
+        out[X_FORWARDED_PREFIX] = route.prefix
+    out[X_REQUEST_ID] = exchange.request_id
+    out[TRACEPARENT] = exchange.traceparent
+    for name, value in exchange.upstream_set:
+        out[name] = value
+    return out
+
+
+def upstream_path(route: RouteConfig, exchange: Exchange) -> str:
+    path = strip(route.prefix, exchange.path) if route.strip_prefix else exchange.path
+    return path + exchange.query
+
+
+def forward_handler(route: RouteConfig, service: Service, clients: ClientAddress) -> Handler:
+    """The innermost handler of a route: relay the request to `service` and stream back."""
+    timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        exchange = request[EXCHANGE]
+        headers = upstream_headers(request, exchange, route, clients)
+        path_qs = upstream_path(route, exchange)
+        if is_websocket(request):
+            return await proxy_websocket(request, service, path_qs, headers, exchange)
+        body = (
+            exchange.body
+            if exchange.body is not None
+            else (request.content if request.body_exists else None)
+        )
+        started = time.perf_counter()
+        reply = await service.send(request.method, path_qs, headers, body, exchange, timeout)
+        exchange.upstream_ms = (time.perf_counter() - started) * 1000
+        try:
+            return await relay(request, reply, exchange)
+        finally:
+            reply.release()
+
+    return handle
+
+
+async def relay(request: web.Request, reply: Reply, exchange: Exchange) -> web.StreamResponse:
+    """Stream an upstream response to the client, headers first, bytes as they arrive."""
+    upstream = reply.response
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    drop = connection_listed(upstream.headers, HOP_BY_HOP)
+    headers = response.headers
+    for name, value in upstream.headers.items():
+        if name.lower() not in drop:
+            headers.add(name, value)
+    exchange.from_upstream = True
+    exchange.upstream_had_server = hdrs.SERVER in upstream.headers
+    exchange.upstream_had_type = hdrs.CONTENT_TYPE in upstream.headers
+    await response.prepare(request)
+    content = upstream.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (aiohttp.ClientError, TimeoutError) as exc:  # reading: the upstream's fault
+            raise ResponseAborted(exchange.service, response) from exc
+        if not chunk:
+            break
+        await response.write(chunk)  # a client that left raises here, and is not logged
+    await response.write_eof()
+    return response

@@ -1,0 +1,110 @@
+"""The compiled configuration: frozen dataclasses with units already applied.
+
+Everything here is built once per load by `compile.py`; request handling only reads it.
+Durations are seconds (float), sizes are bytes, header names are `istr`, CIDRs are networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+from typing import Final, Literal
+
+from multidict import istr
+
+Balance = Literal["round_robin", "least_conn"]
+Network = IPv4Network | IPv6Network
+
+DEFAULT_LISTEN: Final = ("0.0.0.0", 8080)
+DEFAULT_ADMIN: Final = ("127.0.0.1", 9080)
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+ALL_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float | None = 5.0  # seconds to open a connection to a target; default 5 s
+    read: float | None = 60.0  # seconds of silence allowed between response bytes; default 60 s
+    total: float | None = None  # seconds for the whole exchange; default unlimited (streams)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    url: str  # base URL, no trailing slash: "http://10.0.0.5:8001" or "http://h:8001/base"
+    weight: int = 1  # share of traffic relative to the other targets; default 1
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    path: str  # probed with GET on every target; 2xx/3xx is healthy
+    interval: float = 5.0  # seconds between probes; default 5 s
+    timeout: float = 2.0  # seconds a probe may take; default 2 s
+    healthy_threshold: int = 2  # consecutive successes that bring a target back; default 2
+    unhealthy_threshold: int = 3  # consecutive failures that take it out; default 3
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    failures: int = 5  # consecutive failures (connect error, reset, 502/503/504); default 5
+    open_for: float = 30.0  # seconds a tripped target gets no traffic before a trial; default 30 s
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudgetConfig:
+    ratio: float = 0.2  # retries allowed as a share of requests in the window; default 20 %
+    window: float = 10.0  # seconds of the sliding window; default 10 s
+    min_retries: int = 3  # retries always allowed per window, for low traffic; default 3
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    name: str
+    targets: tuple[TargetConfig, ...]
+    balance: Balance = "round_robin"  # round_robin (smooth weighted) | least_conn
+    timeouts: Timeouts = Timeouts()
+    retries: int = 0  # extra attempts for idempotent requests; default 0
+    retry_budget: RetryBudgetConfig = RetryBudgetConfig()
+    health_check: HealthCheckConfig | None = None  # None: passive health only
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    max_connections: int = 1000  # open connections per service, pooled and kept alive
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    set: tuple[tuple[istr, str], ...] = ()  # replaced (or added) with these values
+    remove: frozenset[istr] = frozenset()  # dropped
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.remove)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    prefix: str  # normalized, no trailing slash except "/" itself
+    service: str
+    index: int  # position in routes.yaml, shown as routes.N
+    methods: frozenset[str] = ALL_METHODS  # HEAD is implied by GET
+    strip_prefix: bool = False  # /api/inventory/devices -> /devices
+    timeouts: Timeouts = Timeouts()  # the service's, overridden per key by the route's
+    request_headers: HeaderRules = HeaderRules()
+    response_headers: HeaderRules = HeaderRules()
+    max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
+
+    @property
+    def name(self) -> str:
+        return f"routes.{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    file: str
+    version_hash: str  # sha256 of the file bytes
+    text: str  # the file as written, before ${VAR} expansion (holds no expanded secret)
+    listen: tuple[str, int] = DEFAULT_LISTEN
+    admin: tuple[str, int] = DEFAULT_ADMIN
+    access_log: str | None = None  # None: standard output
+    trusted_proxies: tuple[Network, ...] = ()
+    max_body_bytes: int | None = None  # global request body limit; None: unlimited (streamed)
+    shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
+    services: dict[str, ServiceConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()

@@ -1,0 +1,51 @@
+"""The request pipeline: what a handler and a stage are, and the order stages run in.
+
+`build_chain` is the only place the order is written. A stage factory returns None when its
+route does not configure the feature, so an unconfigured feature costs nothing per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import NamedTuple
+
+from aiohttp import web
+
+from gateway.model import RouteConfig
+from gateway.stages.bodylimit import body_limit_stage
+from gateway.stages.headers import headers_stage
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Stage = Callable[[Handler], Handler]
+
+
+def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:
+    """Wrap `innermost` in `stages`, the first stage outermost; None entries are skipped."""
+    handler = innermost
+    for stage in reversed(stages):
+        if stage is not None:
+            handler = stage(handler)
+    return handler
+
+
+def build_chain(route: RouteConfig, forward: Handler, global_body_limit: int | None) -> Chain:
+    """The stages of one route around its forwarder. This list *is* the order."""
+    stages: list[tuple[str, Stage | None]] = [  # outermost first
+        ("body_limit", body_limit_stage(_body_limit(route, global_body_limit))),
+        ("headers", headers_stage(route.request_headers, route.response_headers)),
+    ]
+    names = tuple(name for name, stage in stages if stage is not None)
+    return Chain(compose([stage for _, stage in stages], forward), (*names, "forward"))
+
+
+def _body_limit(route: RouteConfig, global_limit: int | None) -> int | None:
+    if route.max_body_bytes is None:
+        return global_limit
+    if global_limit is None:
+        return route.max_body_bytes
+    return min(route.max_body_bytes, global_limit)
+
+
+class Chain(NamedTuple):
+    handler: Handler
+    stages: tuple[str, ...]  # names, outermost first, ending in "forward"

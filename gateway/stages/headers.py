@@ -1,0 +1,38 @@
+"""The request_headers / response_headers transforms of a route.
+
+Request rules go to the Exchange for the forwarder to apply; response rules are applied by the
+on_response_prepare hook, since a streamed response is on the wire before a handler returns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from gateway.exchange import EXCHANGE
+from gateway.model import HeaderRules
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Handler, Stage
+
+
+def headers_stage(request_rules: HeaderRules, response_rules: HeaderRules) -> Stage | None:
+    if not request_rules and not response_rules:
+        return None
+    remove = {name.lower() for name in request_rules.remove}
+    upstream_set = list(request_rules.set)
+    response = response_rules or None
+
+    def wrap(next_handler: Handler) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            exchange = request[EXCHANGE]
+            if remove:
+                exchange.upstream_remove |= remove
+            exchange.upstream_set.extend(upstream_set)
+            exchange.response_rules = response
+            return await next_handler(request)
+
+        return handle
+
+    return wrap

@@ -1,0 +1,295 @@
+"""Every check of a routes.yaml document: JSON Schema for its shape, then Python for relations.
+
+Both kinds of check append `ConfigError` values to the document; nothing stops at the first
+problem. Messages never quote a value that came from an environment variable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Iterable
+from functools import cache
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Final
+
+import jsonschema
+from yarl import URL
+
+from gateway.config import JSON, Document, PathKey
+from gateway.model import ALL_METHODS
+
+SCHEMA_PATH: Final = Path(__file__).resolve().parent.parent / "schemas" / "routes.schema.json"
+SUPPORTED_VERSION: Final = 1
+_DURATION: Final = re.compile(r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$")
+
+_PATTERN_MESSAGES: Final = {
+    "^[0-9]+(\\.[0-9]+)?(ms|s|m|h)$": "must be a duration such as 250ms, 5s, 1m or 1h",
+    "^/": "must start with '/'",
+    "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$": "is not a valid HTTP header name",
+    "^[A-Za-z][A-Za-z0-9_-]{0,62}$": "must be a letter then letters, digits, _ or -",
+    "^[0-9a-f]{64}$": "must be 64 lowercase hex digits (a SHA-256)",
+}
+_TYPE_NAMES: Final = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "empty",
+}
+# Keys the schema accepts (so operators see one shape) whose feature this build lacks.
+UNSUPPORTED: Final = {
+    ("auth",): "authentication",
+    ("routes", "*", "auth"): "authentication",
+    ("routes", "*", "rate_limit"): "rate limiting",
+    ("routes", "*", "cache"): "response caching",
+    ("routes", "*", "cors"): "CORS",
+    ("routes", "*", "aggregate"): "fan-out aggregation",
+}
+
+
+@cache
+def schema_validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate(doc: Document) -> None:
+    """Append every schema and semantic error of `doc` to `doc.errors`."""
+    if doc.data is None:
+        return
+    if not isinstance(doc.data, dict):
+        doc.error((), "the file must be a mapping with version, services and routes")
+        return
+    version = doc.data.get("version")
+    if version != SUPPORTED_VERSION:
+        shown = "missing" if version is None else f"{version!r} is not supported"
+        doc.error(("version",), f"version {shown}: this gateway reads version {SUPPORTED_VERSION}")
+        return
+    for error in schema_validator().iter_errors(doc.data):
+        _report(doc, error)
+    _check_semantics(doc, doc.data)
+
+
+def _report(doc: Document, error: jsonschema.ValidationError) -> None:
+    path: PathKey = tuple(error.absolute_path)
+    if path == ("version",):
+        return  # checked first, with a better message
+    match error.validator:
+        case "additionalProperties":
+            allowed = list(error.schema.get("properties", {}))
+            for key in _extra_keys(error.instance, allowed):
+                doc.error((*path, key), f"unknown key {key!r}{_suggest(key, allowed)}", key=True)
+        case "required":
+            missing = [k for k in error.validator_value if k not in error.instance]
+            for key in missing:
+                doc.error(path, f"missing required key {key!r}")
+        case "oneOf" | "anyOf":
+            _report_alternatives(doc, error, path)
+        case "propertyNames":
+            key = str(error.instance)
+            doc.error((*path, key), f"name {key!r} {_message(error)}", key=True)
+        case _:
+            doc.error(path, _message(error, expanded=path in doc.expanded))
+
+
+def _report_alternatives(doc: Document, error: jsonschema.ValidationError, path: PathKey) -> None:
+    """For `target: str | {url, weight}`, report the branch the value was trying to be."""
+    same_type = [e for e in error.context or () if e.validator != "type" and e.schema_path[0] == 1]
+    if isinstance(error.instance, dict) and same_type:
+        for sub in same_type:
+            _report(doc, sub)
+        return
+    doc.error(path, "must be a URL string or a mapping {url, weight}")
+
+
+def _extra_keys(instance: JSON, allowed: Iterable[str]) -> list[str]:
+    known = set(allowed)
+    return [k for k in instance if k not in known] if isinstance(instance, dict) else []
+
+
+def _suggest(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _message(error: jsonschema.ValidationError, *, expanded: bool = False) -> str:
+    value = error.validator_value
+    match error.validator:
+        case "type":
+            names = value if isinstance(value, list) else [value]
+            return "must be " + " or ".join(_TYPE_NAMES.get(n, n) for n in names)
+        case "enum":
+            return "must be one of: " + ", ".join(str(v) for v in value)
+        case "const":
+            return f"must be {value!r}"
+        case "pattern":
+            return _PATTERN_MESSAGES.get(value, f"must match {value}")
+        case "minimum":
+            return f"must be at least {value}"
+        case "maximum":
+            return f"must be at most {value}"
+        case "minLength":
+            return "must not be empty"
+        case "minItems":
+            return f"must have at least {value} item{'s' if value != 1 else ''}"
+        case "minProperties":
+            return f"must have at least {value} entr{'ies' if value != 1 else 'y'}"
+        case "uniqueItems":
+            return "must not list an item twice"
+    return "is invalid" if expanded else error.message
+
+
+# --- semantic checks: relations the schema cannot express --------------------------------
+
+
+def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
+    services = data.get("services")
+    service_names = list(services) if isinstance(services, dict) else []
+    for key in ("listen", "admin"):
+        if isinstance(data.get(key), str):
+            _check_hostport(doc, (key,), data[key])
+    if data.get("listen") is not None and data.get("listen") == data.get("admin"):
+        doc.error(("admin",), "must differ from listen: the admin API is never public")
+    for i, cidr in enumerate(data.get("trusted_proxies") or ()):
+        _check_cidr(doc, ("trusted_proxies", i), cidr)
+    redis = (data.get("store") or {}).get("redis") if isinstance(data.get("store"), dict) else None
+    if redis:
+        doc.error(("store", "redis"), "a Redis store is not supported yet; leave it empty")
+    if isinstance(services, dict):
+        for name, service in services.items():
+            if isinstance(service, dict):
+                _check_service(doc, ("services", name), service)
+    if "auth" in data:
+        _unsupported(doc, ("auth",), UNSUPPORTED[("auth",)])
+    routes = data.get("routes")
+    if isinstance(routes, list):
+        _check_routes(doc, routes, service_names)
+
+
+def _unsupported(doc: Document, path: PathKey, feature: str) -> None:
+    doc.error(path, f"{feature} is not supported yet by this gateway; remove this key", key=True)
+
+
+def _check_hostport(doc: Document, path: PathKey, value: str) -> None:
+    port = value.rpartition(":")[2]
+    if port.isdigit() and not 0 < int(port) < 65536:
+        doc.error(path, "port must be between 1 and 65535")
+
+
+def _check_cidr(doc: Document, path: PathKey, value: JSON) -> None:
+    if not isinstance(value, str):
+        return
+    try:
+        ip_network(value, strict=False)
+    except ValueError:
+        doc.error(path, "must be an IP network such as 10.0.0.0/8 or ::1/128")
+
+
+def _check_service(doc: Document, path: PathKey, service: dict[str, JSON]) -> None:
+    for i, target in enumerate(service.get("targets") or ()):
+        url = target.get("url") if isinstance(target, dict) else target
+        where = (*path, "targets", i, "url") if isinstance(target, dict) else (*path, "targets", i)
+        if isinstance(url, str):
+            problem = target_url_problem(url)
+            if problem:
+                doc.error(where, problem)
+    for key, value in (service.get("timeouts") or {}).items():
+        if isinstance(value, str) and _DURATION.match(value) and parse_duration(value) == 0:
+            doc.error((*path, "timeouts", key), "must be greater than 0")
+
+
+def target_url_problem(url: str) -> str | None:
+    """Why `url` cannot be a target, or None. Never quotes the URL (it may hold a secret)."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "bad target URL: cannot be parsed"
+    if parsed.scheme not in ("http", "https"):
+        return "bad target URL: the scheme must be http or https"
+    if not parsed.host:
+        return "bad target URL: it names no host"
+    if parsed.query_string or parsed.fragment:
+        return "bad target URL: it must not have a query or a fragment"
+    if parsed.user or parsed.password:
+        return "bad target URL: credentials in the URL are not supported"
+    try:
+        parsed.port  # noqa: B018 - raises on an out-of-range port
+    except ValueError:
+        return "bad target URL: invalid port"
+    return None
+
+
+def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -> None:
+    seen: dict[str, list[tuple[int, frozenset[str]]]] = {}
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        path: PathKey = ("routes", i)
+        for (_, _, key), feature in ((k, v) for k, v in UNSUPPORTED.items() if len(k) == 3):
+            if key in route:
+                _unsupported(doc, (*path, key), feature)
+        service = route.get("service")
+        if isinstance(service, str) and service not in service_names:
+            hint = _suggest(service, service_names)
+            doc.error((*path, "service"), f"unknown service {service!r}{hint}")
+        elif service is None and "aggregate" not in route:
+            doc.error(path, "missing required key 'service'")
+        if isinstance(route.get("prefix"), str):
+            _check_prefix(doc, path, route, seen)
+
+
+def _check_prefix(
+    doc: Document,
+    path: PathKey,
+    route: dict[str, JSON],
+    seen: dict[str, list[tuple[int, frozenset[str]]]],
+) -> None:
+    prefix = route["prefix"]
+    normal = normalize_prefix(prefix)
+    segments = prefix.split("/")
+    if any(s in (".", "..") for s in segments) or any(c in prefix for c in "?#%\\"):
+        doc.error((*path, "prefix"), "must be a plain path: no '.', '..', '%', '?', '#' or '\\'")
+        return
+    methods = route_methods(route.get("methods"))
+    for other, other_methods in seen.get(normal, []):
+        overlap = methods & other_methods
+        if not overlap:
+            continue  # same prefix, disjoint methods: the routes split the path by method
+        shown = ", ".join(sorted(overlap))
+        if overlap == methods:
+            doc.error((*path, "prefix"), f"duplicate prefix: routes.{other} already serves it")
+        else:
+            doc.error(
+                (*path, "prefix"),
+                f"shadowed by routes.{other} (same prefix) for {shown}; this route never gets them",
+                warning=True,
+            )
+    index = path[1]
+    assert isinstance(index, int)
+    seen.setdefault(normal, []).append((index, methods))
+
+
+def normalize_prefix(prefix: str) -> str:
+    """'/api//inventory/' -> '/api/inventory'; '/' stays '/'."""
+    return "/" + "/".join(s for s in prefix.split("/") if s)
+
+
+def route_methods(methods: JSON) -> frozenset[str]:
+    if not isinstance(methods, list):
+        return ALL_METHODS
+    names = frozenset(str(m) for m in methods)
+    return names | {"HEAD"} if "GET" in names else names
+
+
+def parse_duration(text: str) -> float:
+    """'250ms' -> 0.25, '5s' -> 5.0, '1m' -> 60.0, '1h' -> 3600.0 (text already validated)."""
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    raise ValueError(text)

@@ -1,0 +1,114 @@
+"""WebSocket pass-through: the upgrade is made to a target first, then to the client, and
+frames are pumped both ways until either side closes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Final
+
+import aiohttp
+from aiohttp import hdrs, web
+from yarl import URL
+
+from gateway.errors import UpstreamError, upstream_errors
+from gateway.exchange import Exchange
+from gateway.upstream import Service
+
+logger = logging.getLogger(__name__)
+
+# The handshake headers aiohttp's client writes itself.
+_HANDSHAKE: Final = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+    }
+)
+
+
+def is_websocket(request: web.BaseRequest) -> bool:
+    return (
+        request.method == "GET"
+        and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
+        and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
+    )
+
+
+async def proxy_websocket(
+    request: web.Request,
+    service: Service,
+    path_qs: str,
+    headers: Mapping[str, str],
+    exchange: Exchange,
+) -> web.StreamResponse:
+    protocols = [
+        p.strip()
+        for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
+        for p in value.split(",")
+        if p.strip()
+    ]
+    target = service.pick()
+    exchange.target = target.label
+    up_headers = {k: v for k, v in headers.items() if k.lower() not in _HANDSHAKE}
+    try:
+        with upstream_errors(service.name):
+            upstream = await service.session.ws_connect(
+                URL(target.url + path_qs, encoded=True),
+                headers=up_headers,
+                protocols=protocols,
+                autoping=False,
+                max_msg_size=0,
+            )
+    except UpstreamError:
+        target.breaker.failure()
+        raise
+    target.breaker.success()
+    target.in_flight += 1
+    try:
+        client = web.WebSocketResponse(
+            protocols=[upstream.protocol] if upstream.protocol else (),
+            autoping=False,
+            max_msg_size=0,
+        )
+        await client.prepare(request)
+        await _pump_both(client, upstream)
+        return client
+    finally:
+        target.in_flight -= 1
+        await upstream.close()
+
+
+async def _pump_both(
+    client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+) -> None:
+    to_upstream = asyncio.create_task(_pump(client, upstream))
+    to_client = asyncio.create_task(_pump(upstream, client))
+    try:
+        await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (to_upstream, to_client):
+            task.cancel()
+        await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _pump(source: WebSocket, sink: WebSocket) -> None:
+    async for message in source:
+        match message.type:
+            case aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            case aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            case aiohttp.WSMsgType.PING:
+                await sink.ping(message.data)
+            case aiohttp.WSMsgType.PONG:
+                await sink.pong(message.data)
+            case _:
+                break
+    code = source.close_code or aiohttp.WSCloseCode.OK
+    await sink.close(code=code, message=b"")
