@@ -58,6 +58,7 @@ class Document:
     positions: dict[PathKey, tuple[int, int]] = field(default_factory=dict)  # 1-based
     key_positions: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
     expanded: set[PathKey] = field(default_factory=set)  # values that hold an env value
+    unresolved: set[PathKey] = field(default_factory=set)  # a ${VAR} there was not set
     errors: list[ConfigError] = field(default_factory=list)
 
     @property
@@ -87,7 +88,8 @@ def read_file(path: str | Path, environ: Mapping[str, str] | None = None) -> Doc
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         doc = Document(name, "", None)
-        doc.error((), f"cannot read file: {exc.strerror or type(exc).__name__}")
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        doc.error((), f"cannot read file: {reason or type(exc).__name__}")
         return doc
     return parse_text(text, name, environ)
 
@@ -153,7 +155,9 @@ class _Walker:
         expanded = self._expand(value, path)
         self.doc.expanded.add(path)
         if node.style is None:  # a plain scalar may expand to a number or a boolean
-            tag = self.resolver.resolve(yaml.ScalarNode, expanded, (True, False))
+            tag = self.resolver.resolve(  # type: ignore[no-untyped-call]  # untyped in stubs
+                yaml.ScalarNode, expanded, (True, False)
+            )
             if tag in _SCALAR_TAGS:
                 return yaml.safe_load(expanded)
         return expanded
@@ -166,6 +170,7 @@ class _Walker:
             if default is not None:
                 return default
             self.doc.error(path, f"environment variable {name} is not set and has no default")
+            self.doc.unresolved.add(path)
             return ""
 
         return _VAR.sub(replace, value)

@@ -78,15 +78,18 @@ def validate(doc: Document) -> None:
 
 def _report(doc: Document, error: jsonschema.ValidationError) -> None:
     path: PathKey = tuple(error.absolute_path)
-    if path == ("version",):
-        return  # checked first, with a better message
+    if path == ("version",) or path in doc.unresolved:
+        return  # checked first, or already reported as an unset variable
+    schema: JSON = error.schema
+    rule: JSON = error.validator_value
+    instance: JSON = error.instance
     match error.validator:
         case "additionalProperties":
-            allowed = list(error.schema.get("properties", {}))
+            allowed = list(schema.get("properties", {}))
             for key in _extra_keys(error.instance, allowed):
                 doc.error((*path, key), f"unknown key {key!r}{_suggest(key, allowed)}", key=True)
         case "required":
-            missing = [k for k in error.validator_value if k not in error.instance]
+            missing = [k for k in rule if k not in instance]
             for key in missing:
                 doc.error(path, f"missing required key {key!r}")
         case "oneOf" | "anyOf":
@@ -119,10 +122,10 @@ def _suggest(name: str, candidates: Iterable[str]) -> str:
 
 
 def _message(error: jsonschema.ValidationError, *, expanded: bool = False) -> str:
-    value = error.validator_value
+    value: JSON = error.validator_value
     match error.validator:
         case "type":
-            names = value if isinstance(value, list) else [value]
+            names: list[str] = value if isinstance(value, list) else [value]
             return "must be " + " or ".join(_TYPE_NAMES.get(n, n) for n in names)
         case "enum":
             return "must be one of: " + ", ".join(str(v) for v in value)

@@ -51,7 +51,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     response.content_length = mib * 2**20
     await response.prepare(request)
     chunk = b"x" * 65536
-    for _ in range(mib * 16):
+    for _ in range(0 if request.method == "HEAD" else mib * 16):
         await response.write(chunk)
     await response.write_eof()
     return response
@@ -76,9 +76,9 @@ async def reset(request: web.Request) -> web.StreamResponse:
     return web.Response()
 
 
-def make_slow(delay: float, started: asyncio.Event | None = None) -> Callable[
-    [web.Request], Awaitable[web.StreamResponse]
-]:
+def make_slow(
+    delay: float, started: asyncio.Event | None = None
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def slow(request: web.Request) -> web.StreamResponse:
         if started is not None:
             started.set()

@@ -1,0 +1,70 @@
+"""Fixtures for gateway tests: real upstream servers on loopback and a gateway built from
+routes.yaml text in which $ECHO and $TOOLS stand for those upstreams' URLs."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from gateway.app import Gateway, create_app
+from gateway.compile import load_text
+from tests.upstreams import make_echo_app, make_tools_app
+
+GatewayClient = TestClient[web.Request, web.Application]
+MakeGateway = Callable[..., Awaitable[GatewayClient]]
+
+
+@pytest.fixture
+async def echo_upstream(aiohttp_server: AiohttpServer) -> TestServer:
+    return await aiohttp_server(make_echo_app())
+
+
+@pytest.fixture
+async def tools_upstream(aiohttp_server: AiohttpServer) -> TestServer:
+    return await aiohttp_server(make_tools_app(slow_delay=5.0))
+
+
+def base_url(server: TestServer) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
+def compile_gateway(routes: str, **upstreams: TestServer) -> Gateway:
+    for name, server in upstreams.items():
+        routes = routes.replace(f"${name.upper()}", base_url(server))
+    result = load_text(routes, "routes.yaml", environ={})
+    assert result.config is not None, [str(e) for e in result.errors]
+    return Gateway(result.config)
+
+
+@pytest.fixture
+def make_gateway(
+    aiohttp_client: AiohttpClient, echo_upstream: TestServer, tools_upstream: TestServer
+) -> MakeGateway:
+    """`await make_gateway(yaml_text, **more_upstreams)` -> a test client of the gateway."""
+
+    async def make(routes: str, **upstreams: TestServer) -> GatewayClient:
+        gateway = compile_gateway(routes, echo=echo_upstream, tools=tools_upstream, **upstreams)
+        return await aiohttp_client(create_app(gateway))
+
+    return make
+
+
+ECHO_ROUTE = """
+version: 1
+services:
+  echo: {targets: [$ECHO]}
+  tools: {targets: [$TOOLS], timeouts: {read: 1s}}
+routes:
+  - prefix: /api/inventory
+    service: echo
+    strip_prefix: true
+  - prefix: /echo
+    service: echo
+  - prefix: /tools
+    service: tools
+    strip_prefix: true
+"""

@@ -1,0 +1,211 @@
+"""routes.yaml loading: every error reported with FILE:LINE:COL, env expansion, --check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.__main__ import main
+from gateway.compile import load_text
+
+HEAD = "version: 1\nservices:\n  inventory: {targets: [http://127.0.0.1:8001]}\nroutes:\n"
+ROUTE = "  - prefix: /api/inventory\n    service: inventory\n"
+
+CASES = [
+    (
+        "unknown_key_points_at_the_key",
+        HEAD + ROUTE + "    strip_prefx: true\n",
+        [
+            "routes.yaml:7:5: routes.0.strip_prefx: unknown key 'strip_prefx'; did you mean 'strip_prefix'?"
+        ],
+    ),
+    (
+        "unknown_service_suggests_a_close_name",
+        HEAD + "  - prefix: /a\n    service: inventroy\n",
+        [
+            "routes.yaml:6:14: routes.0.service: unknown service 'inventroy'; did you mean 'inventory'?"
+        ],
+    ),
+    (
+        "bad_duration",
+        "version: 1\nservices:\n  s:\n    targets: [http://h:1]\n    timeouts: {read: 5 seconds}\n"
+        "routes:\n  - {prefix: /, service: s}\n",
+        [
+            "routes.yaml:5:22: services.s.timeouts.read: must be a duration such as 250ms, 5s, 1m or 1h"
+        ],
+    ),
+    (
+        "bad_target_url",
+        "version: 1\nservices:\n  s:\n    targets: [ftp://h:1]\nroutes:\n  - {prefix: /, service: s}\n",
+        [
+            "routes.yaml:4:15: services.s.targets.0: bad target URL: the scheme must be http or https"
+        ],
+    ),
+    (
+        "duplicate_prefix",
+        HEAD + ROUTE + ROUTE,
+        ["routes.yaml:7:13: routes.1.prefix: duplicate prefix: routes.0 already serves it"],
+    ),
+    (
+        "missing_required_key",
+        "version: 1\nservices:\n  s: {balance: least_conn}\nroutes:\n  - {prefix: /, service: s}\n",
+        ["routes.yaml:3:6: services.s: missing required key 'targets'"],
+    ),
+    (
+        "wrong_type_and_enum_both_reported",
+        "version: 1\nservices:\n  s: {targets: [http://h:1], retries: many, balance: random}\n"
+        "routes:\n  - {prefix: /, service: s}\n",
+        [
+            "routes.yaml:3:39: services.s.retries: must be an integer",
+            "routes.yaml:3:54: services.s.balance: must be one of: round_robin, least_conn",
+        ],
+    ),
+    (
+        "unsupported_feature_is_named",
+        HEAD + ROUTE + "    cache: {ttl: 30s}\n",
+        [
+            "routes.yaml:7:5: routes.0.cache: response caching is not supported yet by this gateway;"
+            " remove this key"
+        ],
+    ),
+    (
+        "wrong_version",
+        "version: 2\nservices: {}\nroutes: []\n",
+        ["routes.yaml:1:10: version: version 2 is not supported: this gateway reads version 1"],
+    ),
+    (
+        "invalid_yaml",
+        "version: 1\nservices: [\n",
+        [
+            "routes.yaml:3:1: <root>: invalid YAML: expected the node content, but found '<stream end>'"
+        ],
+    ),
+    (
+        "missing_env_var",
+        HEAD + "  - prefix: ${NOT_SET_ANYWHERE}\n    service: inventory\n",
+        [
+            "routes.yaml:5:13: routes.0.prefix: environment variable NOT_SET_ANYWHERE is not set and"
+            " has no default"
+        ],
+    ),
+    (
+        "duplicate_yaml_key",
+        HEAD + ROUTE + "    service: inventory\n",
+        ["routes.yaml:7:5: routes.0.service: duplicate key 'service'"],
+    ),
+    (
+        "prefix_with_dot_segments",
+        HEAD + "  - prefix: /a/../b\n    service: inventory\n",
+        [
+            "routes.yaml:5:13: routes.0.prefix: must be a plain path: no '.', '..', '%', '?', '#' or '\\'"
+        ],
+    ),
+    (
+        "admin_equal_to_listen",
+        "version: 1\nlisten: 0.0.0.0:80\nadmin: 0.0.0.0:80\n" + HEAD[11:] + ROUTE,
+        ["routes.yaml:3:8: admin: must differ from listen: the admin API is never public"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_config_errors_name_file_line_and_column(text: str, expected: list[str]) -> None:
+    result = load_text(text, "routes.yaml", environ={})
+
+    assert [str(e) for e in result.errors] == expected
+    assert result.config is None
+
+
+def test_every_error_is_reported_not_just_the_first() -> None:
+    text = HEAD + "  - prefix: /a\n    service: nope\n    bogus: 1\n  - prefix: b\n    service: x\n"
+
+    result = load_text(text, "routes.yaml", environ={})
+
+    assert len(result.errors) == 4
+
+
+def test_shadowed_methods_are_a_warning_not_an_error() -> None:
+    text = HEAD + ROUTE + "    methods: [GET, POST]\n" + ROUTE + "    methods: [GET, PUT]\n"
+
+    result = load_text(text, "routes.yaml", environ={})
+
+    assert result.config is not None
+    assert [str(w) for w in result.warnings] == [
+        "routes.yaml:8:13: routes.1.prefix: warning: shadowed by routes.0 (same prefix) for GET, "
+        "HEAD; this route never gets them"
+    ]
+
+
+def test_same_prefix_with_disjoint_methods_splits_by_method() -> None:
+    text = HEAD + ROUTE + "    methods: [GET]\n" + ROUTE + "    methods: [POST]\n"
+
+    result = load_text(text, "routes.yaml", environ={})
+
+    assert result.problems == []
+
+
+def test_env_values_expand_with_defaults_and_become_numbers_when_plain() -> None:
+    text = (
+        "version: 1\nlisten: ${HOST:-127.0.0.1}:${PORT}\nlimits:\n  max_body_bytes: ${MAX:-2048}\n"
+        + HEAD[11:]
+        + ROUTE
+    )
+
+    result = load_text(text, "routes.yaml", environ={"PORT": "9999"})
+
+    assert result.config is not None
+    assert result.config.listen == ("127.0.0.1", 9999)
+    assert result.config.max_body_bytes == 2048
+
+
+def test_an_invalid_env_value_is_not_quoted_back() -> None:
+    text = HEAD.replace("http://127.0.0.1:8001", "${UPSTREAM}") + ROUTE
+
+    result = load_text(text, "routes.yaml", environ={"UPSTREAM": "s3cr3t-token"})
+
+    assert result.errors
+    assert all("s3cr3t" not in str(e) for e in result.errors)
+
+
+def test_durations_compile_to_seconds() -> None:
+    text = (
+        "version: 1\nservices:\n  s:\n    targets: [http://h:1]\n"
+        "    timeouts: {connect: 250ms, read: 1m, total: 1h}\nroutes:\n  - {prefix: /, service: s}\n"
+    )
+
+    result = load_text(text, "routes.yaml", environ={})
+
+    assert result.config is not None
+    timeouts = result.config.services["s"].timeouts
+    assert (timeouts.connect, timeouts.read, timeouts.total) == (0.25, 60.0, 3600.0)
+
+
+def test_check_prints_errors_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(HEAD + ROUTE + "    strip_prefx: true\n")
+
+    code = main(["--check", "--config", str(path)])
+
+    assert code == 1
+    assert f"{path}:7:5: routes.0.strip_prefx: unknown key" in capsys.readouterr().err
+
+
+def test_check_exits_0_on_the_shipped_routes_file(capsys: pytest.CaptureFixture[str]) -> None:
+    shipped = Path(__file__).resolve().parents[2] / "routes.yaml"
+
+    code = main(["--check", "--config", str(shipped)])
+
+    assert code == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_unreadable_file_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--check", "--config", str(tmp_path / "missing.yaml")])
+
+    assert code == 1
+    assert "missing.yaml:1:1: <root>: cannot read file" in capsys.readouterr().err
