@@ -10,6 +10,7 @@ import sys
 from gateway.compile import build_table, load
 from gateway.errors import GatewayError
 from gateway.forward import ClientAddress
+from gateway.model import GatewayConfig
 from gateway.routing import normalize_path, split_target, strip
 from gateway.upstream import Service
 
@@ -29,10 +30,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def explain(config: object, method: str, target: str) -> str:
-    from gateway.model import GatewayConfig
-
-    assert isinstance(config, GatewayConfig)
+def explain(config: GatewayConfig, method: str, target: str) -> str:
+    """Describe how `method target` would be handled; sends nothing."""
     services = {name: Service(c) for name, c in config.services.items()}
     table = build_table(config, services, ClientAddress(config.trusted_proxies))
     raw_path, query = split_target(target)
