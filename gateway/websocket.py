@@ -18,6 +18,8 @@ from gateway.upstream import Service
 
 logger = logging.getLogger(__name__)
 
+_NORMAL: Final = aiohttp.WSCloseCode.OK
+_CLOSE_TIMEOUT: Final = 2.0  # seconds to wait for the peer's close frame
 # The handshake headers aiohttp's client writes itself.
 _HANDSHAKE: Final = frozenset(
     {
@@ -61,6 +63,7 @@ async def proxy_websocket(
                 protocols=protocols,
                 autoping=False,
                 max_msg_size=0,
+                timeout=aiohttp.ClientWSTimeout(ws_close=_CLOSE_TIMEOUT),
             )
     except UpstreamError:
         target.breaker.failure()
@@ -84,14 +87,19 @@ async def proxy_websocket(
 async def _pump_both(
     client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
 ) -> None:
+    """Relay until either side closes, then close the other with the same code."""
     to_upstream = asyncio.create_task(_pump(client, upstream))
     to_client = asyncio.create_task(_pump(upstream, client))
     try:
-        await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in (to_upstream, to_client):
             task.cancel()
         await asyncio.gather(to_upstream, to_client, return_exceptions=True)
+    # Close only once no pump reads any more: a close() racing a reader waits for its timeout.
+    code = (client.close_code if to_upstream in done else upstream.close_code) or _NORMAL
+    await client.close(code=code)
+    await upstream.close(code=code)
 
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
@@ -109,6 +117,4 @@ async def _pump(source: WebSocket, sink: WebSocket) -> None:
             case aiohttp.WSMsgType.PONG:
                 await sink.pong(message.data)
             case _:
-                break
-    code = source.close_code or aiohttp.WSCloseCode.OK
-    await sink.close(code=code, message=b"")
+                return

@@ -103,7 +103,9 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(protocols=["chat"])
     await ws.prepare(request)
     async for message in ws:
-        if message.type == web.WSMsgType.TEXT:
+        if message.type == web.WSMsgType.TEXT and message.data == "close":
+            await ws.close(code=4000, message=b"bye")
+        elif message.type == web.WSMsgType.TEXT:
             await ws.send_str("echo:" + message.data)
         elif message.type == web.WSMsgType.BINARY:
             await ws.send_bytes(message.data[::-1])

@@ -8,6 +8,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 
+import aiohttp
 from yarl import URL
 
 from tests.gateway.conftest import ECHO_ROUTE, MakeGateway
@@ -275,3 +276,16 @@ async def test_websocket_frames_pass_both_ways(make_gateway: MakeGateway) -> Non
 
     assert ws.protocol == "chat"
     assert (text, data) == ("echo:hi", b"cba")
+
+
+async def test_upstream_websocket_close_reaches_the_client_with_its_code(
+    make_gateway: MakeGateway,
+) -> None:
+    client = await make_gateway(ECHO_ROUTE)
+
+    async with client.ws_connect("/tools/ws") as ws:
+        await ws.send_str("close")
+        message = await ws.receive(timeout=5)
+
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 4000
