@@ -1,0 +1,747 @@
+"""`make bench`: the gateway against a minimal aiohttp proxy and against no proxy at all.
+
+One run starts a fast upstream (bench/upstream.py), the baseline proxy (bench/baseline.py)
+and the gateway (bench/routes.bench.yaml, JSON access log on, written to bench/out/), then:
+
+1. drives direct-to-upstream, baseline and gateway with the same load generator (wrk when on
+   PATH, else bench/loadgen.py) for a small JSON GET and a 64 KiB GET: a warm-up, then one
+   measured window per cell, targets interleaved over rounds (order reversed every other
+   round); the best round by req/s is kept, with that round's p50/p99;
+2. streams 1 GiB up (POST, chunked) and 1 GiB down through each, with an aiohttp client here,
+   for MB/s (best round) and the proxy's peak RSS (VmHWM after a reset, and sampled VmRSS;
+   worst round);
+3. prints the tables and the budgets' verdicts, and writes them to bench/RESULTS.md.
+
+The proxy under test runs on CPU 0; the load generator, the upstream and this script on CPU 1
+(taskset), when there are two CPUs. The budgets are not tests: the exit status is 0 whatever
+they say, non-zero only when the bench itself could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import aiohttp
+
+BENCH: Final = Path(__file__).resolve().parent
+ROOT: Final = BENCH.parent
+OUT: Final = BENCH / "out"
+RESULTS: Final = BENCH / "RESULTS.md"
+HOST: Final = "127.0.0.1"
+PROXY_CPU: Final = 0
+LOAD_CPU: Final = 1
+MIB: Final = 2**20
+CHUNK: Final = 2**18  # the transfers' write and read size
+TARGETS: Final = ("direct", "baseline", "gateway")
+TESTS: Final = {"small": ("small JSON GET", "/small"), "64k": ("64 KiB GET", "/64k")}
+STARTUP_DEADLINE: Final = 20.0  # seconds for a process to accept connections
+# Budgets: gateway small-GET req/s >= 0.9 x baseline; peak RSS < 100 MiB; MB/s >= 0.8 x baseline.
+RPS_BUDGET: Final = 0.9
+RSS_BUDGET_MIB: Final = 100.0
+MBPS_BUDGET: Final = 0.8
+
+
+class BenchError(RuntimeError):
+    """The bench itself could not run (a process did not start, a response was wrong)."""
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ephemeral ports, free when this returns."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((HOST, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def can_pin() -> bool:
+    return shutil.which("taskset") is not None and len(os.sched_getaffinity(0)) >= 2
+
+
+def pinned(cpu: int, argv: list[str], pin: bool) -> list[str]:
+    return ["taskset", "-c", str(cpu), *argv] if pin else argv
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Processes:
+    """Every subprocess of the run, stopped by `stop_all` (SIGTERM, then SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.running: list[Process] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Process:
+        log = OUT / f"{name}.log"
+        with log.open("wb") as out:  # the child keeps its own descriptor
+            popen = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+        process = Process(name, popen, log)
+        self.running.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in reversed(self.running):
+            if process.popen.poll() is None:
+                process.popen.terminate()
+        for process in reversed(self.running):
+            try:
+                process.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.popen.kill()
+                process.popen.wait()
+        self.running.clear()
+
+
+def wait_ready(process: Process, url: str, deadline: float) -> None:
+    """Poll `url` until it answers 200, the process exits, or the deadline passes."""
+    last = ""
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            raise BenchError(
+                f"{process.name} exited with {process.popen.returncode}:\n{process.tail()}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = str(exc)
+        time.sleep(0.05)  # polling interval, not a settle time
+    raise BenchError(f"{process.name} not ready at {url} in time ({last}):\n{process.tail()}")
+
+
+def check_bodies(base: str, name: str) -> None:
+    """Each target must answer the test paths correctly before it is measured."""
+    for path, length in (("/small", None), ("/64k", 65536), ("/stream?bytes=1000000", 1000000)):
+        with urllib.request.urlopen(base + path, timeout=5) as response:
+            body = response.read()
+        if response.status != 200 or (length is not None and len(body) != length):
+            raise BenchError(f"{name}: GET {path} -> {response.status}, {len(body)} bytes")
+        if path == "/small" and not isinstance(json.loads(body), dict):
+            raise BenchError(f"{name}: GET /small is not a JSON object")
+
+
+# --- load generators ------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One measured window of one test against one target."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+_UNITS: Final = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+
+
+def wrk_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise BenchError(f"unreadable wrk latency {text!r}")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def parse_wrk(output: str) -> Cell:
+    """Requests/sec, the 50% and 99% lines of --latency, and any errors wrk counted."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    total = re.search(r"^\s+(\d+) requests in", output, re.M)
+    if rps is None or p50 is None or p99 is None or total is None:
+        raise BenchError(f"unreadable wrk output:\n{output}")
+    errors = 0
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if non_2xx:
+        errors += int(non_2xx[1])
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if socket_errors:
+        errors += sum(int(n) for n in socket_errors.groups())
+    return Cell(float(rps[1]), wrk_ms(p50[1]), wrk_ms(p99[1]), int(total[1]), errors)
+
+
+@dataclass
+class LoadGen:
+    kind: str  # "wrk" | "python"
+    description: str
+    connections: int
+    pin: bool
+
+    def command(self, url: str, seconds: float) -> list[str]:
+        if self.kind == "wrk":
+            argv = ["wrk", "-t1", f"-c{self.connections}", f"-d{seconds:g}s", "--latency", url]
+        else:
+            argv = [sys.executable, str(BENCH / "loadgen.py"), "--url", url]
+            argv += ["--connections", str(self.connections), "--duration", f"{seconds:g}"]
+        return pinned(LOAD_CPU, argv, self.pin)
+
+    def run(self, url: str, seconds: float) -> Cell:
+        done = subprocess.run(
+            self.command(url, seconds),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"load generator failed ({done.returncode}):\n{done.stderr}")
+        if self.kind == "wrk":
+            return parse_wrk(done.stdout)
+        data = json.loads(done.stdout)
+        return Cell(
+            data["rps"], data["p50_ms"], data["p99_ms"], int(data["requests"]), int(data["errors"])
+        )
+
+
+def find_wrk(allow_install: bool) -> str | None:
+    """wrk's path; when missing and we are root, one `apt-get install -y wrk` attempt."""
+    if shutil.which("wrk"):
+        return shutil.which("wrk")
+    if not allow_install or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return None
+    print("wrk is not installed: trying `apt-get install -y wrk` once ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    script = "apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk)"
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        subprocess.run(["sh", "-c", script], env=env, timeout=300, check=False, capture_output=True)
+    return shutil.which("wrk")
+
+
+def choose_loadgen(kind: str, connections: int, pin: bool) -> LoadGen:
+    if kind in ("auto", "wrk"):
+        wrk = find_wrk(allow_install=True)
+        if wrk is not None:
+            version = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
+            first = (version.stdout + version.stderr).strip().splitlines()[:1]
+            label = first[0] if first else "wrk"
+            return LoadGen("wrk", f"wrk ({label})", connections, pin)
+        if kind == "wrk":
+            raise BenchError("wrk was asked for and is not installed")
+        print("wrk unavailable: falling back to the Python load generator", flush=True)
+    desc = "bench/loadgen.py (Python aiohttp closed-loop client; wrk was not available)"
+    return LoadGen("python", desc, connections, pin)
+
+
+# --- 1 GiB transfers ------------------------------------------------------------------------
+
+
+@dataclass
+class Transfer:
+    mb_s: float
+    seconds: float
+    rss_before_mib: float | None  # the proxy's RSS before the transfer; None for direct
+    rss_peak_mib: float | None
+
+
+def proc_status_kib(pid: int, key: str) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+    return int(match[1]) if match else None
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0): the peak is then this transfer's."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.asynccontextmanager
+async def rss_watch(pid: int | None) -> AsyncIterator[list[float]]:
+    """Yields [before, peak] in MiB, filled in on exit: max of sampled VmRSS and VmHWM."""
+    result: list[float] = []
+    if pid is None:
+        yield result
+        return
+    reset = reset_peak_rss(pid)
+    before = proc_status_kib(pid, "VmRSS") or 0
+    peak = before
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, proc_status_kib(pid, "VmRSS") or 0)
+            await asyncio.sleep(0.02)
+
+    task = asyncio.get_running_loop().create_task(sample())
+    try:
+        yield result
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        hwm = proc_status_kib(pid, "VmHWM") if reset else None
+        peak = max(peak, hwm or 0, proc_status_kib(pid, "VmRSS") or 0)
+        result.extend([before / 1024, peak / 1024])
+
+
+async def upload(session: aiohttp.ClientSession, url: str, total: int) -> None:
+    block = b"u" * CHUNK
+
+    async def body() -> AsyncIterator[bytes]:
+        sent = 0
+        while sent < total:
+            size = min(CHUNK, total - sent)
+            yield block if size == CHUNK else block[:size]
+            sent += size
+
+    async with session.post(url, data=body()) as response:
+        answer = await response.json()
+    if response.status != 200 or answer.get("bytes") != total:
+        raise BenchError(f"upload via {url}: HTTP {response.status}, upstream saw {answer}")
+
+
+async def download(session: aiohttp.ClientSession, url: str, total: int) -> None:
+    received = 0
+    async with session.get(url) as response:
+        async for chunk in response.content.iter_chunked(CHUNK):
+            received += len(chunk)
+    if response.status != 200 or received != total:
+        raise BenchError(f"download via {url}: HTTP {response.status}, {received} bytes")
+
+
+async def transfer(base: str, direction: str, total: int, pid: int | None) -> Transfer:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
+    session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, read_bufsize=CHUNK)
+    async with session, rss_watch(pid) as rss:
+        started = time.perf_counter()
+        if direction == "upload":
+            await upload(session, base + "/sink", total)
+        else:
+            await download(session, f"{base}/stream?bytes={total}", total)
+        seconds = time.perf_counter() - started
+    before, peak = (rss[0], rss[1]) if rss else (None, None)
+    return Transfer(total / seconds / 1e6, seconds, before, peak)
+
+
+def run_on_uvloop(main: Coroutine[Any, Any, Transfer]) -> Transfer:
+    """Run the client on uvloop when it is installed, like the processes it measures."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        pass
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    loadgen: LoadGen
+    pin: bool
+    rounds: int
+    duration: float
+    warmup: float
+    transfer_bytes: int
+    cells: dict[tuple[str, str], list[Cell]] = field(default_factory=dict)
+    transfers: dict[tuple[str, str], list[Transfer]] = field(default_factory=dict)
+    access_lines: int = 0
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    elapsed: float = 0.0
+
+    def best(self, test: str, target: str) -> Cell:
+        return max(self.cells[(test, target)], key=lambda c: c.rps)
+
+    def best_transfer(self, direction: str, target: str) -> Transfer:
+        return max(self.transfers[(direction, target)], key=lambda t: t.mb_s)
+
+    def peak_rss(self, direction: str, target: str) -> float | None:
+        peaks = [t.rss_peak_mib for t in self.transfers[(direction, target)]]
+        known = [p for p in peaks if p is not None]
+        return max(known) if known else None
+
+
+def round_order(round_index: int) -> tuple[str, ...]:
+    """direct, baseline, gateway in odd rounds; the reverse in even ones."""
+    return TARGETS if round_index % 2 == 0 else TARGETS[::-1]
+
+
+def bench(args: argparse.Namespace) -> Results:
+    pin = can_pin() and not args.no_pin
+    if pin:  # this process (the 1 GiB client, the Python load generator) shares CPU 1
+        os.sched_setaffinity(0, {LOAD_CPU})
+    loadgen = choose_loadgen(args.loadgen, args.connections, pin)
+    print(f"load generator: {loadgen.description}", flush=True)
+    results = Results(
+        loadgen, pin, args.rounds, args.duration, args.warmup, args.transfer_mib * MIB
+    )
+    up_port, base_port, gw_port, admin_port = free_ports(4)
+    upstream_url = f"http://{HOST}:{up_port}"
+    bases = {
+        "direct": upstream_url,
+        "baseline": f"http://{HOST}:{base_port}",
+        "gateway": f"http://{HOST}:{gw_port}",
+    }
+    access_log = OUT / "gateway-access.log"
+    env = dict(
+        os.environ,
+        BENCH_LISTEN=f"{HOST}:{gw_port}",
+        BENCH_ADMIN=f"{HOST}:{admin_port}",
+        BENCH_UPSTREAM=upstream_url,
+        BENCH_ACCESS_LOG=str(access_log),
+        PYTHONPATH=str(ROOT),
+    )
+    py = sys.executable
+    base_at = f"{HOST}:{base_port}"
+    gw_args = ["--listen", f"{HOST}:{gw_port}", "--admin", f"{HOST}:{admin_port}"]
+    processes = Processes()
+    try:
+        upstream = processes.start(
+            "upstream",
+            pinned(
+                LOAD_CPU, [py, str(BENCH / "upstream.py"), "--listen", f"{HOST}:{up_port}"], pin
+            ),
+        )
+        baseline = processes.start(
+            "baseline",
+            pinned(
+                PROXY_CPU,
+                [py, str(BENCH / "baseline.py"), "--upstream", upstream_url, "--listen", base_at],
+                pin,
+            ),
+        )
+        gateway = processes.start(
+            "gateway",
+            pinned(
+                PROXY_CPU,
+                [py, "-m", "gateway", "--config", str(BENCH / "routes.bench.yaml"), *gw_args],
+                pin,
+            ),
+            env=env,
+        )
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        wait_ready(upstream, bases["direct"] + "/small", deadline)
+        wait_ready(baseline, bases["baseline"] + "/small", deadline)
+        wait_ready(gateway, f"http://{HOST}:{admin_port}/readyz", deadline)
+        wait_ready(gateway, bases["gateway"] + "/small", deadline)
+        for target in TARGETS:
+            check_bodies(bases[target], target)
+        pids = {"direct": None, "baseline": baseline.popen.pid, "gateway": gateway.popen.pid}
+
+        for round_index in range(args.rounds):
+            for test, (label, path) in TESTS.items():
+                for target in round_order(round_index):
+                    url = bases[target] + path
+                    if args.warmup > 0:
+                        loadgen.run(url, args.warmup)
+                    cell = loadgen.run(url, args.duration)
+                    results.cells.setdefault((test, target), []).append(cell)
+                    print(
+                        f"round {round_index + 1} {label:>15} {target:>8}: {cell.rps:10.0f} req/s"
+                        f"  p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms"
+                        + (f"  ERRORS {cell.errors}" if cell.errors else ""),
+                        flush=True,
+                    )
+        for round_index in range(args.transfer_rounds):
+            for direction in ("upload", "download"):
+                for target in round_order(round_index):
+                    moved = run_on_uvloop(
+                        transfer(bases[target], direction, results.transfer_bytes, pids[target])
+                    )
+                    results.transfers.setdefault((direction, target), []).append(moved)
+                    rss = (
+                        f"  peak RSS {moved.rss_peak_mib:6.1f} MiB"
+                        if moved.rss_peak_mib is not None
+                        else ""
+                    )
+                    print(
+                        f"round {round_index + 1} 1 GiB {direction:>8} {target:>8}: "
+                        f"{moved.mb_s:8.1f} MB/s in {moved.seconds:5.2f} s{rss}",
+                        flush=True,
+                    )
+        for process in (upstream, baseline, gateway):
+            if process.popen.poll() is not None:
+                raise BenchError(f"{process.name} died during the run:\n{process.tail()}")
+    finally:
+        processes.stop_all()
+    with contextlib.suppress(OSError), access_log.open("rb") as lines:
+        results.access_lines = sum(1 for _ in lines)
+    return results
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def memory_gib() -> str:
+    with contextlib.suppress(OSError):
+        match = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        if match:
+            return f"{int(match[1]) / 2**20:.1f} GiB"
+    return "unknown"
+
+
+def versions() -> dict[str, str]:
+    found = {"Python": platform.python_version(), "aiohttp": aiohttp.__version__}
+    try:
+        found["uvloop"] = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        found["uvloop"] = "not installed (asyncio's default loop)"
+    return found
+
+
+@dataclass
+class Verdict:
+    budget: str
+    measured: str
+    passed: bool | None  # None: not measured
+
+
+def verdicts(results: Results) -> list[Verdict]:
+    out: list[Verdict] = []
+    gw, base = results.best("small", "gateway"), results.best("small", "baseline")
+    ratio = gw.rps / base.rps
+    out.append(
+        Verdict(
+            f"gateway small-GET req/s ≥ {RPS_BUDGET} x baseline",
+            f"{gw.rps:,.0f} vs {base.rps:,.0f} req/s = {ratio:.2f}x",
+            ratio >= RPS_BUDGET,
+        )
+    )
+    peaks = {d: results.peak_rss(d, "gateway") for d in ("upload", "download")}
+    known = [p for p in peaks.values() if p is not None]
+    shown = ", ".join(f"{d} {p:.1f} MiB" for d, p in peaks.items() if p is not None)
+    out.append(
+        Verdict(
+            f"gateway peak RSS < {RSS_BUDGET_MIB:.0f} MiB while 1 GiB streams (either way)",
+            shown or "not measured",
+            max(known) < RSS_BUDGET_MIB if known else None,
+        )
+    )
+    for direction in ("upload", "download"):
+        g = results.best_transfer(direction, "gateway").mb_s
+        b = results.best_transfer(direction, "baseline").mb_s
+        out.append(
+            Verdict(
+                f"gateway {direction} MB/s ≥ {MBPS_BUDGET} x baseline",
+                f"{g:,.0f} vs {b:,.0f} MB/s = {g / b:.2f}x",
+                g >= MBPS_BUDGET * b,
+            )
+        )
+    return out
+
+
+def verdict_text(passed: bool | None) -> str:
+    return {True: "**PASS**", False: "**FAIL**", None: "not measured"}[passed]
+
+
+def ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference else "—"
+
+
+def render(results: Results, command: str) -> str:
+    pin_text = (
+        f"proxy under test on CPU {PROXY_CPU}; load generator, upstream and the 1 GiB client "
+        f"on CPU {LOAD_CPU} (`taskset`)"
+        if results.pin
+        else "none (taskset missing, fewer than 2 CPUs, or --no-pin): every process shares CPUs"
+    )
+    lg = results.loadgen
+    cell_cmd = (
+        f"`wrk -t1 -c{lg.connections} -d{results.duration:g}s --latency URL`"
+        if lg.kind == "wrk"
+        else f"`bench/loadgen.py --connections {lg.connections} --duration {results.duration:g}`"
+    )
+    lines = [
+        "# Benchmark: gateway vs a minimal aiohttp proxy vs direct",
+        "",
+        f"Written by `{command}` on {results.started:%Y-%m-%d %H:%M} UTC "
+        f"(the run took {results.elapsed:.0f} s). Re-run it to refresh this file.",
+        "",
+        "## Machine and versions",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| CPUs (nproc) | {os.cpu_count()} |",
+        f"| CPU model | {cpu_model()} |",
+        f"| memory | {memory_gib()} |",
+        f"| kernel | {platform.system()} {platform.release()} |",
+        *(f"| {name} | {version} |" for name, version in versions().items()),
+        f"| load generator | {lg.description} |",
+        f"| CPU pinning | {pin_text} |",
+        "",
+        "## Method",
+        "",
+        "- Targets: **direct** = the upstream (`bench/upstream.py`, aiohttp on uvloop) with no "
+        "proxy; **baseline** = `bench/baseline.py`, a minimal aiohttp streaming proxy (one "
+        "ClientSession, no features); **gateway** = `python -m gateway` with "
+        "`bench/routes.bench.yaml` (one catch-all route, one worker, JSON access log on, "
+        f"written to a file: {results.access_lines:,} access lines this run).",
+        f"- Each cell: a {results.warmup:g} s warm-up, then {cell_cmd}. "
+        f"{results.rounds} rounds, targets interleaved (direct → baseline → gateway, reversed "
+        "every other round). Shown: the **best round by req/s**, with that round's p50/p99; "
+        "every round's req/s is listed.",
+        f"- 1 GiB streams: an aiohttp client in `bench/run.py` POSTs "
+        f"{results.transfer_bytes / MIB:,.0f} MiB as a chunked generator upload to `/sink`, "
+        "and reads `/stream` with `iter_chunked` (256 KiB chunks). "
+        f"{len(next(iter(results.transfers.values()), []))} rounds, interleaved; shown: the "
+        "best MB/s (1 MB = 10⁶ bytes) and the **worst** peak RSS of the proxy process "
+        "(VmHWM after resetting it through /proc/PID/clear_refs, and VmRSS sampled every "
+        "20 ms, whichever is higher).",
+        "",
+        "## Request/response",
+        "",
+        "| test | target | req/s | p50 ms | p99 ms | ÷ baseline | ÷ direct | req/s per round |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for test, (label, path) in TESTS.items():
+        direct, base = results.best(test, "direct"), results.best(test, "baseline")
+        for target in TARGETS:
+            cell = results.best(test, target)
+            rounds = " / ".join(f"{c.rps:,.0f}" for c in results.cells[(test, target)])
+            errors = sum(c.errors for c in results.cells[(test, target)])
+            if errors:
+                rounds += f" (**{errors} errors**)"
+            lines.append(
+                f"| {label} `{path}` | {target} | {cell.rps:,.0f} | {cell.p50_ms:.2f} | "
+                f"{cell.p99_ms:.2f} | {ratio(cell.rps, base.rps) if target == 'gateway' else '—'}"
+                f" | {ratio(cell.rps, direct.rps) if target != 'direct' else '—'} | {rounds} |"
+            )
+    lines += [
+        "",
+        "## 1 GiB streams",
+        "",
+        "| direction | target | MB/s | seconds | proxy RSS before → peak, MiB | ÷ baseline "
+        "| MB/s per round |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for direction in ("upload", "download"):
+        base_mb = results.best_transfer(direction, "baseline").mb_s
+        for target in TARGETS:
+            best = results.best_transfer(direction, target)
+            moves = results.transfers[(direction, target)]
+            before = max((t.rss_before_mib or 0.0) for t in moves)
+            peak = results.peak_rss(direction, target)
+            rss = f"{before:.1f} → {peak:.1f}" if peak is not None else "—"
+            rounds = " / ".join(f"{t.mb_s:,.0f}" for t in moves)
+            lines.append(
+                f"| {direction} | {target} | {best.mb_s:,.0f} | {best.seconds:.2f} | {rss} | "
+                f"{ratio(best.mb_s, base_mb) if target == 'gateway' else '—'} | {rounds} |"
+            )
+    lines += ["", "## Budgets", "", "| budget | measured | verdict |", "| --- | --- | --- |"]
+    lines += [
+        f"| {v.budget} | {v.measured} | {verdict_text(v.passed)} |" for v in verdicts(results)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def command_line(argv: list[str]) -> str:
+    if "MAKELEVEL" in os.environ and not argv:
+        return "make bench"
+    return " ".join([".venv/bin/python bench/run.py", *argv])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="gateway vs baseline vs direct benchmark")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per cell")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per cell")
+    parser.add_argument("--connections", type=int, default=32, help="load generator connections")
+    parser.add_argument("--transfer-mib", type=int, default=1024, help="MiB per 1 GiB stream")
+    parser.add_argument("--transfer-rounds", type=int, default=2, help="rounds of the streams")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="Markdown file to write (bench/RESULTS.md)"
+    )
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.transfer_rounds < 1 or args.duration <= 0:
+        parser.error("--rounds, --transfer-rounds and --duration must be positive")
+    return args
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop processes
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+    started = time.monotonic()
+    try:
+        results = bench(args)
+    except BenchError as error:
+        print(f"bench failed: {error}", file=sys.stderr)
+        return 1
+    results.elapsed = time.monotonic() - started
+    report = render(results, command_line(argv))
+    args.results.write_text(report)
+    print()
+    print(report)
+    for verdict in verdicts(results):
+        print(
+            f"{verdict_text(verdict.passed).strip('*'):>12}  {verdict.budget}: {verdict.measured}"
+        )
+    print(f"\nwritten to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
