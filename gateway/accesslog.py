@@ -1,14 +1,18 @@
 """Log output: one JSON object a line, for access lines and for the gateway's own events.
 
-Access lines are built from the Exchange on the event loop (a tuple put on a queue) and
-formatted and written by one background thread, so a slow stdout or disk never stalls a
-request. Event logs (gateway.config, gateway.upstream, ...) use the same JSON form.
+Nothing here writes on the event loop. Access lines are queued as a small tuple per request
+and built, formatted and written by one background thread; event logs (gateway.config,
+gateway.upstream, ...) go through a `QueueHandler` to a second thread. Both threads write
+through the same handler, so lines never interleave, and both drain their queues on stop,
+so no line is lost at shutdown.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import logging.handlers
 import queue
 import sys
 import threading
@@ -21,7 +25,13 @@ from aiohttp import web
 from gateway.exchange import Exchange
 
 access_logger = logging.getLogger("gateway.access")
+logger = logging.getLogger(__name__)
 _STOP: Final = object()
+JOIN_TIMEOUT: Final = 5.0  # seconds stop() waits for a writer thread to drain its queue
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,31 +39,65 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         if isinstance(record.msg, dict):
-            return json.dumps(record.msg, separators=(",", ":"))
+            return json.dumps(record.msg, separators=(",", ":"), default=str)
         line = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": _iso(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, separators=(",", ":"))
+        return json.dumps(line, separators=(",", ":"), default=str)
 
 
-def configure_logging(access_log: str | None = None, level: int = logging.INFO) -> None:
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands records to the writer thread as they are: the queue is in-process, so nothing
+    needs pickling, and the exception is formatted on the writer thread, not the loop."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        if not isinstance(record.msg, dict):
+            record.msg, record.args = record.getMessage(), None  # freeze the arguments now
+        return record
+
+
+class LogOutput:
+    """The installed JSON output; `stop()` writes what is still queued and restores logging."""
+
+    def __init__(self, listener: logging.handlers.QueueListener, handlers: list[logging.Handler]):
+        self._listener = listener
+        self._handlers = handlers
+
+    def stop(self) -> None:
+        self._listener.stop()  # drains the queue before the thread ends
+        for handler in self._handlers:
+            handler.close()
+
+
+def configure_logging(access_log: str | None = None, level: int = logging.INFO) -> LogOutput:
     """JSON lines on standard output; access lines to `access_log` instead when it is set."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(JsonFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, out)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level)
-    logging.getLogger("aiohttp.access").disabled = True
+    logging.getLogger("aiohttp.access").disabled = True  # our own access line replaces it
+    handlers: list[logging.Handler] = [out]
+    # The access-log thread writes its lines itself: straight to the file, or through the
+    # same stdout handler as the event logs (one handler, one lock, whole lines).
+    access: logging.Handler = out
     if access_log:
-        file_handler = logging.FileHandler(access_log, encoding="utf-8")
-        file_handler.setFormatter(JsonFormatter())
-        access_logger.handlers[:] = [file_handler]
-        access_logger.propagate = False
+        access = logging.FileHandler(access_log, encoding="utf-8")
+        access.setFormatter(JsonFormatter())
+        handlers.append(access)
+    access_logger.handlers[:] = [access]
+    access_logger.propagate = False
+    access_logger.setLevel(logging.INFO)
+    listener.start()
+    return LogOutput(listener, handlers)
 
 
 Entry = tuple[float, Exchange, str, str, int, int, int, float]
@@ -72,10 +116,15 @@ class AccessLog:
             self._thread.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
+        """Write every line queued so far, then end the thread."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._queue.put(_STOP)
-            self._thread.join(timeout=5)
-            self._thread = None
+            thread.join(timeout=JOIN_TIMEOUT)
+            if thread.is_alive():
+                logger.warning(
+                    "access log still writing after %ss; lines may be lost", JOIN_TIMEOUT
+                )
 
     def record(
         self,
@@ -86,6 +135,7 @@ class AccessLog:
         bytes_out: int,
         seconds: float,
     ) -> None:
+        """Called on the event loop: only a tuple is built here; the thread does the rest."""
         if access_logger.isEnabledFor(logging.INFO):
             entry = (time.time(), exchange, request.method, request.remote or "", status)
             self._queue.put((*entry, bytes_in, bytes_out, seconds * 1000))
@@ -93,7 +143,10 @@ class AccessLog:
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
             assert isinstance(item, tuple)
-            access_logger.info(access_fields(*item))
+            try:
+                access_logger.info(access_fields(*item))
+            except Exception:  # a bad entry must not end the thread and lose every later line
+                logger.exception("could not write an access line")
 
 
 def access_fields(
@@ -106,9 +159,10 @@ def access_fields(
     bytes_out: int,
     total_ms: float,
 ) -> dict[str, object]:
-    """The JSON access line: every field of CONTRACT §5. The query string is not logged."""
+    """The JSON access line: every field of CONTRACT §5. The query string is not logged (it
+    may carry tokens); `target` is the target's label ("inventory#0"), not its address."""
     return {
-        "time": datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds"),
+        "time": _iso(at),
         "request_id": ex.request_id,
         "trace_id": ex.trace_id,
         "client": ex.client or peer,

@@ -1,67 +1,107 @@
 """The admin listener: health, readiness, metrics, the compiled routes and the loaded config.
-It is a separate Application on its own host:port; nothing here is routed publicly."""
+It is a separate Application on its own host:port; nothing here is routed publicly.
+
+GET /healthz   200 while the process runs
+GET /readyz    200, or 503 with reasons: draining, no table, a service with no usable target
+GET /metrics   Prometheus text format (every worker's counters summed with --workers N)
+GET /routes    the compiled table: each route's prefix, methods, stages, targets and status
+GET /config    the serving file as written, its version hash, the last reload's result
+"""
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from gateway.app import GATEWAY, Gateway
 from gateway.metrics import CONTENT_TYPE
+from gateway.routing import Route
+from gateway.upstream import Service, Target
+
+
+@dataclass(slots=True)
+class AdminState:
+    """What the process tells the admin listener about itself."""
+
+    draining: bool = False  # set on SIGTERM: /readyz answers 503 while requests drain
+
+
+ADMIN_STATE = web.AppKey("admin_state", AdminState)
 
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    gateway = request.app[GATEWAY]
-    reasons = [
-        f"service {name!r} has no healthy target"
-        for name, service in gateway.services.items()
-        if not service.has_available_target()
-    ]
+def not_ready_reasons(gateway: Gateway, state: AdminState) -> list[str]:
+    """Why this process should not get traffic now; empty when it should."""
+    reasons = []
+    if state.draining:
+        reasons.append("shutting down: draining in-flight requests")
     if not gateway.table.routes:
         reasons.append("no route table loaded")
-    status = 503 if reasons else 200
-    return web.json_response({"ready": not reasons, "reasons": reasons}, status=status)
+    for name, service in sorted(gateway.services.items()):
+        if not service.has_available_target():
+            why = ", ".join(f"{t.label} {_unavailable(t)}" for t in service.targets)
+            reasons.append(f"service {name!r} has no healthy target ({why})")
+    return reasons
+
+
+def _unavailable(target: Target) -> str:
+    return "fails its health check" if not target.healthy else "has its circuit open"
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    reasons = not_ready_reasons(gateway, request.app[ADMIN_STATE])
+    return web.json_response(
+        {"ready": not reasons, "reasons": reasons, "version_hash": gateway.config.version_hash},
+        status=503 if reasons else 200,
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[GATEWAY].metrics.render()
+    registry = request.app[GATEWAY].metrics
+    if registry.multiprocess:  # reads every worker's files: keep that off the event loop
+        body = await asyncio.to_thread(registry.render_shared) + registry.render_local()
+    else:
+        body = registry.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def routes(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
+    table, services = gateway.table, gateway.services  # one consistent snapshot
     warnings = gateway.status.warnings
-    out = []
-    for route in gateway.table.routes:
-        rc = route.config
-        mine = [w for w in warnings if f": {rc.name}." in w or f": {rc.name}:" in w]
-        service = gateway.services[rc.service]
-        out.append(
-            {
-                "name": rc.name,
-                "prefix": rc.prefix,
-                "methods": sorted(rc.methods),
-                "service": rc.service,
-                "strip_prefix": rc.strip_prefix,
-                "stages": list(route.stages),
-                "targets": [
-                    {
-                        "target": t.label,
-                        "healthy": t.healthy,
-                        "circuit": t.breaker.state.name.lower(),
-                    }
-                    for t in service.targets
-                ],
-                "status": "warning" if mine else "ok",
-                "errors": mine,
-            }
-        )
+    out = [_route(route, services[route.config.service], warnings) for route in table.routes]
     return web.json_response({"version_hash": gateway.config.version_hash, "routes": out})
+
+
+def _route(route: Route, service: Service, warnings: list[str]) -> dict[str, object]:
+    """One route the way Traefik's API shows it: its settings, status and errors."""
+    rc = route.config
+    mine = [w for w in warnings if f": {rc.name}." in w or f": {rc.name}:" in w]
+    return {
+        "name": rc.name,
+        "prefix": rc.prefix,
+        "methods": sorted(rc.methods),
+        "service": rc.service,
+        "strip_prefix": rc.strip_prefix,
+        "stages": list(route.stages),
+        "targets": [
+            {
+                "target": t.label,  # not the URL: it may come from an expanded ${VAR}
+                "healthy": t.healthy,
+                "circuit": t.breaker.state.name.lower(),
+            }
+            for t in service.targets
+        ],
+        "status": "warning" if mine else "ok",
+        "errors": mine,
+    }
 
 
 async def config(request: web.Request) -> web.Response:
@@ -70,12 +110,13 @@ async def config(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "file": gateway.config.file,
-            "version_hash": gateway.config.version_hash,
+            "version_hash": gateway.config.version_hash,  # of the file being served
             "last_reload": {
+                "result": "applied" if status.ok else "rejected",
                 "ok": status.ok,
                 "at": datetime.fromtimestamp(status.at, UTC).isoformat(timespec="seconds"),
-                "version_hash": status.version_hash,
-                "errors": status.errors,
+                "version_hash": status.version_hash,  # of the file that was read
+                "errors": status.errors,  # FILE:LINE:COL: path: message
                 "warnings": status.warnings,
             },
             "text": gateway.config.text,  # as written: ${VAR} values are not expanded here
@@ -83,9 +124,11 @@ async def config(request: web.Request) -> web.Response:
     )
 
 
-def create_admin_app(gateway: Gateway) -> web.Application:
+def create_admin_app(gateway: Gateway, state: AdminState | None = None) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
+    app[ADMIN_STATE] = state if state is not None else AdminState()
+    gateway.metrics.watch_config(lambda: gateway.status.ok)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -2,12 +2,14 @@
 supervisor sets PROMETHEUS_MULTIPROC_DIR and /metrics sums every worker's files.
 
 Per request, one `observe()` call does a dict lookup for pre-bound label children and a few
-increments; target health and circuit state are read at scrape time by a collector.
+increments. Target health, circuit state and the last reload's verdict are read at scrape
+time by collectors of this process (in multiprocess mode: of the worker that was scraped).
+Label values are bounded: routes are `routes.N` or `none`, methods outside the known set
+are `OTHER`, statuses are classes.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
@@ -20,12 +22,14 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
     multiprocess,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.breaker import Circuit
 from gateway.exchange import Exchange
+from gateway.model import ALL_METHODS
 from gateway.upstream import Service
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -46,43 +50,52 @@ LATENCY_BUCKETS: Final = (
     30,
 )
 _STATUS_CLASS: Final = {i: f"{i}xx" for i in range(1, 6)}
-disable_created_metrics()  # *_created series double the output and nobody graphs them
+_KNOWN_METHODS: Final = ALL_METHODS | {"CONNECT", "TRACE"}
+_CACHE_RESULTS: Final = {"HIT": "hit", "MISS": "miss"}
+# *_created series double the output and nobody graphs them.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # not annotated upstream
+
+
+def multiprocess_mode() -> bool:
+    """prometheus-client picks file-backed values at import, from PROMETHEUS_MULTIPROC_DIR;
+    ask it rather than the environment, which may have changed since."""
+    return values.ValueClass is not values.MutexValue
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self.multiprocess = multiprocess_mode()
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.requests = Counter(
             "gateway_requests",
-            "Requests answered",
+            "Requests answered, by route (routes.N or none), method and status class",
             ["route", "method", "status_class"],
             registry=reg,
         )
         self.latency = Histogram(
             "gateway_request_duration_seconds",
-            "Time to answer a request",
+            "Time to answer a request, from its headers to the last byte sent",
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.upstream_latency = Histogram(
             "gateway_upstream_duration_seconds",
-            "Time until upstream response headers",
+            "Time until upstream response headers, retries included",
             ["service"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.bytes_in = Counter(
-            "gateway_request_bytes", "Request body bytes", ["route"], registry=reg
+            "gateway_request_bytes", "Request body bytes received", ["route"], registry=reg
         )
         self.bytes_out = Counter(
-            "gateway_response_bytes", "Response body bytes", ["route"], registry=reg
+            "gateway_response_bytes", "Response body bytes sent", ["route"], registry=reg
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors",
-            "Upstream failures by kind",
+            "Upstream failures by kind (unavailable, timeout, no_healthy_target, aborted)",
             ["service", "kind"],
             registry=reg,
         )
@@ -91,11 +104,21 @@ class Metrics:
         )
         self.rate_limited = Counter(
             "gateway_rate_limit_rejections",
-            "Requests refused by a rate limit",
+            "Requests refused by a rate limit (the gateway's own 429s)",
             ["route"],
             registry=reg,
         )
-        self.reloads = Counter("gateway_config_reloads", "Config reloads", ["result"], registry=reg)
+        self.cache = Counter(
+            "gateway_cache_lookups",
+            "Cache lookups on routes that cache, by result (hit, miss)",
+            ["route", "result"],
+            registry=reg,
+        )
+        self.reloads = Counter(
+            "gateway_config_reloads", "Config reloads by result", ["result"], registry=reg
+        )
+        for result in ("applied", "rejected"):  # both series exist from the start, at 0
+            self.reloads.labels(result)
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
             "Requests being handled",
@@ -103,19 +126,35 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self._children: dict[tuple[str, str, int], Callable[[float, int, int], None]] = {}
+        self._local: list[Collector] = []  # scrape-time collectors of this process
+        self._config_watched = False
 
     def watch(self, services: Callable[[], Iterable[Service]]) -> None:
         """Export target health and circuit state of whatever services are current."""
-        self.registry.register(_TargetCollector(services))
+        self._add_local(_TargetCollector(services))
+
+    def watch_config(self, last_reload_ok: Callable[[], bool]) -> None:
+        """Export whether the last load or reload was accepted (once per Metrics)."""
+        if not self._config_watched:
+            self._config_watched = True
+            self._add_local(_ConfigCollector(last_reload_ok))
+
+    def _add_local(self, collector: Collector) -> None:
+        self.registry.register(collector)
+        self._local.append(collector)
 
     def observe(
         self, ex: Exchange, method: str, status: int, bytes_in: int, bytes_out: int, seconds: float
     ) -> None:
-        key = (ex.route, method, status // 100)
+        key = (ex.route, method if method in _KNOWN_METHODS else "OTHER", status // 100)
         record = self._children.get(key)
         if record is None:
             record = self._children[key] = self._bind(*key)
         record(seconds, bytes_in, bytes_out)
+        if ex.cache in _CACHE_RESULTS:
+            self.cache.labels(ex.route or "none", _CACHE_RESULTS[ex.cache]).inc()
+        if status == 429 and not ex.from_upstream:  # only the rate-limit stage answers 429
+            self.rate_limited.labels(ex.route or "none").inc()
         if ex.service:
             if ex.upstream_ms is not None:
                 self.upstream_latency.labels(ex.service).observe(ex.upstream_ms / 1000)
@@ -144,21 +183,24 @@ class Metrics:
         return record
 
     def render(self) -> bytes:
+        """The Prometheus text exposition. In multiprocess mode this reads every worker's
+        files, so call it off the event loop (see `render_shared` and `render_local`)."""
         if not self.multiprocess:
             return generate_latest(self.registry)
+        return self.render_shared() + self.render_local()
+
+    def render_shared(self) -> bytes:
+        """Multiprocess mode: the file-backed metrics of every worker, summed (blocking I/O)."""
         combined = CollectorRegistry()
-        multiprocess.MultiProcessCollector(combined)
-        return generate_latest(combined) + _local_only(self.registry)
+        multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]  # not annotated upstream
+        return generate_latest(combined)
 
-
-def _local_only(registry: CollectorRegistry) -> bytes:
-    """In multiprocess mode the file-backed metrics come from the collector; add this
-    process's scrape-time gauges (target health, circuit state)."""
-    local = CollectorRegistry()
-    for collector in list(registry._collector_to_names):
-        if isinstance(collector, _TargetCollector):
+    def render_local(self) -> bytes:
+        """Multiprocess mode: the scrape-time gauges of this worker, which have no files."""
+        local = CollectorRegistry()
+        for collector in self._local:
             local.register(collector)
-    return generate_latest(local)
+        return generate_latest(local)
 
 
 class _TargetCollector(Collector):
@@ -168,13 +210,13 @@ class _TargetCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         healthy = GaugeMetricFamily(
             "gateway_target_healthy",
-            "1 when the target may take traffic",
+            "1 when the target may take traffic (health check up, circuit not open)",
             labels=["service", "target"],
         )
         circuit = GaugeMetricFamily(
             "gateway_circuit_state", "0 closed, 1 open, 2 half-open", labels=["service", "target"]
         )
-        for service in self.services():
+        for service in list(self.services()):
             for target in service.targets:
                 labels = [service.name, target.label]
                 healthy.add_metric(labels, 1.0 if target.available() else 0.0)
@@ -183,4 +225,16 @@ class _TargetCollector(Collector):
         yield circuit
 
 
-__all__ = ["CONTENT_TYPE", "Circuit", "Metrics"]
+class _ConfigCollector(Collector):
+    def __init__(self, last_reload_ok: Callable[[], bool]) -> None:
+        self.last_reload_ok = last_reload_ok
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "gateway_config_last_reload_successful",
+            "1 when the last load or reload of the config file was accepted, 0 when rejected",
+            value=1.0 if self.last_reload_ok() else 0.0,
+        )
+
+
+__all__ = ["CONTENT_TYPE", "Circuit", "Metrics", "multiprocess_mode"]

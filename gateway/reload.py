@@ -1,6 +1,11 @@
 """Hot reload: the config file is polled (every 0.5 s) and reloaded on SIGHUP. A new file is
 loaded, validated and compiled off the event loop, then swapped in with one assignment; a bad
 file leaves the old table serving and its errors in /config, the log and a metric.
+
+Polling compares (mtime, size, inode), which also sees editors that save by renaming and
+Kubernetes ConfigMap symlink swaps. A change is loaded once the file has stopped changing
+for a moment, so a half-written file is not reported as an error. SIGHUP reloads at once,
+whether or not the file looks changed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from gateway.compile import LoadResult, load
 
 config_log = logging.getLogger("gateway.config")
 POLL_INTERVAL: Final = 0.5  # seconds; an edit is live well within the promised 2 s
+SETTLE: Final = 0.05  # seconds a changed file must keep still before it is read
+MAX_SETTLE_ROUNDS: Final = 10  # a file rewritten non-stop is read after 0.5 s anyway
 
 Signature = tuple[int, int, int] | None
 
@@ -51,12 +58,32 @@ class Reloader:
             except TimeoutError:
                 forced = False
             self._wake.clear()
-            signature = file_signature(self.path)
+            signature = await self._stat()
+            if signature != self._seen and not forced:
+                signature = await self._settled(signature)
             if forced or signature != self._seen:
-                self._seen = signature
+                self._seen = signature  # taken before reading: a later edit is seen again
                 await self.reload(forced)
 
+    async def _stat(self) -> Signature:
+        return await asyncio.to_thread(file_signature, self.path)
+
+    async def _settled(self, signature: Signature) -> Signature:
+        """Wait until the file keeps the same signature for SETTLE seconds (bounded)."""
+        for _ in range(MAX_SETTLE_ROUNDS):
+            await asyncio.sleep(SETTLE)
+            again = await self._stat()
+            if again == signature:
+                break
+            signature = again
+        return signature
+
     async def reload(self, forced: bool = True) -> bool:
+        """Load, validate and compile the file off the loop, then apply it (or keep the old)."""
         config_log.info("reloading %s (%s)", self.path, "SIGHUP" if forced else "file changed")
-        result = await asyncio.to_thread(load, os.fspath(self.path))
-        return self.apply(result)
+        try:
+            result = await asyncio.to_thread(load, os.fspath(self.path))
+            return self.apply(result)
+        except Exception:  # a bug, not a bad file: keep serving, keep watching, say so
+            config_log.exception("reload of %s failed; the previous table keeps serving", self.path)
+            return False

@@ -1,8 +1,13 @@
 """Running the gateway: listeners, signals, graceful shutdown, and N worker processes.
 
-One process serves the public and admin listeners. With --workers N, a supervisor starts N
-such processes that share both ports through SO_REUSEPORT and relays SIGTERM/SIGINT/SIGHUP.
-SIGTERM stops accepting, lets in-flight requests finish (up to limits.shutdown_grace), exits.
+One process serves the public and admin listeners. SIGHUP reloads the config file. SIGTERM
+(or SIGINT) marks the process not ready, stops accepting, lets in-flight requests finish (up
+to limits.shutdown_grace), flushes the logs and exits 0.
+
+With --workers N, a supervisor starts N such processes that share both ports through
+SO_REUSEPORT, relays SIGTERM/SIGINT/SIGHUP to them, and points prometheus-client at one
+directory (PROMETHEUS_MULTIPROC_DIR) so /metrics sums every worker. If a worker dies on its
+own, the supervisor stops the others and exits non-zero, for systemd or Kubernetes to restart.
 """
 
 from __future__ import annotations
@@ -16,21 +21,29 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
-from typing import Any
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
 
 from aiohttp import web
+from prometheus_client import multiprocess
 
 from gateway.accesslog import configure_logging
+from gateway.admin import AdminState, create_admin_app
 from gateway.app import Gateway, create_app
 from gateway.model import GatewayConfig
 
 logger = logging.getLogger("gateway")
+config_log = logging.getLogger("gateway.config")
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+ADMIN_SHUTDOWN_SECONDS: Final = 1.0
 
 
 def run(config: GatewayConfig, config_path: str, workers: int) -> int:
     if workers > 1:
         return _supervise(workers)
-    return _run_loop(serve(config, config_path, reuse_port=bool(os.environ.get("GATEWAY_WORKER"))))
+    reuse_port = bool(os.environ.get("GATEWAY_WORKER"))
+    return _run_loop(serve(config, config_path, reuse_port=reuse_port))
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -46,58 +59,131 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def serve(config: GatewayConfig, config_path: str, *, reuse_port: bool = False) -> int:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file."""
-    configure_logging(config.access_log)
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file. Returns the exit code."""
+    output = configure_logging(config.access_log)
+    try:
+        return await _serve(config, config_path, reuse_port)
+    finally:
+        output.stop()  # every queued log line is written before the process exits
+
+
+async def _serve(config: GatewayConfig, config_path: str, reuse_port: bool) -> int:
     gateway = Gateway(config, config_path)
+    state = AdminState()
     public = web.AppRunner(
         create_app(gateway),
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
         access_log=None,  # our own JSON access log replaces aiohttp's
         shutdown_timeout=config.shutdown_grace,
     )
-    admin = web.AppRunner(_admin_app(gateway), access_log=None, shutdown_timeout=1.0)
+    admin = web.AppRunner(
+        create_admin_app(gateway, state), access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS
+    )
     await public.setup()
     await admin.setup()
-    await web.TCPSite(public, *config.listen, reuse_port=reuse_port, backlog=1024).start()
-    await web.TCPSite(admin, *config.admin, reuse_port=reuse_port).start()
+    try:
+        await web.TCPSite(public, *config.listen, reuse_port=reuse_port, backlog=1024).start()
+        await web.TCPSite(admin, *config.admin, reuse_port=reuse_port).start()
+    except OSError as exc:
+        logger.error("cannot listen: %s", exc.strerror or exc)
+        await admin.cleanup()
+        await public.cleanup()
+        return 1
+    config_log.info(
+        "serving %s: version %s, %d routes",
+        config.file,
+        config.version_hash[:12],
+        len(config.routes),
+    )
     logger.info("listening on %s:%s, admin on %s:%s", *config.listen, *config.admin)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: gateway.request_reload())
-    await stop.wait()
+    await _until_stopped(gateway)
+    state.draining = True  # /readyz answers 503 from now on
     logger.info("shutting down: draining in-flight requests for up to %ss", config.shutdown_grace)
-    await public.cleanup()  # stops accepting, then waits for in-flight handlers
+    await public.cleanup()  # stops accepting, waits for in-flight handlers, then cleanup_ctx
     await admin.cleanup()
     logger.info("stopped")
     return 0
 
 
-def _admin_app(gateway: Gateway) -> web.Application:
-    from gateway.admin import create_admin_app
-
-    return create_admin_app(gateway)
+async def _until_stopped(gateway: Gateway) -> None:
+    """Wait for SIGTERM or SIGINT. The handlers stay installed: a second signal while
+    draining (Ctrl-C reaches both the supervisor and its workers) changes nothing."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
+    await stop.wait()
 
 
 def _supervise(workers: int) -> int:
     """Start `workers` processes on the same ports and relay signals until they all exit."""
-    env = dict(os.environ, GATEWAY_WORKER="1")
-    with contextlib.ExitStack() as stack:
-        if "PROMETHEUS_MULTIPROC_DIR" not in env:  # metrics summed across workers
-            env["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(tempfile.TemporaryDirectory())
+    output = configure_logging()
+    try:
+        with contextlib.ExitStack() as stack:
+            env = dict(os.environ, GATEWAY_WORKER="1")
+            metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
+            if metrics_dir:
+                _wipe_metrics(Path(metrics_dir))  # counts from an earlier run must not add up
+            else:
+                metrics_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-"))
+                env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            return _Supervisor(workers, env, metrics_dir).run()
+    finally:
+        output.stop()
+
+
+def _wipe_metrics(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+class _Supervisor:
+    def __init__(self, workers: int, env: dict[str, str], metrics_dir: str) -> None:
+        self.workers = workers
+        self.env = env
+        self.metrics_dir = metrics_dir
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+
+    def relay(self, signum: int, _frame: FrameType | None) -> None:
+        if signum != signal.SIGHUP:
+            self.stopping = True
+        for child in self.children.values():
+            if child.returncode is None:
+                child.send_signal(signum)
+
+    def run(self) -> int:
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            signal.signal(sig, self.relay)
         args = [sys.executable, "-m", "gateway", *_worker_args(sys.argv[1:])]
-        children = [subprocess.Popen(args, env=env) for _ in range(workers)]
+        for _ in range(self.workers):
+            if self.stopping:
+                break
+            child = subprocess.Popen(args, env=self.env)
+            self.children[child.pid] = child
+        logger.info("supervising %d workers: pids %s", len(self.children), sorted(self.children))
+        return self._wait()
 
-        def relay(signum: int, _frame: object) -> None:
-            for child in children:
-                if child.poll() is None:
-                    child.send_signal(signum)
-
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, relay)
-        codes = [child.wait() for child in children]
-    return max(codes, default=0)
+    def _wait(self) -> int:
+        first_failure = 0
+        running = set(self.children)
+        while running:
+            pid, status = os.waitpid(-1, 0)  # a signal runs relay(), then the wait resumes
+            if pid not in running:
+                continue
+            running.discard(pid)
+            code = self.children[pid].returncode = os.waitstatus_to_exitcode(status)
+            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]  # not annotated upstream
+            if not self.stopping:
+                logger.warning("worker %d exited with %d; stopping the others", pid, code)
+                self.stopping = True
+                self.relay(signal.SIGTERM, None)
+            if code and not first_failure:
+                first_failure = code if code > 0 else 1
+        logger.info("all workers stopped")
+        return first_failure
 
 
 def _worker_args(argv: list[str]) -> list[str]:

@@ -1,0 +1,316 @@
+"""Hot reload in one process: the gateway's lifecycle watches routes.yaml; an edit is served
+within 2 s, a bad edit keeps the old table and shows its errors, in-flight requests finish on
+the table they started with, and unchanged services keep their pools."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from gateway.admin import create_admin_app
+from gateway.app import Gateway, create_app
+from gateway.compile import load
+from gateway.reload import file_signature
+from tests.gateway.conftest import GatewayClient, base_url
+
+RELOAD_DEADLINE = 2.0  # seconds: the contract's promise for an edited file
+
+ROUTES = """version: 1
+services:
+  echo: {targets: [$ECHO]}
+  gated: {targets: [$GATED]}
+routes:
+  - prefix: /echo
+    service: echo
+  - prefix: /gated
+    service: gated
+"""
+ADDED = (
+    ROUTES
+    + """  - prefix: /added
+    service: echo
+"""
+)
+BAD_KEY = ROUTES.replace("    service: echo\n", "    service: echo\n    bogus: 1\n", 1)
+WITHOUT_GATED = """version: 1
+services:
+  echo: {targets: [$ECHO]}
+routes:
+  - prefix: /echo
+    service: echo
+"""
+
+
+class Running:
+    """A gateway served from a file, its public and admin clients, and its upstreams' gate."""
+
+    def __init__(
+        self,
+        path: Path,
+        gateway: Gateway,
+        public: GatewayClient,
+        admin: GatewayClient,
+        upstreams: dict[str, str],
+        gate: asyncio.Event,
+    ) -> None:
+        self.path, self.gateway, self.public, self.admin = path, gateway, public, admin
+        self.upstreams = upstreams
+        self.gate = gate
+
+    def text(self, template: str) -> str:
+        for name, url in self.upstreams.items():
+            template = template.replace(f"${name}", url)
+        return template
+
+    def edit(self, template: str) -> None:
+        """Rewrite the file in place, as most editors and `cat >` do."""
+        self.path.write_text(self.text(template))
+
+    async def config(self) -> dict[str, object]:
+        body: dict[str, object] = await (await self.admin.get("/config")).json()
+        return body
+
+    async def metric(self, name: str, **labels: str) -> float:
+        text = await (await self.admin.get("/metrics")).text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        raise AssertionError(f"no sample {name}{labels}")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], within: float = RELOAD_DEADLINE
+) -> float:
+    """Poll `check` until it holds; fail at the deadline. Returns the seconds it took."""
+    started = time.monotonic()
+    while not await _holds(check()):
+        assert time.monotonic() - started < within, f"not true within {within}s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def _holds(result: Awaitable[bool] | bool) -> bool:
+    return await result if inspect.isawaitable(result) else result
+
+
+def make_gated_app(gate: asyncio.Event) -> web.Application:
+    async def gated(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(text="released")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", gated)
+    return app
+
+
+@pytest.fixture
+async def running(
+    tmp_path: Path,
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    echo_upstream: TestServer,
+) -> Running:
+    gate = asyncio.Event()
+    gated = await aiohttp_server(make_gated_app(gate))
+    upstreams = {"ECHO": base_url(echo_upstream), "GATED": base_url(gated)}
+    path = tmp_path / "routes.yaml"
+    result_text = ROUTES
+    for name, url in upstreams.items():
+        result_text = result_text.replace(f"${name}", url)
+    path.write_text(result_text)
+    result = load(path)
+    assert result.config is not None, [str(e) for e in result.errors]
+    gateway = Gateway(result.config, str(path))
+    public = await aiohttp_client(create_app(gateway))  # its lifecycle starts the Reloader
+    admin = await aiohttp_client(create_admin_app(gateway))
+    return Running(path, gateway, public, admin, upstreams, gate)
+
+
+async def status_of(client: GatewayClient, path: str) -> int:
+    async with client.get(path) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_an_added_route_is_served_within_2s_without_dropping_a_concurrent_request(
+    running: Running,
+) -> None:
+    answered: list[int] = []
+    stop = asyncio.Event()
+
+    async def load_loop() -> None:
+        while not stop.is_set():
+            answered.append(await status_of(running.public, "/echo/x"))
+
+    workers = [asyncio.create_task(load_loop()) for _ in range(4)]
+    try:
+        await eventually(lambda: len(answered) > 10)
+        running.edit(ADDED)
+
+        took = await eventually(lambda: _is(status_of(running.public, "/added/x"), 200))
+        count = len(answered)
+        await eventually(lambda: len(answered) > count + 10)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+
+    assert took < RELOAD_DEADLINE
+    assert set(answered) == {200}
+    assert await running.metric("gateway_config_reloads_total", result="applied") == 1
+
+
+async def _is(status: Awaitable[int], expected: int) -> bool:
+    return await status == expected
+
+
+async def test_an_invalid_edit_keeps_the_old_table_and_shows_file_line_col_errors(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.config")
+    serving = running.gateway.config.version_hash
+
+    running.edit(BAD_KEY)
+    await eventually(lambda: _last_reload_ok(running, False))
+    body = await running.config()
+
+    expected = f"{running.path}:8:5: routes.0.bogus: unknown key 'bogus'"
+    assert body["version_hash"] == serving
+    last = body["last_reload"]
+    assert isinstance(last, dict)
+    assert (last["result"], last["errors"]) == ("rejected", [expected])
+    assert f"reload rejected: {expected}" in caplog.messages
+    assert await status_of(running.public, "/echo/x") == 200
+    assert await running.metric("gateway_config_reloads_total", result="rejected") == 1
+    assert await running.metric("gateway_config_last_reload_successful") == 0
+
+
+async def test_fixing_a_rejected_file_applies_it_and_clears_the_errors(running: Running) -> None:
+    running.edit(BAD_KEY)
+    await eventually(lambda: _last_reload_ok(running, False))
+
+    running.edit(ADDED)
+    await eventually(lambda: _last_reload_ok(running, True))
+    body = await running.config()
+
+    assert body["text"] == running.text(ADDED)
+    last = body["last_reload"]
+    assert isinstance(last, dict)
+    assert (last["result"], last["errors"]) == ("applied", [])
+    assert await status_of(running.public, "/added/x") == 200
+    assert await running.metric("gateway_config_last_reload_successful") == 1
+
+
+async def _last_reload_ok(running: Running, ok: bool) -> bool:
+    last = (await running.config())["last_reload"]
+    assert isinstance(last, dict)
+    return bool(last["ok"] is ok and last["version_hash"] == _sha(running.path))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_an_in_flight_request_finishes_on_the_table_it_started_with(
+    running: Running,
+) -> None:
+    removed = running.gateway.services["gated"]
+    pending = asyncio.ensure_future(running.public.get("/gated/wait"))
+    await eventually(lambda: removed.targets[0].in_flight == 1)
+
+    running.edit(WITHOUT_GATED)
+    await eventually(lambda: _last_reload_ok(running, True))
+    assert await status_of(running.public, "/gated/other") == 404  # the new table
+    assert not removed.session.closed  # its request is still running
+    running.gate.set()
+    resp = await pending
+
+    assert (resp.status, await resp.text()) == (200, "released")
+    await eventually(lambda: removed.session.closed)
+
+
+async def test_an_unchanged_service_keeps_its_pool_and_a_changed_one_gets_a_new_one(
+    running: Running,
+) -> None:
+    assert await status_of(running.public, "/echo/x") == 200
+    echo, gated = running.gateway.services["echo"], running.gateway.services["gated"]
+    pool = echo.session
+    echo.targets[0].healthy = False  # as an active health check would have decided
+
+    running.edit(
+        ADDED.replace("gated: {targets: [$GATED]}", "gated: {targets: [$GATED], retries: 1}")
+    )
+    await eventually(lambda: running.gateway.services["gated"] is not gated)
+
+    assert running.gateway.services["echo"] is echo
+    assert echo.session is pool
+    assert not pool.closed
+    assert echo.targets[0].healthy is False
+    assert running.gateway.services["gated"].config.retries == 1
+
+
+async def test_request_reload_reloads_at_once_even_when_the_file_looks_unchanged(
+    running: Running,
+) -> None:
+    running.edit(ADDED)
+    await eventually(lambda: _is(status_of(running.public, "/added/x"), 200))
+    before = running.path.stat()
+    signature = file_signature(running.path)
+
+    # Same size, same inode, old mtime restored: a poll cannot tell that the file changed.
+    running.path.write_text(running.text(ADDED.replace("/added", "/addeD")))
+    os.utime(running.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert file_signature(running.path) == signature
+    running.gateway.request_reload()  # what SIGHUP calls
+
+    await eventually(lambda: _is(status_of(running.public, "/addeD/x"), 200), within=1.0)
+    assert await status_of(running.public, "/added/x") == 404
+
+
+async def test_a_deleted_file_is_rejected_and_the_old_table_keeps_serving(
+    running: Running,
+) -> None:
+    running.path.unlink()
+
+    await eventually(lambda: _last_reload_errors(running))
+    last = (await running.config())["last_reload"]
+
+    assert isinstance(last, dict)
+    assert last["errors"] == [
+        f"{running.path}:1:1: <root>: cannot read file: No such file or directory"
+    ]
+    assert await status_of(running.public, "/echo/x") == 200
+
+
+async def _last_reload_errors(running: Running) -> bool:
+    last = (await running.config())["last_reload"]
+    assert isinstance(last, dict)
+    return bool(last["errors"])
+
+
+async def test_a_rejected_value_from_the_environment_is_never_echoed(
+    running: Running, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    monkeypatch.setenv("GATEWAY_TEST_RETRIES", "s3cr3t-value")
+
+    running.edit(
+        ROUTES.replace("{targets: [$ECHO]}", "{targets: [$ECHO], retries: ${GATEWAY_TEST_RETRIES}}")
+    )
+    await eventually(lambda: _last_reload_errors(running))
+
+    assert "s3cr3t-value" not in caplog.text
+    assert "s3cr3t-value" not in await (await running.admin.get("/config")).text()
+    assert "${GATEWAY_TEST_RETRIES}" in running.path.read_text()
