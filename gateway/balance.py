@@ -1,7 +1,11 @@
 """Choosing a target: smooth weighted round robin (nginx's algorithm) and least connections.
 
 A balancer sees only the targets that may take traffic now (healthy, circuit not open, not
-already tried by this request); `upstream.Service` filters them.
+already tried by this request); `upstream.Service` filters them. A target left out keeps its
+round-robin `current_weight` untouched, as nginx does: every pick adds the candidates' weights
+and takes their sum back from the winner, so the current weights of all targets always sum
+to zero and stay bounded, and a target that comes back gets its share again within about a
+round instead of a flood or a drought.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ class RoundRobin:
     """Smooth weighted round robin: weights 5,1,1 give a a b a c a a, never a burst of five."""
 
     def pick(self, candidates: Sequence[Target]) -> Target:
-        if len(candidates) == 1:
+        if len(candidates) == 1:  # adding its weight and taking it back changes nothing
             return candidates[0]
         total = 0
         best = candidates[0]
@@ -37,7 +41,10 @@ class RoundRobin:
 
 
 class LeastConn:
-    """Fewest requests in flight relative to weight; ties rotate so equal targets share."""
+    """Fewest requests in flight relative to weight; ties rotate so equal targets share.
+
+    `Target.in_flight` counts a request from its send until its response is released (body
+    streamed out or the client gone), so a target that hangs keeps its count and is avoided."""
 
     def __init__(self) -> None:
         self._turn = 0

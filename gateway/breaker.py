@@ -1,7 +1,16 @@
-"""Passive health per target: a circuit breaker and the retry budget of a service.
+"""Passive health per target (a circuit breaker) and the retry budget of a service.
 
-closed --N consecutive failures--> open --open_for elapsed--> half-open --trial ok--> closed
-                                    ^------------------------- trial fails ------------'
+    closed --N consecutive failures--> open --open_for elapsed, next pick--> half-open
+      ^                                  ^                                      |
+      '---------- trial succeeds --------+------------ trial fails -------------'
+
+A failure is a connect error, a reset or timeout before the response, or a 502/503/504.
+While half-open exactly one request (the trial) is let through; its verdict decides. A trial
+that ends without a verdict (the client left, the gateway cut the request body) hands the
+trial to the next request, and so does one still undecided after another `open_for` (a
+caller that never reported back must not keep the target out for good). Answers to requests
+sent before the circuit opened are ignored while it is open: only a trial closes it. Both
+classes take a `Clock`, so tests step time instead of sleeping.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from typing import Final
 
 from gateway.model import CircuitBreakerConfig, RetryBudgetConfig
 
-Clock = Callable[[], float]
+Clock = Callable[[], float]  # seconds, monotonic
 upstream_log = logging.getLogger("gateway.upstream")
 
 
@@ -25,16 +34,34 @@ class Circuit(Enum):
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_failures", "_opened_at", "_trial", "config", "name", "state")
+    """The circuit state of one target; `state` and `consecutive_failures` are observable."""
 
-    def __init__(self, name: str, config: CircuitBreakerConfig, clock: Clock = time.monotonic):
-        self.name = name  # "service target-index" for logs: never the address
+    __slots__ = (
+        "_clock",
+        "_failures",
+        "_opened_at",
+        "_trial",
+        "_trial_at",
+        "config",
+        "name",
+        "state",
+    )
+
+    def __init__(
+        self, name: str, config: CircuitBreakerConfig, clock: Clock = time.monotonic
+    ) -> None:
+        self.name = name  # the target label ("inventory#0") for logs: never the address
         self.config = config
         self.state = Circuit.CLOSED
         self._clock = clock
-        self._failures = 0
+        self._failures = 0  # consecutive failures while closed
         self._opened_at = 0.0
-        self._trial = False  # a half-open trial request is in flight
+        self._trial = False  # the half-open trial request is in flight
+        self._trial_at = 0.0  # when it was claimed
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
 
     def allows(self) -> bool:
         """May a request go to this target now? Does not claim the half-open trial."""
@@ -42,29 +69,38 @@ class CircuitBreaker:
             return True
         if self.state is Circuit.OPEN:
             return self._clock() - self._opened_at >= self.config.open_for
-        return not self._trial
+        return not self._trial or self._clock() - self._trial_at >= self.config.open_for
 
-    def claim(self) -> None:
-        """The balancer chose this target: an open circuit past its time starts its one trial."""
-        if self.state is Circuit.OPEN:
+    def claim(self) -> bool:
+        """The balancer chose this target. True when this request is the half-open trial."""
+        if self.state is Circuit.OPEN and self.allows():
             self._move(Circuit.HALF_OPEN)
-        if self.state is Circuit.HALF_OPEN:
-            self._trial = True
+        if self.state is Circuit.HALF_OPEN and self.allows():
+            self._trial, self._trial_at = True, self._clock()
+            return True
+        return False
 
     def success(self) -> None:
-        self._failures = 0
-        self._trial = False
-        if self.state is not Circuit.CLOSED:
+        """The target answered with something other than 502/503/504."""
+        if self.state is Circuit.CLOSED:
+            self._failures = 0
+        elif self.state is Circuit.HALF_OPEN:
             self._move(Circuit.CLOSED)
+        # OPEN: a late answer to a request sent before the circuit opened; the trial decides.
 
     def failure(self) -> None:
-        self._failures += 1
-        self._trial = False
-        if self.state is Circuit.HALF_OPEN or (
-            self.state is Circuit.CLOSED and self._failures >= self.config.failures
-        ):
-            self._opened_at = self._clock()
-            self._move(Circuit.OPEN)
+        """The target failed (see module docstring)."""
+        if self.state is Circuit.CLOSED:
+            self._failures += 1
+            if self._failures >= self.config.failures:
+                self._open()
+        elif self.state is Circuit.HALF_OPEN:
+            self._open()
+
+    def abandon(self, trial: bool) -> None:
+        """A request ended with no verdict on the target; a trial passes to the next request."""
+        if trial and self.state is Circuit.HALF_OPEN:
+            self._trial = False
 
     def reopens_in(self) -> float:
         """Seconds until an open circuit lets a trial through (0 when it already would)."""
@@ -72,17 +108,25 @@ class CircuitBreaker:
             return 0.0
         return max(0.0, self._opened_at + self.config.open_for - self._clock())
 
+    def _open(self) -> None:
+        self._opened_at = self._clock()
+        self._move(Circuit.OPEN)
+
     def _move(self, state: Circuit) -> None:
         level = logging.WARNING if state is Circuit.OPEN else logging.INFO
         upstream_log.log(level, "circuit %s: %s -> %s", self.name, self.state.name, state.name)
         self.state = state
+        self._failures = 0
+        self._trial = False
 
 
 _BUCKETS: Final = 10
 
 
 class RetryBudget:
-    """Retries allowed as a share of requests over a sliding window (Finagle/Linkerd style)."""
+    """Retries allowed over a sliding window: `min_retries + ratio * requests`, as in
+    Finagle's and Linkerd's retry budgets. Each service has one; only requests to services
+    with `retries` configured are counted."""
 
     __slots__ = ("_clock", "_epoch", "_requests", "_retries", "_width", "config")
 
@@ -100,11 +144,15 @@ class RetryBudget:
     def try_spend(self) -> bool:
         """Take one retry from the budget, or say no."""
         slot = self._advance()
-        allowed = max(self.config.min_retries, self.config.ratio * sum(self._requests))
-        if sum(self._retries) + 1 > allowed:
+        if sum(self._retries) + 1 > self.allowed():
             return False
         self._retries[slot] += 1
         return True
+
+    def allowed(self) -> float:
+        """Retries the current window allows in all (spent ones included)."""
+        self._advance()
+        return self.config.min_retries + self.config.ratio * sum(self._requests)
 
     def _advance(self) -> int:
         epoch = int(self._clock() / self._width)

@@ -4,6 +4,15 @@
 or whose circuit is open (passive health), retries what may be retried on another target
 within the retry budget, and hands back a response the forwarder streams. Every route and
 every fan-out part calls it; the forwarder knows nothing of targets.
+
+What is retried (up to `retries` times, each retry spending from the budget):
+  - a connect error or connect timeout: nothing reached the target, so any method may go on;
+  - a reset before the response, or a 502/503/504: only idempotent requests whose body can be
+    sent again: none, or one of at most REPLAY_LIMIT bytes by Content-Length, which is read
+    into memory first when the service has retries (as Envoy and nginx buffer it); a bigger
+    or chunked body streams through once and is not retried;
+  - never a read timeout (the target may still be working), and never once the response has
+    been handed back: from then on bytes may have reached the client.
 """
 
 from __future__ import annotations
@@ -12,16 +21,25 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
+from aiohttp import hdrs
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from gateway.balance import make_balancer
 from gateway.breaker import Circuit, CircuitBreaker, Clock, RetryBudget
-from gateway.errors import NoHealthyTarget, UpstreamError, UpstreamTimeout, upstream_errors
+from gateway.errors import (
+    BadRequest,
+    NoHealthyTarget,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    upstream_errors,
+)
 from gateway.exchange import Exchange
 from gateway.model import IDEMPOTENT_METHODS, ServiceConfig, TargetConfig, Timeouts
 
@@ -29,7 +47,9 @@ upstream_log = logging.getLogger("gateway.upstream")
 
 RETRY_STATUSES: Final = frozenset({502, 503, 504})
 _CONNECT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-Body = aiohttp.StreamReader | AsyncIterable[bytes] | None
+_DEFAULT_RETRY_AFTER: Final = 5.0  # seconds, when no health check or circuit says better
+REPLAY_LIMIT: Final = 65536  # bytes of an idempotent request's body kept for a retry
+Body = aiohttp.StreamReader | AsyncIterable[bytes] | bytes | None
 
 
 @dataclass(slots=True, eq=False)
@@ -38,7 +58,7 @@ class Target:
     label: str  # "inventory#0": what logs and metrics show instead of the address
     breaker: CircuitBreaker
     healthy: bool = True  # the active health check's verdict; True until a probe says no
-    in_flight: int = 0
+    in_flight: int = 0  # requests sent and not yet released (least_conn reads it)
     current_weight: int = 0  # smooth weighted round-robin state
 
     @property
@@ -50,17 +70,21 @@ class Target:
 
 
 class Reply:
-    """An upstream response and the target it holds; `release()` exactly once when done."""
+    """An upstream response and the target it holds; `release()` when done (twice is safe)."""
 
-    __slots__ = ("response", "target")
+    __slots__ = ("_released", "response", "target")
 
     def __init__(self, response: aiohttp.ClientResponse, target: Target) -> None:
         self.response = response
         self.target = target
+        self._released = False
 
     def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
         self.target.in_flight -= 1
-        self.response.release()
+        self.response.release()  # back to the pool, or closed when the body was not read out
 
 
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
@@ -74,7 +98,7 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
 
 def make_session(config: ServiceConfig) -> aiohttp.ClientSession:
     """One keep-alive pool per service. Cookies are never stored: clients share the pool."""
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=config.max_connections, limit_per_host=0),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
@@ -82,6 +106,11 @@ def make_session(config: ServiceConfig) -> aiohttp.ClientSession:
         timeout=client_timeout(config.timeouts),
         read_bufsize=2**18,
     )
+    # aiohttp silently re-sends an idempotent request once, to the same target, when its
+    # connection drops before the answer. Retries are this layer's: counted, budgeted, seen by
+    # the breaker and sent to another target. (aiohttp's own test client turns it off so too.)
+    session._retry_connection = False
+    return session
 
 
 class Service:
@@ -91,46 +120,67 @@ class Service:
         self.config = config
         self.name = config.name
         self.targets = tuple(
-            Target(
-                t,
-                f"{config.name}#{i}",
-                CircuitBreaker(f"{config.name}#{i}", config.circuit_breaker, clock),
-            )
-            for i, t in enumerate(config.targets)
+            Target(t, label, CircuitBreaker(label, config.circuit_breaker, clock))
+            for label, t in ((f"{config.name}#{i}", t) for i, t in enumerate(config.targets))
         )
         self.balancer = make_balancer(config.balance)
         self.budget = RetryBudget(config.retry_budget, clock)
         self.timeout = client_timeout(config.timeouts)
+        self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:  # created lazily: it needs a running loop
+            if self._closed:  # never open a pool nobody would close
+                raise UpstreamUnavailable(f"service {self.name!r} was removed")
             self._session = make_session(self.config)
         return self._session
 
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran: a reload removed the service, or shutdown."""
+        return self._closed
+
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 
     def has_available_target(self) -> bool:
         return any(t.available() for t in self.targets)
 
-    def pick(self, tried: tuple[Target, ...] = ()) -> Target:
+    def pick(self, tried: Sequence[Target] = ()) -> Target:
+        """Choose and claim a target, ignoring whether it is a half-open trial."""
+        return self.choose(tried)[0]
+
+    def choose(self, tried: Sequence[Target] = ()) -> tuple[Target, bool]:
+        """Choose and claim a target: (target, is this request its half-open trial). A caller
+        that connects itself (WebSocket) reports `breaker.success()`, `failure()` or
+        `abandon(trial)`. A retry avoids the targets in `tried` when it can."""
         candidates = [t for t in self.targets if t.available() and t not in tried]
+        if not candidates and tried:
+            candidates = [t for t in self.targets if t.available()]
         if not candidates:
             raise NoHealthyTarget(
                 f"service {self.name!r} has no healthy target",
                 headers={"Retry-After": str(self._retry_after())},
             )
         target = self.balancer.pick(candidates)
-        target.breaker.claim()
-        return target
+        return target, target.breaker.claim()
 
     def _retry_after(self) -> int:
-        waits = [t.breaker.reopens_in() for t in self.targets if t.breaker.state is Circuit.OPEN]
-        interval = self.config.health_check.interval if self.config.health_check else 5.0
-        return max(1, math.ceil(min(waits, default=interval)))
+        """Seconds until some target may take traffic again (at least 1)."""
+        return max(1, math.ceil(min(self._back_in(t) for t in self.targets)))
+
+    def _back_in(self, target: Target) -> float:
+        if not target.healthy:  # the probes it needs to pass before it comes back
+            check = self.config.health_check
+            return check.interval * check.healthy_threshold if check else _DEFAULT_RETRY_AFTER
+        if target.breaker.state is Circuit.OPEN:
+            return target.breaker.reopens_in()
+        return 1.0  # half-open: its trial is deciding now
 
     async def send(
         self,
@@ -141,43 +191,62 @@ class Service:
         exchange: Exchange,
         timeout: aiohttp.ClientTimeout | None = None,
     ) -> Reply:
-        """Send to a target, retrying on another one where that is safe; see module docstring."""
-        retryable = self.config.retries > 0 and method in IDEMPOTENT_METHODS and body is None
+        """Send to a target, retrying on another one where that is safe; see module docstring.
+
+        `timeout` (a route's override) defaults to the service's; its `total` bounds the
+        whole exchange, retries included."""
+        if self._closed:  # a request that matched a table a reload replaced long ago
+            raise UpstreamUnavailable(f"service {self.name!r} was removed")
+        timeout = timeout or self.timeout
+        deadline = None if timeout.total is None else self._clock() + timeout.total
+        body, replayable = await self._replayable(method, headers, body)
         if self.config.retries:
             self.budget.record_request()
-        tried: tuple[Target, ...] = ()
+        tried: list[Target] = []
         while True:
-            target = self.pick(tried) if not tried else self._next(tried)
-            tried = (*tried, target)
+            target, trial = self.choose(tried)
+            tried.append(target)
             exchange.target = target.label
+            attempt_timeout = _until(timeout, deadline, self._clock)
             try:
                 reply = await self._attempt(
-                    target, method, path_qs, headers, body, exchange, timeout
+                    target, trial, method, path_qs, headers, body, exchange, attempt_timeout
                 )
             except UpstreamError as error:
-                # Nothing reached the target when the connection failed: even a POST may go
-                # elsewhere. A read timeout is not retried: the target may still be working.
-                connect_failed = isinstance(error.__cause__, _CONNECT_ERRORS)
-                timed_out = isinstance(error, UpstreamTimeout) and not connect_failed
-                if timed_out or not self._may_retry(retryable or connect_failed, tried):
+                if not self._may_retry(_retryable(error, replayable), tried, deadline):
                     raise
-                exchange.retries += 1
-                continue
-            if reply.response.status in RETRY_STATUSES and self._may_retry(retryable, tried):
+            else:
+                status = reply.response.status
+                if status not in RETRY_STATUSES or not self._may_retry(replayable, tried, deadline):
+                    return reply
                 reply.release()
-                exchange.retries += 1
-                continue
-            return reply
+            exchange.retries += 1
 
-    def _next(self, tried: tuple[Target, ...]) -> Target:
-        """A retry goes to a target not tried yet when there is one, else any available one."""
+    async def _replayable(
+        self, method: str, headers: Mapping[str, str], body: Body
+    ) -> tuple[Body, bool]:
+        """(the body to send, may the request be sent again); see the module docstring."""
+        if method not in IDEMPOTENT_METHODS:
+            return body, False
+        if body is None or isinstance(body, bytes):
+            return body, True
+        length = _content_length(headers)
+        if (
+            not self.config.retries
+            or not isinstance(body, aiohttp.StreamReader)
+            or length is None
+            or length > REPLAY_LIMIT
+        ):
+            return body, False
         try:
-            return self.pick(tried)
-        except NoHealthyTarget:
-            return self.pick()
+            return await body.readexactly(length), True
+        except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
+            raise BadRequest("the request body ended before its Content-Length") from exc
 
-    def _may_retry(self, retryable: bool, tried: tuple[Target, ...]) -> bool:
+    def _may_retry(self, retryable: bool, tried: Sequence[Target], deadline: float | None) -> bool:
         if not retryable or len(tried) > self.config.retries:
+            return False
+        if deadline is not None and self._clock() >= deadline:
             return False
         if not self.has_available_target():
             return False
@@ -186,13 +255,15 @@ class Service:
     async def _attempt(
         self,
         target: Target,
+        trial: bool,
         method: str,
         path_qs: str,
         headers: Mapping[str, str],
         body: Body,
         exchange: Exchange,
-        timeout: aiohttp.ClientTimeout | None,
+        timeout: aiohttp.ClientTimeout,
     ) -> Reply:
+        """One request to one target; the breaker hears the verdict (or that there is none)."""
         target.in_flight += 1
         try:
             with upstream_errors(self.name):
@@ -202,23 +273,52 @@ class Service:
                     headers=headers,
                     data=body,
                     allow_redirects=False,
-                    timeout=timeout or self.timeout,
+                    timeout=timeout,
                 )
         except UpstreamError as error:
             target.in_flight -= 1
             if exchange.body_error is not None:  # our side cut the body: not the target's fault
+                target.breaker.abandon(trial)
                 raise exchange.body_error from error
             target.breaker.failure()
             upstream_log.warning("%s: %s", target.label, error.detail)
             raise
         except BaseException:  # cancelled by a client disconnect: not the target's fault
             target.in_flight -= 1
+            target.breaker.abandon(trial)
             raise
         if response.status in RETRY_STATUSES:
             target.breaker.failure()
         else:
             target.breaker.success()
         return Reply(response, target)
+
+
+def _content_length(headers: Mapping[str, str]) -> int | None:
+    value = headers.get(hdrs.CONTENT_LENGTH)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _retryable(error: UpstreamError, replayable: bool) -> bool:
+    """Nothing reached the target when the connection failed: even a POST may go elsewhere.
+    A read timeout is not retried: the target may still be working on the request."""
+    if isinstance(error.__cause__, _CONNECT_ERRORS):
+        return True
+    return replayable and not isinstance(error, UpstreamTimeout)
+
+
+def _until(
+    timeout: aiohttp.ClientTimeout, deadline: float | None, clock: Clock
+) -> aiohttp.ClientTimeout:
+    """`timeout` with its total cut to what is left of the exchange's deadline."""
+    if deadline is None:
+        return timeout
+    return aiohttp.ClientTimeout(
+        total=max(deadline - clock(), 0.001),
+        connect=timeout.connect,
+        sock_connect=timeout.sock_connect,
+        sock_read=timeout.sock_read,
+    )
 
 
 async def close_later(services: list[Service], grace: float) -> None:
