@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from gateway.server import run
 
-    return run(_override(result.config, args), args.config, args.workers)
+    warnings = [str(w) for w in result.warnings]
+    return run(_override(result.config, args), args.config, args.workers, warnings)
 
 
 def _override(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:

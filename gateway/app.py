@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from aiohttp import web
@@ -19,9 +19,8 @@ from aiohttp.typedefs import Middleware
 
 from gateway.accesslog import AccessLog
 from gateway.compile import LoadResult, build_table
-from gateway.errors import problem_middleware
+from gateway.errors import MethodNotAllowed, problem_middleware
 from gateway.exchange import EXCHANGE, apply_exchange, start_exchange
-from gateway.forward import ClientAddress
 from gateway.health import HealthChecker
 from gateway.metrics import Metrics
 from gateway.model import GatewayConfig
@@ -47,7 +46,12 @@ class LoadStatus:
 class Gateway:
     """The current config, route table and services of this process."""
 
-    def __init__(self, config: GatewayConfig, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        config_path: str | None = None,
+        warnings: Sequence[str] = (),
+    ) -> None:
         self.config_path = config_path  # watched for hot reload when set
         self.access_log = AccessLog()
         self.metrics = Metrics()
@@ -57,7 +61,7 @@ class Gateway:
         self.metrics.watch(lambda: self.services.values())
         self.config = config
         self.table = RouteTable(())
-        self.status = LoadStatus(True, time.time(), config.version_hash)
+        self.status = LoadStatus(True, time.time(), config.version_hash, [], list(warnings))
         self._retired: list[Service] = []
         self.swap(config)
 
@@ -70,8 +74,7 @@ class Gateway:
                 old if old is not None and old.config == service_config else Service(service_config)
             )
         removed = [s for name, s in self.services.items() if kept.get(name) is not s]
-        clients = ClientAddress(config.trusted_proxies)
-        table = build_table(config, kept, clients)
+        table = build_table(config, kept)
         self.services, self.table, self.config = kept, table, config  # the swap
         return removed
 
@@ -93,16 +96,21 @@ class Gateway:
         self.status = LoadStatus(True, time.time(), result.config.version_hash, [], warnings)
         config_log.info("reload applied: version %s", result.config.version_hash[:12])
         if removed:
-            self._retired.extend(removed)
-            asyncio.get_running_loop().create_task(
-                close_later(removed, result.config.shutdown_grace)
-            )
+            asyncio.get_running_loop().create_task(self._retire(removed, config.shutdown_grace))
         return True
 
     def request_reload(self) -> None:
         """SIGHUP: reload now."""
         if self.reloader is not None:
             self.reloader.trigger()
+
+    async def _retire(self, removed: list[Service], grace: float) -> None:
+        """Close the pools of services a reload removed, once their requests are done."""
+        self._retired.extend(removed)
+        try:
+            await close_later(removed, grace)
+        finally:
+            self._retired = [s for s in self._retired if s not in removed]
 
     async def close(self) -> None:
         await self.health.stop()
@@ -121,8 +129,13 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if not raw.startswith("/"):  # absolute-form request target
         raw = request.rel_url.raw_path_qs
     path, exchange.query = split_target(raw)
+    exchange.client, exchange.forwarded_for = table.clients.resolve(request)
     exchange.path = normalize_path(path)
-    route = table.match(request.method, exchange.path)
+    try:
+        route = table.match(request.method, exchange.path)
+    except MethodNotAllowed as error:
+        exchange.route = error.route
+        raise
     exchange.route = route.config.name
     exchange.service = route.config.service
     return await route.handler(request)
@@ -141,10 +154,12 @@ def exchange_middleware(gateway: Gateway) -> Middleware:
         try:
             response = await handler(request)
             status = response.status
-            sent = response.body_length if response.prepared else (response.content_length or 0)
+            if not response.prepared:  # answered by the gateway: sent after this returns
+                sent = response.content_length or 0
             return response
         finally:
             in_flight.dec()
+            sent = exchange.bytes_out or sent  # relayed body bytes, even if the client left
             received = request.content.total_bytes if request.body_exists else 0
             seconds = time.perf_counter() - exchange.started
             metrics.observe(exchange, request.method, status, received, sent, seconds)

@@ -12,7 +12,7 @@ from pathlib import Path
 from multidict import istr
 
 from gateway.config import JSON, ConfigError, Document, parse_text, read_file
-from gateway.forward import ClientAddress, forward_handler
+from gateway.forward import forward_handler
 from gateway.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
@@ -27,6 +27,7 @@ from gateway.model import (
     Timeouts,
 )
 from gateway.pipeline import build_chain
+from gateway.proxies import ClientAddress
 from gateway.routing import Route, RouteTable
 from gateway.upstream import Service
 from gateway.validate import normalize_prefix, parse_duration, route_methods, validate
@@ -170,13 +171,11 @@ def _route(index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig])
     )
 
 
-def build_table(
-    config: GatewayConfig, services: Mapping[str, Service], clients: ClientAddress
-) -> RouteTable:
+def build_table(config: GatewayConfig, services: Mapping[str, Service]) -> RouteTable:
     """Compose every route's chain once; requests only look the result up."""
     routes = []
     for route in config.routes:
-        forward = forward_handler(route, services[route.service], clients)
+        forward = forward_handler(route, services[route.service])
         chain = build_chain(route, forward, config.max_body_bytes)
         routes.append(Route(route, chain.handler, chain.stages))
-    return RouteTable(routes)
+    return RouteTable(routes, ClientAddress(config.trusted_proxies))

@@ -51,6 +51,7 @@ class RouteNotFound(GatewayError):
 
 class MethodNotAllowed(GatewayError):
     status, title, slug = 405, "Method Not Allowed", "method-not-allowed"
+    route: str = ""  # the route whose prefix matched, for logs and metrics
 
 
 class Unauthenticated(GatewayError):

@@ -34,12 +34,14 @@ class Exchange:
     path: str = "/"  # normalized request path, without the query
     query: str = ""  # raw query string including its '?', byte for byte; "" when absent
     client: str = ""  # the client address, after trusted-proxy resolution
+    forwarded_for: str | None = None  # X-Forwarded-For from a trusted proxy, to extend
     route: str = ""  # "routes.N", "" when no route matched
     service: str = ""
-    target: str = ""  # the target URL that answered (or failed last)
+    target: str = ""  # the target label ("svc#0") that answered or failed last; never the address
     consumer: str = ""
     cache: str = ""  # HIT | MISS | "" when the route does not cache
     retries: int = 0
+    bytes_out: int = 0  # body bytes relayed to the client (streamed responses)
     upstream_error: str = ""  # kind of upstream failure (timeout, unavailable, ...), for metrics
     upstream_ms: float | None = None
     body: AsyncIterable[bytes] | None = None  # replaces the request body going up (limits)

@@ -9,7 +9,6 @@ import sys
 
 from gateway.compile import build_table, load
 from gateway.errors import GatewayError
-from gateway.forward import ClientAddress
 from gateway.model import GatewayConfig
 from gateway.routing import normalize_path, split_target, strip
 from gateway.upstream import Service
@@ -33,7 +32,7 @@ def main(argv: list[str]) -> int:
 def explain(config: GatewayConfig, method: str, target: str) -> str:
     """Describe how `method target` would be handled; sends nothing."""
     services = {name: Service(c) for name, c in config.services.items()}
-    table = build_table(config, services, ClientAddress(config.trusted_proxies))
+    table = build_table(config, services)
     raw_path, query = split_target(target)
     try:
         path = normalize_path(raw_path)

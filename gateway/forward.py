@@ -8,9 +8,6 @@ never decompressed or re-encoded. Target choice and retries belong to `upstream.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from functools import lru_cache
-from ipaddress import ip_address
 from typing import Final
 
 import aiohttp
@@ -19,8 +16,9 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.errors import ResponseAborted
 from gateway.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
-from gateway.model import Network, RouteConfig
+from gateway.model import RouteConfig
 from gateway.pipeline import Handler
+from gateway.proxies import X_FORWARDED_FOR
 from gateway.routing import strip
 from gateway.upstream import Reply, Service, client_timeout
 from gateway.websocket import is_websocket, proxy_websocket
@@ -57,7 +55,6 @@ GATEWAY_OWNED: Final = frozenset(
     }
 )
 REQUEST_DROP: Final = HOP_BY_HOP | GATEWAY_OWNED
-X_FORWARDED_FOR: Final = istr("X-Forwarded-For")
 X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
 X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
 X_FORWARDED_PREFIX: Final = istr("X-Forwarded-Prefix")
@@ -71,36 +68,8 @@ def connection_listed(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> f
     return drop | {name.strip().lower() for value in listed for name in value.split(",")}
 
 
-class ClientAddress:
-    """Who the client is, believing X-Forwarded-For only from trusted proxies (right to left)."""
-
-    def __init__(self, trusted: tuple[Network, ...]) -> None:
-        self.trusted = trusted
-        self.is_trusted: Callable[[str], bool] = lru_cache(maxsize=4096)(self._trusted)
-
-    def _trusted(self, address: str) -> bool:
-        try:
-            ip = ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.trusted)
-
-    def resolve(self, request: web.BaseRequest) -> tuple[str, str | None]:
-        """(client address, X-Forwarded-For value to extend or None)."""
-        peer = request.remote or ""
-        if not self.trusted or not self.is_trusted(peer):
-            return peer, None
-        chain = ", ".join(request.headers.getall(X_FORWARDED_FOR, ()))
-        client = peer
-        for hop in reversed([h.strip() for h in chain.split(",") if h.strip()]):
-            client = hop
-            if not self.is_trusted(hop):
-                break
-        return client, chain or None
-
-
 def upstream_headers(
-    request: web.BaseRequest, exchange: Exchange, route: RouteConfig, clients: ClientAddress
+    request: web.BaseRequest, exchange: Exchange, route: RouteConfig
 ) -> CIMultiDict[str]:
     incoming = request.headers
     drop = connection_listed(incoming, REQUEST_DROP)
@@ -109,8 +78,7 @@ def upstream_headers(
     out: CIMultiDict[str] = CIMultiDict(
         [(name, value) for name, value in incoming.items() if name.lower() not in drop]
     )
-    client, chain = clients.resolve(request)
-    exchange.client = client
+    chain = exchange.forwarded_for  # set by dispatch from the trusted-proxy rules
     peer = request.remote or ""
     out[X_FORWARDED_FOR] = f"{chain}, {peer}" if chain else peer
     trusted = chain is not None
@@ -132,13 +100,13 @@ def upstream_path(route: RouteConfig, exchange: Exchange) -> str:
     return path + exchange.query
 
 
-def forward_handler(route: RouteConfig, service: Service, clients: ClientAddress) -> Handler:
+def forward_handler(route: RouteConfig, service: Service) -> Handler:
     """The innermost handler of a route: relay the request to `service` and stream back."""
     timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         exchange = request[EXCHANGE]
-        headers = upstream_headers(request, exchange, route, clients)
+        headers = upstream_headers(request, exchange, route)
         path_qs = upstream_path(route, exchange)
         if is_websocket(request):
             return await proxy_websocket(request, service, path_qs, headers, exchange)
@@ -179,6 +147,7 @@ async def relay(request: web.Request, reply: Reply, exchange: Exchange) -> web.S
             raise ResponseAborted(exchange.service, response) from exc
         if not chunk:
             break
+        exchange.bytes_out += len(chunk)
         await response.write(chunk)  # a client that left raises here, and is not logged
     await response.write_eof()
     return response

@@ -25,7 +25,8 @@ ALL_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
 class Timeouts:
     connect: float | None = 5.0  # seconds to open a connection to a target; default 5 s
     read: float | None = 60.0  # seconds of silence allowed between response bytes; default 60 s
-    total: float | None = None  # seconds for the whole exchange; default unlimited (streams)
+    total: float | None = None  # seconds for the whole exchange, retries and body included;
+    # default unlimited (streams)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,7 @@ class HealthCheckConfig:
 
 @dataclass(frozen=True, slots=True)
 class CircuitBreakerConfig:
-    failures: int = 5  # consecutive failures (connect error, reset, 502/503/504); default 5
+    failures: int = 5  # consecutive failures (connect error, reset, timeout, 502/503/504); def. 5
     open_for: float = 30.0  # seconds a tripped target gets no traffic before a trial; default 30 s
 
 
@@ -53,7 +54,7 @@ class CircuitBreakerConfig:
 class RetryBudgetConfig:
     ratio: float = 0.2  # retries allowed as a share of requests in the window; default 20 %
     window: float = 10.0  # seconds of the sliding window; default 10 s
-    min_retries: int = 3  # retries always allowed per window, for low traffic; default 3
+    min_retries: int = 3  # retries allowed per window on top of the ratio; default 3
 
 
 @dataclass(frozen=True, slots=True)

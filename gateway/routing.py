@@ -14,6 +14,7 @@ from typing import Final
 from gateway.errors import BadRequest, MethodNotAllowed, RouteNotFound
 from gateway.model import RouteConfig
 from gateway.pipeline import Handler
+from gateway.proxies import ClientAddress
 
 _ESCAPE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED: Final = frozenset(
@@ -69,10 +70,11 @@ class Route:
 class RouteTable:
     """The frozen table a request is matched against. Reload builds a new one and swaps it."""
 
-    __slots__ = ("_depth", "_groups", "routes")
+    __slots__ = ("_depth", "_groups", "clients", "routes")
 
-    def __init__(self, routes: Iterable[Route]) -> None:
+    def __init__(self, routes: Iterable[Route], clients: ClientAddress | None = None) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
+        self.clients = clients or ClientAddress(())  # trusted-proxy rules of this config
         groups: dict[str, list[Route]] = {}
         for route in self.routes:
             groups.setdefault(route.config.prefix, []).append(route)
@@ -89,9 +91,11 @@ class RouteTable:
                     if method in route.config.methods:
                         return route
                 allow = ", ".join(sorted({m for r in group for m in r.config.methods}))
-                raise MethodNotAllowed(
+                error = MethodNotAllowed(
                     f"{method} is not allowed here; allowed: {allow}", headers={"Allow": allow}
                 )
+                error.route = group[0].config.name
+                raise error
             if probe == "/":
                 raise RouteNotFound("no route serves this path")
             probe = probe[: probe.rfind("/")] or "/"

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, Final
@@ -39,11 +39,11 @@ STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 ADMIN_SHUTDOWN_SECONDS: Final = 1.0
 
 
-def run(config: GatewayConfig, config_path: str, workers: int) -> int:
+def run(config: GatewayConfig, config_path: str, workers: int, warnings: Sequence[str] = ()) -> int:
     if workers > 1:
         return _supervise(workers)
     reuse_port = bool(os.environ.get("GATEWAY_WORKER"))
-    return _run_loop(serve(config, config_path, reuse_port=reuse_port))
+    return _run_loop(serve(config, config_path, reuse_port=reuse_port, warnings=warnings))
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -58,17 +58,25 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def serve(config: GatewayConfig, config_path: str, *, reuse_port: bool = False) -> int:
+async def serve(
+    config: GatewayConfig,
+    config_path: str,
+    *,
+    reuse_port: bool = False,
+    warnings: Sequence[str] = (),
+) -> int:
     """Serve until SIGTERM or SIGINT; SIGHUP reloads the config file. Returns the exit code."""
     output = configure_logging(config.access_log)
     try:
-        return await _serve(config, config_path, reuse_port)
+        return await _serve(config, config_path, reuse_port, warnings)
     finally:
         output.stop()  # every queued log line is written before the process exits
 
 
-async def _serve(config: GatewayConfig, config_path: str, reuse_port: bool) -> int:
-    gateway = Gateway(config, config_path)
+async def _serve(
+    config: GatewayConfig, config_path: str, reuse_port: bool, warnings: Sequence[str]
+) -> int:
+    gateway = Gateway(config, config_path, warnings)
     state = AdminState()
     public = web.AppRunner(
         create_app(gateway),

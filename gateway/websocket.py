@@ -52,7 +52,7 @@ async def proxy_websocket(
         for p in value.split(",")
         if p.strip()
     ]
-    target = service.pick()
+    target, trial = service.choose()
     exchange.target = target.label
     up_headers = {k: v for k, v in headers.items() if k.lower() not in _HANDSHAKE}
     try:
@@ -67,6 +67,9 @@ async def proxy_websocket(
             )
     except UpstreamError:
         target.breaker.failure()
+        raise
+    except BaseException:  # cancelled: the trial (if this was it) passes to the next request
+        target.breaker.abandon(trial)
         raise
     target.breaker.success()
     target.in_flight += 1
