@@ -24,9 +24,11 @@ import asyncio
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -60,6 +62,7 @@ STARTUP_DEADLINE: Final = 20.0  # seconds for a process to accept connections
 RPS_BUDGET: Final = 0.9
 RSS_BUDGET_MIB: Final = 100.0
 MBPS_BUDGET: Final = 0.8
+NOISY_CPU: Final = 0.10  # other processes using more than this share of a CPU: a noisy run
 
 
 class BenchError(RuntimeError):
@@ -175,6 +178,8 @@ class Cell:
     p99_ms: float
     requests: int
     errors: int
+    server_us: float | None = None  # CPU time of the process answering, per request
+    other_cpu: float | None = None  # CPU used by processes not in this bench, in CPUs (0..n)
 
 
 _UNITS: Final = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
@@ -216,7 +221,8 @@ class LoadGen:
 
     def command(self, url: str, seconds: float) -> list[str]:
         if self.kind == "wrk":
-            argv = ["wrk", "-t1", f"-c{self.connections}", f"-d{seconds:g}s", "--latency", url]
+            whole = max(1, math.ceil(seconds))  # wrk takes whole seconds only
+            argv = ["wrk", "-t1", f"-c{self.connections}", f"-d{whole}s", "--latency", url]
         else:
             argv = [sys.executable, str(BENCH / "loadgen.py"), "--url", url]
             argv += ["--connections", str(self.connections), "--duration", f"{seconds:g}"]
@@ -231,7 +237,8 @@ class LoadGen:
             check=False,
         )
         if done.returncode != 0:
-            raise BenchError(f"load generator failed ({done.returncode}):\n{done.stderr}")
+            output = (done.stderr or done.stdout).strip()
+            raise BenchError(f"load generator failed ({done.returncode}):\n{output}")
         if self.kind == "wrk":
             return parse_wrk(done.stdout)
         data = json.loads(done.stdout)
@@ -269,6 +276,59 @@ def choose_loadgen(kind: str, connections: int, pin: bool) -> LoadGen:
     return LoadGen("python", desc, connections, pin)
 
 
+# --- CPU accounting -------------------------------------------------------------------------
+
+TICK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user + system, all threads) used so far by `pid`; 0.0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def machine_cpu() -> float:
+    """Seconds of user + system CPU used by every process on the machine so far."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return 0.0
+    return (int(fields[1]) + int(fields[2]) + int(fields[3])) / TICK  # user, nice, system
+
+
+def own_cpu(pids: list[int]) -> float:
+    """CPU seconds of this bench: its servers, this process and its finished children (wrk)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(process_cpu(pid) for pid in pids) + sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+@dataclass
+class CpuWindow:
+    """CPU used during one measured window: by the server under test, and by outsiders."""
+
+    pids: list[int]
+    server: int | None
+    started: float = field(default_factory=time.monotonic)
+    machine: float = field(default_factory=machine_cpu)
+    ours: float = 0.0
+    server_cpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.ours = own_cpu(self.pids)
+        self.server_cpu = process_cpu(self.server) if self.server else 0.0
+
+    def close(self, cell: Cell) -> Cell:
+        seconds = time.monotonic() - self.started
+        others = (machine_cpu() - self.machine) - (own_cpu(self.pids) - self.ours)
+        cell.other_cpu = max(others, 0.0) / seconds
+        if self.server and cell.requests:
+            cell.server_us = (process_cpu(self.server) - self.server_cpu) / cell.requests * 1e6
+        return cell
+
+
 # --- 1 GiB transfers ------------------------------------------------------------------------
 
 
@@ -278,6 +338,7 @@ class Transfer:
     seconds: float
     rss_before_mib: float | None  # the proxy's RSS before the transfer; None for direct
     rss_peak_mib: float | None
+    server_cpu_s: float  # CPU seconds of the process answering (proxy, or upstream), per GiB
 
 
 def proc_status_kib(pid: int, key: str) -> int | None:
@@ -352,18 +413,22 @@ async def download(session: aiohttp.ClientSession, url: str, total: int) -> None
         raise BenchError(f"download via {url}: HTTP {response.status}, {received} bytes")
 
 
-async def transfer(base: str, direction: str, total: int, pid: int | None) -> Transfer:
+async def transfer(
+    base: str, direction: str, total: int, rss_pid: int | None, cpu_pid: int
+) -> Transfer:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
     session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False, read_bufsize=CHUNK)
-    async with session, rss_watch(pid) as rss:
+    async with session, rss_watch(rss_pid) as rss:
+        cpu = process_cpu(cpu_pid)
         started = time.perf_counter()
         if direction == "upload":
             await upload(session, base + "/sink", total)
         else:
             await download(session, f"{base}/stream?bytes={total}", total)
         seconds = time.perf_counter() - started
+        cpu = (process_cpu(cpu_pid) - cpu) * MIB * 1024 / total
     before, peak = (rss[0], rss[1]) if rss else (None, None)
-    return Transfer(total / seconds / 1e6, seconds, before, peak)
+    return Transfer(total / seconds / 1e6, seconds, before, peak, cpu)
 
 
 def run_on_uvloop(main: Coroutine[Any, Any, Transfer]) -> Transfer:
@@ -393,6 +458,7 @@ class Results:
     cells: dict[tuple[str, str], list[Cell]] = field(default_factory=dict)
     transfers: dict[tuple[str, str], list[Transfer]] = field(default_factory=dict)
     access_lines: int = 0
+    revision: str = "unknown"
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
     elapsed: float = 0.0
 
@@ -422,6 +488,7 @@ def bench(args: argparse.Namespace) -> Results:
     results = Results(
         loadgen, pin, args.rounds, args.duration, args.warmup, args.transfer_mib * MIB
     )
+    results.revision = git_revision()
     up_port, base_port, gw_port, admin_port = free_ports(4)
     upstream_url = f"http://{HOST}:{up_port}"
     bases = {
@@ -473,7 +540,7 @@ def bench(args: argparse.Namespace) -> Results:
         wait_ready(gateway, bases["gateway"] + "/small", deadline)
         for target in TARGETS:
             check_bodies(bases[target], target)
-        pids = {"direct": None, "baseline": baseline.popen.pid, "gateway": gateway.popen.pid}
+        pids = {t: p.popen.pid for t, p in zip(TARGETS, (upstream, baseline, gateway), strict=True)}
 
         for round_index in range(args.rounds):
             for test, (label, path) in TESTS.items():
@@ -481,19 +548,29 @@ def bench(args: argparse.Namespace) -> Results:
                     url = bases[target] + path
                     if args.warmup > 0:
                         loadgen.run(url, args.warmup)
-                    cell = loadgen.run(url, args.duration)
+                    window = CpuWindow(list(pids.values()), pids[target])
+                    cell = window.close(loadgen.run(url, args.duration))
                     results.cells.setdefault((test, target), []).append(cell)
                     print(
                         f"round {round_index + 1} {label:>15} {target:>8}: {cell.rps:10.0f} req/s"
                         f"  p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms"
+                        f"  server {cell.server_us or 0:5.0f} µs CPU/req"
+                        f"  others {100 * (cell.other_cpu or 0):3.0f}% CPU"
                         + (f"  ERRORS {cell.errors}" if cell.errors else ""),
                         flush=True,
                     )
+        rss_pids = {**pids, "direct": None}  # RSS is the proxy's; direct has none
         for round_index in range(args.transfer_rounds):
             for direction in ("upload", "download"):
                 for target in round_order(round_index):
                     moved = run_on_uvloop(
-                        transfer(bases[target], direction, results.transfer_bytes, pids[target])
+                        transfer(
+                            bases[target],
+                            direction,
+                            results.transfer_bytes,
+                            rss_pids[target],
+                            pids[target],
+                        )
                     )
                     results.transfers.setdefault((direction, target), []).append(moved)
                     rss = (
@@ -503,7 +580,8 @@ def bench(args: argparse.Namespace) -> Results:
                     )
                     print(
                         f"round {round_index + 1} 1 GiB {direction:>8} {target:>8}: "
-                        f"{moved.mb_s:8.1f} MB/s in {moved.seconds:5.2f} s{rss}",
+                        f"{moved.mb_s:8.1f} MB/s in {moved.seconds:5.2f} s{rss}"
+                        f"  server {moved.server_cpu_s:4.2f} CPU s/GiB",
                         flush=True,
                     )
         for process in (upstream, baseline, gateway):
@@ -621,6 +699,7 @@ def render(results: Results, command: str) -> str:
         f"| memory | {memory_gib()} |",
         f"| kernel | {platform.system()} {platform.release()} |",
         *(f"| {name} | {version} |" for name, version in versions().items()),
+        f"| gateway code | {results.revision} |",
         f"| load generator | {lg.description} |",
         f"| CPU pinning | {pin_text} |",
         "",
@@ -642,11 +721,17 @@ def render(results: Results, command: str) -> str:
         "best MB/s (1 MB = 10⁶ bytes) and the **worst** peak RSS of the proxy process "
         "(VmHWM after resetting it through /proc/PID/clear_refs, and VmRSS sampled every "
         "20 ms, whichever is higher).",
+        "- *server CPU µs/req*: CPU time (user + system, all threads) of the process answering "
+        "(the upstream for direct, else the proxy) during the measured window, divided by the "
+        "requests completed: what a request costs, whatever else ran on the machine. "
+        "*server CPU s/GiB* is the same for the streams (best round's).",
+        *background_note(results),
         "",
         "## Request/response",
         "",
-        "| test | target | req/s | p50 ms | p99 ms | ÷ baseline | ÷ direct | req/s per round |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| test | target | req/s | p50 ms | p99 ms | ÷ baseline | ÷ direct | server CPU µs/req "
+        "| req/s per round |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for test, (label, path) in TESTS.items():
         direct, base = results.best(test, "direct"), results.best(test, "baseline")
@@ -656,18 +741,20 @@ def render(results: Results, command: str) -> str:
             errors = sum(c.errors for c in results.cells[(test, target)])
             if errors:
                 rounds += f" (**{errors} errors**)"
+            cpu = "—" if cell.server_us is None else f"{cell.server_us:.0f}"
             lines.append(
                 f"| {label} `{path}` | {target} | {cell.rps:,.0f} | {cell.p50_ms:.2f} | "
                 f"{cell.p99_ms:.2f} | {ratio(cell.rps, base.rps) if target == 'gateway' else '—'}"
-                f" | {ratio(cell.rps, direct.rps) if target != 'direct' else '—'} | {rounds} |"
+                f" | {ratio(cell.rps, direct.rps) if target != 'direct' else '—'} | {cpu} "
+                f"| {rounds} |"
             )
     lines += [
         "",
         "## 1 GiB streams",
         "",
         "| direction | target | MB/s | seconds | proxy RSS before → peak, MiB | ÷ baseline "
-        "| MB/s per round |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| server CPU s/GiB | MB/s per round |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for direction in ("upload", "download"):
         base_mb = results.best_transfer(direction, "baseline").mb_s
@@ -680,13 +767,53 @@ def render(results: Results, command: str) -> str:
             rounds = " / ".join(f"{t.mb_s:,.0f}" for t in moves)
             lines.append(
                 f"| {direction} | {target} | {best.mb_s:,.0f} | {best.seconds:.2f} | {rss} | "
-                f"{ratio(best.mb_s, base_mb) if target == 'gateway' else '—'} | {rounds} |"
+                f"{ratio(best.mb_s, base_mb) if target == 'gateway' else '—'} | "
+                f"{best.server_cpu_s:.2f} | {rounds} |"
             )
     lines += ["", "## Budgets", "", "| budget | measured | verdict |", "| --- | --- | --- |"]
     lines += [
         f"| {v.budget} | {v.measured} | {verdict_text(v.passed)} |" for v in verdicts(results)
     ]
     return "\n".join(lines) + "\n"
+
+
+def background_note(results: Results) -> list[str]:
+    """How much CPU other processes took while we measured: figures are only as good as that."""
+    others = [c.other_cpu for cells in results.cells.values() for c in cells]
+    known = [o for o in others if o is not None]
+    if not known:
+        return []
+    worst, mean = max(known), sum(known) / len(known)
+    line = (
+        f"- Processes outside the bench used {100 * mean:.0f}% of a CPU on average during the "
+        f"measured windows ({100 * worst:.0f}% at most)"
+    )
+    if worst > NOISY_CPU:
+        return [
+            line + ": **some windows shared the machine**, so their req/s and latencies are "
+            "low; best-of-rounds limits that, and CPU µs/req is hardly affected. Re-run on an "
+            "idle machine for clean figures."
+        ]
+    return [line + "."]
+
+
+def git_revision() -> str:
+    """HEAD's short hash, and whether gateway/ differs from it in the work tree."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "gateway"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown (no git)"
+    if not head:
+        return "unknown (not a git work tree)"
+    return f"`{head}`" + (" plus uncommitted changes in gateway/" if dirty else " (clean)")
 
 
 def command_line(argv: list[str]) -> str:
