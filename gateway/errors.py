@@ -14,15 +14,12 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import ClassVar, Final
 
 import aiohttp
 from aiohttp import web
 
 from gateway.exchange import EXCHANGE
-
-if TYPE_CHECKING:
-    from gateway.pipeline import Handler
 
 logger = logging.getLogger(__name__)
 upstream_log = logging.getLogger("gateway.upstream")
@@ -98,15 +95,21 @@ class ResponseAborted(Exception):
         self.response = response
 
 
+def upstream_failure(exc: TimeoutError | aiohttp.ClientError, service: str) -> UpstreamError:
+    """Translate a client-library failure before the first response byte; the detail names
+    the service, never its address. Timeouts first: aiohttp's subclass TimeoutError."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"service {service!r} did not answer in time")
+    return UpstreamUnavailable(f"service {service!r} failed: {_describe(exc)}")
+
+
 @contextmanager
 def upstream_errors(service: str) -> Iterator[None]:
-    """Translate client-library failures before the first response byte into GatewayErrors."""
+    """`upstream_failure` as a context manager, for paths off the per-request hot path."""
     try:
         yield
-    except TimeoutError as exc:  # aiohttp's timeouts subclass it: catch before ClientError
-        raise UpstreamTimeout(f"service {service!r} did not answer in time") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamUnavailable(f"service {service!r} failed: {_describe(exc)}") from exc
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise upstream_failure(exc, service) from exc
 
 
 def _describe(exc: aiohttp.ClientError) -> str:
@@ -131,35 +134,36 @@ def problem_response(request: web.BaseRequest, error: GatewayError) -> web.Respo
         "detail": error.detail or error.title,
         "request_id": exchange.request_id if exchange else None,
     }
-    response = web.Response(
+    return web.Response(
         status=error.status, text=json.dumps(body), content_type=PROBLEM_TYPE, headers=error.headers
     )
-    return response
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The only place failures become statuses; the only bare `except Exception`."""
-    try:
-        return await handler(request)
-    except UpstreamError as error:
-        request[EXCHANGE].upstream_error = error.kind
-        return problem_response(request, error)
-    except GatewayError as error:
-        return problem_response(request, error)
-    except ResponseAborted as aborted:
-        request[EXCHANGE].upstream_error = "aborted"
-        upstream_log.warning("service %r failed mid-response; connection dropped", str(aborted))
-        if request.transport is not None:
-            request.transport.abort()  # no clean end: the client sees a broken body
-        return aborted.response
-    except web.HTTPException as exc:  # raised by aiohttp itself (bad request line, 413...)
-        return problem_response(request, _from_http(exc))
-    except (aiohttp.ClientConnectionResetError, ConnectionResetError):
-        raise  # the client went away; aiohttp handles it quietly
-    except Exception:
-        logger.exception("unhandled error while handling %s %s", request.method, request.path)
-        return problem_response(request, GatewayError())
+CLIENT_GONE: Final = 499  # nginx's status for "the client closed the connection first"
+
+
+def problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The only place failures become statuses; the only place any Exception is caught."""
+    match exc:
+        case UpstreamError():
+            request[EXCHANGE].upstream_error = exc.kind
+            return problem_response(request, exc)
+        case GatewayError():
+            return problem_response(request, exc)
+        case ResponseAborted():
+            request[EXCHANGE].upstream_error = "aborted"
+            upstream_log.warning("service %r failed mid-response; connection dropped", str(exc))
+            if request.transport is not None:
+                request.transport.abort()  # no clean end: the client sees a broken body
+            return exc.response
+        case ConnectionResetError():
+            # The client went away. Answer anything: aiohttp finds the connection closed when
+            # it sends, and drops it quietly (a raised error would be logged as a bug).
+            return web.Response(status=CLIENT_GONE)
+        case web.HTTPException():  # raised by aiohttp itself (a body over client_max_size...)
+            return problem_response(request, _from_http(exc))
+    logger.exception("unhandled error while handling %s %s", request.method, request.path)
+    return problem_response(request, GatewayError())
 
 
 def _from_http(exc: web.HTTPException) -> GatewayError:

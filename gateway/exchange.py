@@ -59,8 +59,27 @@ class Exchange:
         return self.traceparent[3:35]
 
 
+class _RandomHex:
+    """Random hex digits from os.urandom, read 4 KiB at a time (one system call per ~50
+    requests instead of three per request)."""
+
+    def __init__(self) -> None:
+        self._pool = ""
+        self._at = 0
+
+    def take(self, digits: int) -> str:
+        start, end = self._at, self._at + digits
+        if end > len(self._pool):
+            self._pool, start, end = os.urandom(4096).hex(), 0, digits
+        self._at = end
+        return self._pool[start:end]
+
+
+_random = _RandomHex()
+
+
 def new_id() -> str:
-    return os.urandom(16).hex()
+    return _random.take(32)
 
 
 def start_exchange(request: web.BaseRequest) -> Exchange:
@@ -68,10 +87,10 @@ def start_exchange(request: web.BaseRequest) -> Exchange:
     headers = request.headers
     request_id = headers.get(X_REQUEST_ID)
     if request_id is None or not _SANE_ID.fullmatch(request_id):
-        request_id = new_id()
+        request_id = _random.take(32)
     parent = headers.get(TRACEPARENT)
     if parent is None or not _valid_traceparent(parent):
-        parent = f"00-{new_id()}-{new_id()[:16]}-01"
+        parent = f"00-{_random.take(32)}-{_random.take(16)}-01"
     return Exchange(request_id, parent)
 
 

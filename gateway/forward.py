@@ -12,7 +12,7 @@ from typing import Final
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDictProxy, istr
 
 from gateway.errors import ResponseAborted
 from gateway.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
@@ -20,7 +20,7 @@ from gateway.model import RouteConfig
 from gateway.pipeline import Handler
 from gateway.proxies import X_FORWARDED_FOR
 from gateway.routing import strip
-from gateway.upstream import Reply, Service, client_timeout
+from gateway.upstream import Headers, Reply, Service, client_timeout
 from gateway.websocket import is_websocket, proxy_websocket
 
 # RFC 9110 §7.6.1 (and Proxy-Connection, a non-standard relative): never forwarded.
@@ -68,30 +68,30 @@ def connection_listed(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> f
     return drop | {name.strip().lower() for value in listed for name in value.split(",")}
 
 
-def upstream_headers(
-    request: web.BaseRequest, exchange: Exchange, route: RouteConfig
-) -> CIMultiDict[str]:
+def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteConfig) -> Headers:
+    """The header list for the upstream request (a plain list: aiohttp copies it anyway)."""
     incoming = request.headers
     drop = connection_listed(incoming, REQUEST_DROP)
-    if exchange.upstream_remove:
+    if exchange.upstream_remove:  # a route's remove rules, and the names its set rules own
         drop = drop | exchange.upstream_remove
-    out: CIMultiDict[str] = CIMultiDict(
-        [(name, value) for name, value in incoming.items() if name.lower() not in drop]
-    )
+    out = [(name, value) for name, value in incoming.items() if name.lower() not in drop]
     chain = exchange.forwarded_for  # set by dispatch from the trusted-proxy rules
     peer = request.remote or ""
-    out[X_FORWARDED_FOR] = f"{chain}, {peer}" if chain else peer
     trusted = chain is not None
-    out[X_FORWARDED_PROTO] = (trusted and incoming.get(X_FORWARDED_PROTO)) or request.scheme
     host = (trusted and incoming.get(X_FORWARDED_HOST)) or incoming.get(hdrs.HOST)
+    out += (
+        (X_FORWARDED_FOR, f"{chain}, {peer}" if chain else peer),
+        (X_FORWARDED_PROTO, (trusted and incoming.get(X_FORWARDED_PROTO)) or request.scheme),
+        (X_REQUEST_ID, exchange.request_id),
+        (TRACEPARENT, exchange.traceparent),
+    )
     if host:
-        out[X_FORWARDED_HOST] = host
+        out.append((X_FORWARDED_HOST, host))
     if route.strip_prefix and route.prefix != "/":
-        out[X_FORWARDED_PREFIX] = route.prefix
-    out[X_REQUEST_ID] = exchange.request_id
-    out[TRACEPARENT] = exchange.traceparent
-    for name, value in exchange.upstream_set:
-        out[name] = value
+        out.append((X_FORWARDED_PREFIX, route.prefix))
+    if exchange.upstream_set:
+        owned = {name.lower() for name, _ in exchange.upstream_set}
+        out = [item for item in out if item[0].lower() not in owned] + exchange.upstream_set
     return out
 
 

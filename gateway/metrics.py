@@ -1,15 +1,18 @@
-"""Prometheus metrics, from prometheus-client. Multiprocess-safe: with --workers N the
-supervisor sets PROMETHEUS_MULTIPROC_DIR and /metrics sums every worker's files.
+"""Prometheus metrics, from prometheus-client. Multiprocess-safe: with --workers N the supervisor
+sets PROMETHEUS_MULTIPROC_DIR and /metrics sums every worker's files.
 
-Per request, one `observe()` call does a dict lookup for pre-bound label children and a few
-increments. Target health, circuit state and the last reload's verdict are read at scrape
-time by collectors of this process (in multiprocess mode: of the worker that was scraped).
-Label values are bounded: routes are `routes.N` or `none`, methods outside the known set
-are `OTHER`, statuses are classes.
+Per request, `observe()` adds to plain per-label sums (no lock); `flush()` hands them to
+prometheus-client before every scrape and once a second. Target health, circuit state and the
+last reload's verdict are read at scrape time by collectors of this process (in multiprocess
+mode: of the worker that was scraped). Label values are bounded: routes are `routes.N` or
+`none`, methods outside the known set are `OTHER`, statuses are classes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
@@ -125,7 +128,9 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
-        self._children: dict[tuple[str, str, int], Callable[[float, int, int], None]] = {}
+        self.active = 0  # requests in flight in this process, exported at flush
+        self._pending: dict[tuple[str, str, int], _Stats] = {}
+        self._pending_upstream: dict[str, _Stats] = {}
         self._local: list[Collector] = []  # scrape-time collectors of this process
         self._config_watched = False
 
@@ -146,45 +151,56 @@ class Metrics:
     def observe(
         self, ex: Exchange, method: str, status: int, bytes_in: int, bytes_out: int, seconds: float
     ) -> None:
+        """Count one answered request. Plain arithmetic on the event loop; `flush()` moves the
+        sums into prometheus-client (and its multiprocess files) before each scrape and once a
+        second, so no lock is taken per request."""
         key = (ex.route, method if method in _KNOWN_METHODS else "OTHER", status // 100)
-        record = self._children.get(key)
-        if record is None:
-            record = self._children[key] = self._bind(*key)
-        record(seconds, bytes_in, bytes_out)
-        if ex.cache in _CACHE_RESULTS:
-            self.cache.labels(ex.route or "none", _CACHE_RESULTS[ex.cache]).inc()
-        if status == 429 and not ex.from_upstream:  # only the rate-limit stage answers 429
-            self.rate_limited.labels(ex.route or "none").inc()
+        stats = self._pending.get(key)
+        if stats is None:
+            stats = self._pending[key] = _Stats()
+        stats.add(seconds, bytes_in, bytes_out)
         if ex.service:
             if ex.upstream_ms is not None:
-                self.upstream_latency.labels(ex.service).observe(ex.upstream_ms / 1000)
+                upstream = self._pending_upstream.get(ex.service)
+                if upstream is None:
+                    upstream = self._pending_upstream[ex.service] = _Stats()
+                upstream.add(ex.upstream_ms / 1000, 0, 0)
             if ex.retries:
                 self.retries.labels(ex.service).inc(ex.retries)
             if ex.upstream_error:
                 self.upstream_errors.labels(ex.service, ex.upstream_error).inc()
+        if ex.cache in _CACHE_RESULTS:
+            self.cache.labels(ex.route or "none", _CACHE_RESULTS[ex.cache]).inc()
+        if status == 429 and not ex.from_upstream:  # only the rate-limit stage answers 429
+            self.rate_limited.labels(ex.route or "none").inc()
 
-    def _bind(
-        self, route: str, method: str, status_class: int
-    ) -> Callable[[float, int, int], None]:
-        name = route or "none"
-        count = self.requests.labels(name, method, _STATUS_CLASS.get(status_class, "other"))
-        latency = self.latency.labels(name)
-        bytes_in = self.bytes_in.labels(name)
-        bytes_out = self.bytes_out.labels(name)
+    def flush(self) -> None:
+        """Move what `observe()` summed into the prometheus-client metrics."""
+        pending, self._pending = self._pending, {}
+        for (route, method, status_class), stats in pending.items():
+            name = route or "none"
+            klass = _STATUS_CLASS.get(status_class, "other")
+            self.requests.labels(name, method, klass).inc(stats.count)
+            _add_to_histogram(self.latency.labels(name), stats)
+            if stats.bytes_in:
+                self.bytes_in.labels(name).inc(stats.bytes_in)
+            if stats.bytes_out:
+                self.bytes_out.labels(name).inc(stats.bytes_out)
+        upstream, self._pending_upstream = self._pending_upstream, {}
+        for service, stats in upstream.items():
+            _add_to_histogram(self.upstream_latency.labels(service), stats)
+        self.in_flight.set(self.active)
 
-        def record(seconds: float, sent_in: int, sent_out: int) -> None:
-            count.inc()
-            latency.observe(seconds)
-            if sent_in:
-                bytes_in.inc(sent_in)
-            if sent_out:
-                bytes_out.inc(sent_out)
-
-        return record
+    async def flush_forever(self, interval: float = 1.0) -> None:
+        """Keep the shared (multiprocess) values at most `interval` seconds behind."""
+        while True:
+            await asyncio.sleep(interval)
+            self.flush()
 
     def render(self) -> bytes:
         """The Prometheus text exposition. In multiprocess mode this reads every worker's
         files, so call it off the event loop (see `render_shared` and `render_local`)."""
+        self.flush()
         if not self.multiprocess:
             return generate_latest(self.registry)
         return self.render_shared() + self.render_local()
@@ -201,6 +217,39 @@ class Metrics:
         for collector in self._local:
             local.register(collector)
         return generate_latest(local)
+
+
+_BOUNDS: Final = (*LATENCY_BUCKETS, math.inf)
+
+
+class _Stats:
+    """Sums of one label set between two flushes."""
+
+    __slots__ = ("buckets", "bytes_in", "bytes_out", "count", "seconds")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.buckets = [0] * len(_BOUNDS)
+
+    def add(self, seconds: float, bytes_in: int, bytes_out: int) -> None:
+        self.count += 1
+        self.seconds += seconds
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        self.buckets[bisect_left(_BOUNDS, seconds)] += 1  # first bucket with le >= seconds
+
+
+def _add_to_histogram(child: Histogram, stats: _Stats) -> None:
+    """Add many observations at once. prometheus-client has only `observe(one)`, so this
+    reaches for the per-bucket values it keeps (`_buckets`, `_sum`; the same objects back the
+    multiprocess files); tests/gateway/test_metrics.py checks the result through the parser."""
+    for bucket, count in zip(child._buckets, stats.buckets, strict=True):
+        if count:
+            bucket.inc(count)
+    child._sum.inc(stats.seconds)
 
 
 class _TargetCollector(Collector):

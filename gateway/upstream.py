@@ -21,13 +21,14 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
 from aiohttp import hdrs
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.balance import make_balancer
@@ -38,7 +39,7 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
-    upstream_errors,
+    upstream_failure,
 )
 from gateway.exchange import Exchange
 from gateway.model import IDEMPOTENT_METHODS, ServiceConfig, TargetConfig, Timeouts
@@ -50,6 +51,20 @@ _CONNECT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeou
 _DEFAULT_RETRY_AFTER: Final = 5.0  # seconds, when no health check or circuit says better
 REPLAY_LIMIT: Final = 65536  # bytes of an idempotent request's body kept for a retry
 Body = aiohttp.StreamReader | AsyncIterable[bytes] | bytes | None
+Headers = list[tuple[str, str]]
+_CONTENT_TYPE_ONLY: Final = CIMultiDict({hdrs.CONTENT_TYPE: None})
+
+
+class ProxyRequest(aiohttp.ClientRequest):
+    """A client request that sends the client's headers as they are.
+
+    aiohttp adds Accept, Accept-Encoding and User-Agent to requests that lack them, and a
+    Content-Type to bodies; a proxy must not (an added Accept-Encoding would make an upstream
+    compress for a client that never asked). `skip_auto_headers` does the same at a cost of a
+    header copy per request; this does it for nothing. Host comes from the URL as usual."""
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _CONTENT_TYPE_ONLY  # consulted when the body is set
 
 
 @dataclass(slots=True, eq=False)
@@ -102,7 +117,7 @@ def make_session(config: ServiceConfig) -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=config.max_connections, limit_per_host=0),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        request_class=ProxyRequest,
         timeout=client_timeout(config.timeouts),
         read_bufsize=2**18,
     )
@@ -159,7 +174,10 @@ class Service:
         """Choose and claim a target: (target, is this request its half-open trial). A caller
         that connects itself (WebSocket) reports `breaker.success()`, `failure()` or
         `abandon(trial)`. A retry avoids the targets in `tried` when it can."""
-        candidates = [t for t in self.targets if t.available() and t not in tried]
+        if tried:
+            candidates = [t for t in self.targets if t.available() and t not in tried]
+        else:
+            candidates = [t for t in self.targets if t.available()]
         if not candidates and tried:
             candidates = [t for t in self.targets if t.available()]
         if not candidates:
@@ -186,7 +204,7 @@ class Service:
         self,
         method: str,
         path_qs: str,
-        headers: Mapping[str, str],
+        headers: Headers,
         body: Body,
         exchange: Exchange,
         timeout: aiohttp.ClientTimeout | None = None,
@@ -198,6 +216,12 @@ class Service:
         if self._closed:  # a request that matched a table a reload replaced long ago
             raise UpstreamUnavailable(f"service {self.name!r} was removed")
         timeout = timeout or self.timeout
+        if not self.config.retries:  # one attempt: no budget, replay or deadline bookkeeping
+            target, trial = self.choose()
+            exchange.target = target.label
+            return await self._attempt(
+                target, trial, method, path_qs, headers, body, exchange, timeout
+            )
         deadline = None if timeout.total is None else self._clock() + timeout.total
         body, replayable = await self._replayable(method, headers, body)
         if self.config.retries:
@@ -222,9 +246,7 @@ class Service:
                 reply.release()
             exchange.retries += 1
 
-    async def _replayable(
-        self, method: str, headers: Mapping[str, str], body: Body
-    ) -> tuple[Body, bool]:
+    async def _replayable(self, method: str, headers: Headers, body: Body) -> tuple[Body, bool]:
         """(the body to send, may the request be sent again); see the module docstring."""
         if method not in IDEMPOTENT_METHODS:
             return body, False
@@ -258,7 +280,7 @@ class Service:
         trial: bool,
         method: str,
         path_qs: str,
-        headers: Mapping[str, str],
+        headers: Headers,
         body: Body,
         exchange: Exchange,
         timeout: aiohttp.ClientTimeout,
@@ -266,23 +288,23 @@ class Service:
         """One request to one target; the breaker hears the verdict (or that there is none)."""
         target.in_flight += 1
         try:
-            with upstream_errors(self.name):
-                response = await self.session.request(
-                    method,
-                    URL(target.url + path_qs, encoded=True),
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
-        except UpstreamError as error:
+            response = await self.session.request(
+                method,
+                URL(target.url + path_qs, encoded=True),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                timeout=timeout,
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            error = upstream_failure(exc, self.name)
             target.in_flight -= 1
             if exchange.body_error is not None:  # our side cut the body: not the target's fault
                 target.breaker.abandon(trial)
                 raise exchange.body_error from error
             target.breaker.failure()
             upstream_log.warning("%s: %s", target.label, error.detail)
-            raise
+            raise error from exc
         except BaseException:  # cancelled by a client disconnect: not the target's fault
             target.in_flight -= 1
             target.breaker.abandon(trial)
@@ -294,9 +316,11 @@ class Service:
         return Reply(response, target)
 
 
-def _content_length(headers: Mapping[str, str]) -> int | None:
-    value = headers.get(hdrs.CONTENT_LENGTH)
-    return int(value) if value is not None and value.isdigit() else None
+def _content_length(headers: Headers) -> int | None:
+    for name, value in headers:
+        if name.lower() == "content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def _retryable(error: UpstreamError, replayable: bool) -> bool:

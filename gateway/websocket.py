@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from typing import Final
 
 import aiohttp
@@ -14,7 +13,7 @@ from yarl import URL
 
 from gateway.errors import UpstreamError, upstream_errors
 from gateway.exchange import Exchange
-from gateway.upstream import Service
+from gateway.upstream import Headers, Service
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ async def proxy_websocket(
     request: web.Request,
     service: Service,
     path_qs: str,
-    headers: Mapping[str, str],
+    headers: Headers,
     exchange: Exchange,
 ) -> web.StreamResponse:
     protocols = [
@@ -54,7 +53,7 @@ async def proxy_websocket(
     ]
     target, trial = service.choose()
     exchange.target = target.label
-    up_headers = {k: v for k, v in headers.items() if k.lower() not in _HANDSHAKE}
+    up_headers = [(k, v) for k, v in headers if k.lower() not in _HANDSHAKE]
     try:
         with upstream_errors(service.name):
             upstream = await service.session.ws_connect(

@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 def headers_stage(request_rules: HeaderRules, response_rules: HeaderRules) -> Stage | None:
     if not request_rules and not response_rules:
         return None
-    remove = {name.lower() for name in request_rules.remove}
+    # A set rule replaces: the client's header of that name is dropped too.
+    remove = {name.lower() for name in request_rules.remove} | {
+        name.lower() for name, _ in request_rules.set
+    }
     upstream_set = list(request_rules.set)
     response = response_rules or None
 

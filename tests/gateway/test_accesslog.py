@@ -47,8 +47,8 @@ class Lines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.hold is not None:
             self.hold.wait(timeout=5)
-        assert isinstance(record.msg, dict)
-        self.records.append(record.msg)
+        assert isinstance(record.msg, str)  # a batch: one JSON object a line
+        self.records.extend(json.loads(line) for line in record.msg.splitlines())
 
     async def wait_for(self, count: int, within: float = 2.0) -> list[dict[str, object]]:
         deadline = time.monotonic() + within
@@ -170,10 +170,11 @@ def test_an_event_with_an_exception_carries_its_traceback_in_one_line() -> None:
     assert "ValueError: boom" in json.loads(text)["exception"]
 
 
-def test_an_access_line_is_the_json_object_itself() -> None:
-    record = logging.LogRecord("gateway.access", logging.INFO, __file__, 1, {"a": 1}, (), None)
+def test_access_lines_pass_the_formatter_as_they_are() -> None:
+    lines = '{"a":1}\n{"a":2}'
+    record = logging.LogRecord("gateway.access", logging.INFO, __file__, 1, lines, (), None)
 
-    assert JsonFormatter().format(record) == '{"a":1}'
+    assert JsonFormatter().format(record) == lines
 
 
 async def test_configured_output_sends_access_lines_to_a_file_and_events_to_stdout(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -252,7 +253,8 @@ async def test_the_access_log_names_the_target_that_answered(
             answered[f"req-{i}"] = (await response.json())["target"]
 
     def logged() -> dict[str, object]:
-        lines = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+        batches = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+        lines = [json.loads(line) for batch in batches for line in batch.splitlines()]
         return {str(line["request_id"]): line["target"] for line in lines}
 
     await eventually(lambda: len(logged()) == 4)
@@ -286,7 +288,7 @@ async def test_a_cancelled_request_gives_back_its_count_and_its_half_open_trial(
     target.breaker.failure()
     now[0] = 10.0  # open_for has passed: the next request is the trial
 
-    send = asyncio.create_task(service.send("GET", "/x", {}, None, Exchange("r", "t")))
+    send = asyncio.create_task(service.send("GET", "/x", [], None, Exchange("r", "t")))
     await eventually(lambda: a.total == 1)
     assert (target.breaker.state, target.available(), target.in_flight) == (
         Circuit.HALF_OPEN,

@@ -188,6 +188,11 @@ async def test_two_workers_share_the_port_and_metrics_sum_across_them(
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
             codes = [await status(session, f"{gateway.url}/echo/{i}") for i in range(40)]
+            # Each worker moves its counts to the shared files at least once a second.
+            deadline = asyncio.get_running_loop().time() + 5
+            while await requests_total(session, gateway) < 40:
+                assert asyncio.get_running_loop().time() < deadline, "workers never flushed"
+                await asyncio.sleep(0.1)
             totals = [await requests_total(session, gateway) for _ in range(6)]
         exit_code = await gateway.stop(signal.SIGTERM)
     finally:
