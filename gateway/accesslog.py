@@ -104,7 +104,9 @@ def configure_logging(access_log: str | None = None, level: int = logging.INFO) 
     return LogOutput(listener, handlers)
 
 
-Entry = tuple[float, Exchange, str, str, int, int, int, float]
+Entry = tuple[
+    float, str, str, str, str, str, str, str, str, int, int, int, float, float | None, str, str, int
+]
 FLUSH_INTERVAL: Final = 0.05  # seconds between hand-offs of queued lines to the writer
 
 
@@ -159,11 +161,15 @@ class AccessLog:
         bytes_out: int,
         seconds: float,
     ) -> None:
-        """Called on the event loop: only a tuple is built here; the thread does the rest."""
+        """Called on the event loop: only a tuple of plain values is built here (holding the
+        Exchange until the batch is written would keep it, and what it refers to, in the
+        garbage collector's young generation); the thread does the rest."""
         if self.enabled:
+            ex = exchange
             self._pending.append(
-                (time.time(), exchange, request.method, request.remote or "", status, bytes_in,
-                 bytes_out, seconds * 1000)
+                (time.time(), ex.request_id, ex.trace_id, ex.client or request.remote or "",
+                 request.method, ex.path, ex.route, ex.service, ex.target, status, bytes_in,
+                 bytes_out, seconds * 1000, ex.upstream_ms, ex.consumer, ex.cache, ex.retries)
             )  # fmt: skip
 
     def _run(self) -> None:
@@ -196,8 +202,10 @@ class _Clock:
 
 _iso_line_time = _Clock()  # used by the writer thread only
 _q: Final = json.encoder.encode_basestring  # JSON string with escapes (C-accelerated)
+# request_id (validated by start_exchange), trace_id (hex), method (an HTTP token), route,
+# service and target (names the config validated) never need escaping; the rest may.
 _LINE: Final = (
-    '{"time":"%s","request_id":%s,"trace_id":"%s","client":%s,"method":%s,"path":%s,'
+    '{"time":"%s","request_id":"%s","trace_id":"%s","client":%s,"method":"%s","path":%s,'
     '"route":%s,"service":%s,"target":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,'
     '"total_ms":%.3f,"upstream_ms":%s,"consumer":%s,"cache":%s,"retries":%d}'
 )
@@ -207,21 +215,34 @@ def _opt(value: str) -> str:
     return _q(value) if value else "null"
 
 
+def _name(value: str) -> str:
+    return f'"{value}"' if value else "null"
+
+
 def access_line(
     at: float,
-    ex: Exchange,
+    request_id: str,
+    trace_id: str,
+    client: str,
     method: str,
-    peer: str,
+    path: str,
+    route: str,
+    service: str,
+    target: str,
     status: int,
     bytes_in: int,
     bytes_out: int,
     total_ms: float,
+    upstream_ms: float | None,
+    consumer: str,
+    cache: str,
+    retries: int,
 ) -> str:
     """The JSON access line: every field of CONTRACT §5. The query string is not logged (it
     may carry tokens); `target` is the target's label ("inventory#0"), not its address."""
-    upstream = "null" if ex.upstream_ms is None else f"{ex.upstream_ms:.3f}"
+    upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
     return _LINE % (
-        _iso_line_time(at), _q(ex.request_id), ex.trace_id, _q(ex.client or peer), _q(method),
-        _q(ex.path), _opt(ex.route), _opt(ex.service), _opt(ex.target), status, bytes_in,
-        bytes_out, total_ms, upstream, _opt(ex.consumer), _opt(ex.cache), ex.retries,
+        _iso_line_time(at), request_id, trace_id, _q(client), method, _q(path), _name(route),
+        _name(service), _name(target), status, bytes_in, bytes_out, total_ms, upstream,
+        _opt(consumer), _opt(cache), retries,
     )  # fmt: skip

@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.compile import LoadResult, build_table
 from gateway.errors import CLIENT_GONE, MethodNotAllowed, problem_for
-from gateway.exchange import EXCHANGE, Exchange, apply_exchange, start_exchange
+from gateway.exchange import EXCHANGE, apply_exchange, start_exchange
 from gateway.health import HealthChecker
 from gateway.metrics import Metrics
 from gateway.model import GatewayConfig
@@ -119,24 +119,6 @@ class Gateway:
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-async def _route(request: web.Request, table: RouteTable, exchange: Exchange) -> web.StreamResponse:
-    """Match the table this request started with, then run the route's chain."""
-    raw = request.raw_path
-    if not raw.startswith("/"):  # absolute-form request target
-        raw = request.rel_url.raw_path_qs
-    path, exchange.query = split_target(raw)
-    exchange.client, exchange.forwarded_for = table.clients.resolve(request)
-    exchange.path = normalize_path(path)
-    try:
-        route = table.match(request.method, exchange.path)
-    except MethodNotAllowed as error:
-        exchange.route = error.route
-        raise
-    exchange.route = route.config.name
-    exchange.service = route.config.service
-    return await route.handler(request)
-
-
 def make_dispatch(gateway: Gateway) -> Handler:
     """The one handler of the public app. It does what app middlewares would (the Exchange,
     problem+json, the access line and metrics) in one frame: on a route with no feature this
@@ -150,7 +132,20 @@ def make_dispatch(gateway: Gateway) -> Handler:
         metrics.active += 1
         try:
             try:
-                response = await _route(request, gateway.table, exchange)  # table read once
+                table = gateway.table  # read once: in-flight requests keep their table
+                raw = request.raw_path
+                if not raw.startswith("/"):  # absolute-form request target
+                    raw = request.rel_url.raw_path_qs
+                path, exchange.query = split_target(raw)
+                exchange.client, exchange.forwarded_for = table.clients.resolve(request)
+                exchange.path = normalize_path(path)
+                route = table.match(request.method, exchange.path)
+                exchange.route = route.config.name
+                exchange.service = route.config.service
+                response = await route.handler(request)
+            except MethodNotAllowed as exc:
+                exchange.route = exc.route  # the route whose prefix matched
+                response = problem_for(request, exc)
             except Exception as exc:
                 response = problem_for(request, exc)
             status = response.status

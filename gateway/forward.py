@@ -20,7 +20,7 @@ from gateway.model import RouteConfig
 from gateway.pipeline import Handler
 from gateway.proxies import X_FORWARDED_FOR
 from gateway.routing import strip
-from gateway.upstream import Headers, Reply, Service, client_timeout
+from gateway.upstream import Headers, Service, client_timeout
 from gateway.websocket import is_websocket, proxy_websocket
 
 # RFC 9110 §7.6.1 (and Proxy-Connection, a non-standard relative): never forwarded.
@@ -101,7 +101,8 @@ def upstream_path(route: RouteConfig, exchange: Exchange) -> str:
 
 
 def forward_handler(route: RouteConfig, service: Service) -> Handler:
-    """The innermost handler of a route: relay the request to `service` and stream back."""
+    """The innermost handler of a route: relay the request to `service` and stream back.
+    One coroutine on purpose: every frame on the await chain is walked on every resume."""
     timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -110,44 +111,40 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
         path_qs = upstream_path(route, exchange)
         if is_websocket(request):
             return await proxy_websocket(request, service, path_qs, headers, exchange)
-        body = (
-            exchange.body
-            if exchange.body is not None
-            else (request.content if request.body_exists else None)
-        )
+        body = exchange.body
+        if body is None and request.body_exists:
+            body = request.content
         started = time.perf_counter()
         reply = await service.send(request.method, path_qs, headers, body, exchange, timeout)
         exchange.upstream_ms = (time.perf_counter() - started) * 1000
-        try:
-            return await relay(request, reply, exchange)
+        upstream = reply.response
+        try:  # relay: headers first, then bytes as they arrive
+            response = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=relayed(upstream.headers)
+            )
+            exchange.from_upstream = True
+            exchange.upstream_had_server = hdrs.SERVER in upstream.headers
+            exchange.upstream_had_type = hdrs.CONTENT_TYPE in upstream.headers
+            await response.prepare(request)
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:  # the upstream's fault
+                    raise ResponseAborted(exchange.service, response) from exc
+                if not chunk:
+                    break
+                exchange.bytes_out += len(chunk)
+                await response.write(chunk)  # a client that left raises here, quietly
+            await response.write_eof()
+            return response
         finally:
             reply.release()
 
     return handle
 
 
-async def relay(request: web.Request, reply: Reply, exchange: Exchange) -> web.StreamResponse:
-    """Stream an upstream response to the client, headers first, bytes as they arrive."""
-    upstream = reply.response
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    drop = connection_listed(upstream.headers, HOP_BY_HOP)
-    headers = response.headers
-    for name, value in upstream.headers.items():
-        if name.lower() not in drop:
-            headers.add(name, value)
-    exchange.from_upstream = True
-    exchange.upstream_had_server = hdrs.SERVER in upstream.headers
-    exchange.upstream_had_type = hdrs.CONTENT_TYPE in upstream.headers
-    await response.prepare(request)
-    content = upstream.content
-    while True:
-        try:
-            chunk = await content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:  # reading: the upstream's fault
-            raise ResponseAborted(exchange.service, response) from exc
-        if not chunk:
-            break
-        exchange.bytes_out += len(chunk)
-        await response.write(chunk)  # a client that left raises here, and is not logged
-    await response.write_eof()
-    return response
+def relayed(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """An upstream response's headers minus hop-by-hop ones (RFC 9110 §7.6.1)."""
+    drop = connection_listed(headers, HOP_BY_HOP)
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -43,7 +44,23 @@ def run(config: GatewayConfig, config_path: str, workers: int, warnings: Sequenc
     if workers > 1:
         return _supervise(workers)
     reuse_port = bool(os.environ.get("GATEWAY_WORKER"))
+    tune_gc()
     return _run_loop(serve(config, config_path, reuse_port=reuse_port, warnings=warnings))
+
+
+GC_THRESHOLDS: Final = (10_000, 20, 20)  # CPython's defaults: (700, 10, 10)
+
+
+def tune_gc() -> None:
+    """Collect the young generation every 10,000 allocations instead of every 700.
+
+    aiohttp allocates a few hundred objects per proxied request, almost all freed at once by
+    reference counting, so the default threshold runs a generation-0 scan every couple of
+    requests for nothing: about 10 µs of CPU per request (measured in bench/PROFILE.md).
+    Start-up objects are frozen out of the collector's way too. Cyclic garbage still goes."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
