@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+from yarl import URL
 
 from gateway.accesslog import AccessLog
 from gateway.compile import LoadResult, build_table
@@ -26,6 +28,9 @@ from gateway.pipeline import Handler
 from gateway.reload import Reloader
 from gateway.routing import RouteTable, normalize_path, split_target
 from gateway.upstream import Service, close_later
+
+if TYPE_CHECKING:
+    from aiohttp.web_urldispatcher import _InfoDict  # the type get_info must return
 
 config_log = logging.getLogger("gateway.config")
 
@@ -163,10 +168,44 @@ def make_dispatch(gateway: Gateway) -> Handler:
     return dispatch
 
 
+class CatchAll(web.AbstractResource):
+    """Every path and method to one handler. The RouteTable does the routing, so aiohttp's
+    own URL matching (a regular expression per request) would be the same work done twice."""
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__(name="gateway")
+        self._route = web.ResourceRoute("*", handler, self)
+
+    @property
+    def canonical(self) -> str:
+        return "/"
+
+    def url_for(self, **kwargs: str) -> URL:
+        return URL("/")
+
+    async def resolve(self, request: web.Request) -> tuple[web.UrlMappingMatchInfo, set[str]]:
+        return web.UrlMappingMatchInfo({}, self._route), {"*"}
+
+    def add_prefix(self, prefix: str) -> None:
+        raise NotImplementedError("the gateway's catch-all is not mounted under a prefix")
+
+    def get_info(self) -> _InfoDict:
+        return {"path": "/"}
+
+    def raw_match(self, path: str) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[web.AbstractRoute]:
+        return iter((self._route,))
+
+
 def create_app(gateway: Gateway) -> web.Application:
     app = web.Application(handler_args={"max_field_size": 16384})  # no middlewares: see dispatch
     app[GATEWAY] = gateway
-    app.router.add_route("*", "/{tail:.*}", make_dispatch(gateway))
+    app.router.register_resource(CatchAll(make_dispatch(gateway)))
     app.on_response_prepare.append(apply_exchange)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -46,9 +46,11 @@ class Exchange:
     upstream_ms: float | None = None
     body: AsyncIterable[bytes] | None = None  # replaces the request body going up (limits)
     body_error: Exception | None = None  # why that body stopped early: not the target's fault
-    upstream_set: list[tuple[str, str]] = field(default_factory=list)  # headers to send up
-    upstream_remove: set[str] = field(default_factory=set)  # lower-case names not to send
-    response_headers: list[tuple[str, str]] = field(default_factory=list)  # added to the answer
+    # Immutable defaults: a stage that adds replaces the value (creating an Exchange per
+    # request stays cheap, and most routes add nothing).
+    upstream_set: tuple[tuple[str, str], ...] = ()  # headers to send up
+    upstream_remove: frozenset[str] = frozenset()  # lower-case names not to send
+    response_headers: tuple[tuple[str, str], ...] = ()  # added to the answer
     response_rules: HeaderRules | None = None  # the route's response_headers transform
     from_upstream: bool = False  # the response is a relayed upstream response
     upstream_had_server: bool = False

@@ -91,7 +91,8 @@ def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteC
         out.append((X_FORWARDED_PREFIX, route.prefix))
     if exchange.upstream_set:
         owned = {name.lower() for name, _ in exchange.upstream_set}
-        out = [item for item in out if item[0].lower() not in owned] + exchange.upstream_set
+        out = [item for item in out if item[0].lower() not in owned]
+        out += exchange.upstream_set
     return out
 
 

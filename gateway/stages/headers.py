@@ -21,10 +21,10 @@ def headers_stage(request_rules: HeaderRules, response_rules: HeaderRules) -> St
     if not request_rules and not response_rules:
         return None
     # A set rule replaces: the client's header of that name is dropped too.
-    remove = {name.lower() for name in request_rules.remove} | {
+    remove = frozenset({name.lower() for name in request_rules.remove}) | {
         name.lower() for name, _ in request_rules.set
     }
-    upstream_set = list(request_rules.set)
+    upstream_set = tuple(request_rules.set)
     response = response_rules or None
 
     def wrap(next_handler: Handler) -> Handler:
@@ -32,7 +32,7 @@ def headers_stage(request_rules: HeaderRules, response_rules: HeaderRules) -> St
             exchange = request[EXCHANGE]
             if remove:
                 exchange.upstream_remove |= remove
-            exchange.upstream_set.extend(upstream_set)
+            exchange.upstream_set += upstream_set
             exchange.response_rules = response
             return await next_handler(request)
 
