@@ -91,9 +91,11 @@ class RouteConfig:
     response_headers: HeaderRules = HeaderRules()
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
 
-    @property
-    def name(self) -> str:
-        return f"routes.{self.index}"
+    name: str = ""  # "routes.N", how logs, metrics and /routes name it (set in __post_init__)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", f"routes.{self.index}")
 
 
 @dataclass(frozen=True, slots=True)
