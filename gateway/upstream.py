@@ -21,9 +21,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import aiohttp
 from aiohttp import hdrs
@@ -52,9 +52,22 @@ _DEFAULT_RETRY_AFTER: Final = 5.0  # seconds, when no health check or circuit sa
 REPLAY_LIMIT: Final = 65536  # bytes of an idempotent request's body kept for a retry
 Body = aiohttp.StreamReader | AsyncIterable[bytes] | bytes | None
 Headers = list[tuple[str, str]]
-Send = Callable[
-    [str, str, Headers, Body, Exchange, aiohttp.ClientTimeout | None], Awaitable["Reply"]
-]
+
+
+class Send(Protocol):
+    """`Service.send`: one request to the service, through its targets and retries."""
+
+    async def __call__(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Headers,
+        body: Body,
+        exchange: Exchange,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> Reply: ...
+
+
 _CONTENT_TYPE_ONLY: Final = CIMultiDict({hdrs.CONTENT_TYPE: None})
 
 
