@@ -130,7 +130,6 @@ class Metrics:
         )
         self.active = 0  # requests in flight in this process, exported at flush
         self._pending: dict[tuple[str, str, int], _Stats] = {}
-        self._pending_upstream: dict[str, _Stats] = {}
         self._local: list[Collector] = []  # scrape-time collectors of this process
         self._config_watched = False
 
@@ -157,14 +156,10 @@ class Metrics:
         key = (ex.route, method if method in _KNOWN_METHODS else "OTHER", status // 100)
         stats = self._pending.get(key)
         if stats is None:
-            stats = self._pending[key] = _Stats()
-        stats.add(seconds, bytes_in, bytes_out)
+            stats = self._pending[key] = _Stats(ex.service)
+        upstream_ms = ex.upstream_ms
+        stats.add(seconds, bytes_in, bytes_out, -1.0 if upstream_ms is None else upstream_ms / 1000)
         if ex.service:
-            if ex.upstream_ms is not None:
-                upstream = self._pending_upstream.get(ex.service)
-                if upstream is None:
-                    upstream = self._pending_upstream[ex.service] = _Stats()
-                upstream.add(ex.upstream_ms / 1000, 0, 0)
             if ex.retries:
                 self.retries.labels(ex.service).inc(ex.retries)
             if ex.upstream_error:
@@ -186,9 +181,9 @@ class Metrics:
                 self.bytes_in.labels(name).inc(stats.bytes_in)
             if stats.bytes_out:
                 self.bytes_out.labels(name).inc(stats.bytes_out)
-        upstream, self._pending_upstream = self._pending_upstream, {}
-        for service, stats in upstream.items():
-            _add_to_histogram(self.upstream_latency.labels(service), stats)
+            if stats.upstream_count:
+                child = self.upstream_latency.labels(stats.service)
+                _add_buckets(child, stats.upstream_buckets, stats.upstream_seconds)
         self.in_flight.set(self.active)
 
     async def flush_forever(self, interval: float = 1.0) -> None:
@@ -223,33 +218,57 @@ _BOUNDS: Final = (*LATENCY_BUCKETS, math.inf)
 
 
 class _Stats:
-    """Sums of one label set between two flushes."""
+    """Sums of one (route, method, status class) between two flushes, with the upstream
+    latency of its service (a route has one service) alongside."""
 
-    __slots__ = ("buckets", "bytes_in", "bytes_out", "count", "seconds")
+    __slots__ = (
+        "buckets",
+        "bytes_in",
+        "bytes_out",
+        "count",
+        "seconds",
+        "service",
+        "upstream_buckets",
+        "upstream_count",
+        "upstream_seconds",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, service: str) -> None:
+        self.service = service
         self.count = 0
         self.seconds = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
         self.buckets = [0] * len(_BOUNDS)
+        self.upstream_count = 0
+        self.upstream_seconds = 0.0
+        self.upstream_buckets = [0] * len(_BOUNDS)
 
-    def add(self, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def add(self, seconds: float, bytes_in: int, bytes_out: int, upstream: float) -> None:
+        """One request; `upstream` is the seconds until upstream headers, or < 0 for none."""
         self.count += 1
         self.seconds += seconds
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
         self.buckets[bisect_left(_BOUNDS, seconds)] += 1  # first bucket with le >= seconds
+        if upstream >= 0:
+            self.upstream_count += 1
+            self.upstream_seconds += upstream
+            self.upstream_buckets[bisect_left(_BOUNDS, upstream)] += 1
 
 
 def _add_to_histogram(child: Histogram, stats: _Stats) -> None:
+    _add_buckets(child, stats.buckets, stats.seconds)
+
+
+def _add_buckets(child: Histogram, counts: list[int], total: float) -> None:
     """Add many observations at once. prometheus-client has only `observe(one)`, so this
     reaches for the per-bucket values it keeps (`_buckets`, `_sum`; the same objects back the
     multiprocess files); tests/gateway/test_metrics.py checks the result through the parser."""
-    for bucket, count in zip(child._buckets, stats.buckets, strict=True):
+    for bucket, count in zip(child._buckets, counts, strict=True):
         if count:
             bucket.inc(count)
-    child._sum.inc(stats.seconds)
+    child._sum.inc(total)
 
 
 class _TargetCollector(Collector):

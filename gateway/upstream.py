@@ -155,6 +155,7 @@ class Service:
             for label, t in ((f"{config.name}#{i}", t) for i, t in enumerate(config.targets))
         )
         self.balancer = make_balancer(config.balance)
+        self._single = self.targets[0] if len(self.targets) == 1 else None
         self.budget = RetryBudget(config.retry_budget, clock)
         self.timeout = client_timeout(config.timeouts)
         self._clock = clock
@@ -194,7 +195,11 @@ class Service:
         """Choose and claim a target: (target, is this request its half-open trial). A caller
         that connects itself (WebSocket) reports `breaker.success()`, `failure()` or
         `abandon(trial)`. A retry avoids the targets in `tried` when it can."""
-        if tried:
+        if self._single is not None and not tried:  # one target: nothing to balance
+            if self._single.available():
+                return self._single, self._single.breaker.claim()
+            candidates = []
+        elif tried:
             candidates = [t for t in self.targets if t.available() and t not in tried]
         else:
             candidates = [t for t in self.targets if t.available()]

@@ -33,6 +33,7 @@ _HANDSHAKE: Final = frozenset(
 def is_websocket(request: web.BaseRequest) -> bool:
     return (
         request.method == "GET"
+        and hdrs.UPGRADE in request.headers  # cheap test first: this runs on every request
         and request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
         and "upgrade" in request.headers.get(hdrs.CONNECTION, "").lower()
     )
