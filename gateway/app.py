@@ -230,4 +230,4 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
     await gateway.close()
     gateway.metrics.flush()
-    gateway.access_log.stop()
+    await asyncio.to_thread(gateway.access_log.stop)  # joins the writer: never on the loop

@@ -45,12 +45,13 @@ class Reloader:
         self.apply = apply
         self.interval = interval
         self._wake = asyncio.Event()
-        self._seen = file_signature(self.path)
+        self._seen: Signature = None  # taken when run() starts, off the event loop
 
     def trigger(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
+        self._seen = await self._stat()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)

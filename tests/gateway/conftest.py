@@ -3,18 +3,32 @@ routes.yaml text in which $ECHO and $TOOLS stand for those upstreams' URLs."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from blockbuster import BlockBuster, blockbuster_ctx
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.app import Gateway, create_app
 from gateway.compile import load_text
+from gateway.validate import schema_validator
 from tests.upstreams import make_echo_app, make_tools_app
 
 GatewayClient = TestClient[web.Request, web.Application]
+schema_validator()  # read the schema file now: tests compile configs on the event loop
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_in_loop() -> Iterator[BlockBuster]:
+    """Every gateway test runs under `blockbuster`: a file, socket, lock or sleep call made on
+    the event loop's thread raises. Logs, config reads and metrics files are written and read
+    by other threads, so nothing in the gateway should trip it."""
+    with blockbuster_ctx() as blockbuster:
+        yield blockbuster
+
+
 MakeGateway = Callable[..., Awaitable[GatewayClient]]
 
 

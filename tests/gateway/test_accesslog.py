@@ -188,21 +188,22 @@ async def test_configured_output_sends_access_lines_to_a_file_and_events_to_stdo
     root, aiohttp_access = logging.getLogger(), logging.getLogger("aiohttp.access")
     saved = (root.handlers[:], root.level, access_logger.handlers[:], aiohttp_access.disabled)
     access_file = tmp_path / "access.log"
-    output = configure_logging(str(access_file))
+    output = await asyncio.to_thread(configure_logging, str(access_file))
     try:
         gateway = compile_gateway(ROUTES, echo=echo_upstream)
         client = await aiohttp_client(create_app(gateway))
         for _ in range(10):
             assert (await client.get("/api/inventory/x")).status == 200
         logging.getLogger("gateway.config").warning("reload rejected: %s", "f:1:2: bad")
-        gateway.access_log.stop()
+        await asyncio.to_thread(gateway.access_log.stop)
     finally:
-        output.stop()
+        await asyncio.to_thread(output.stop)
         root.handlers[:], access_logger.handlers[:] = saved[0], saved[2]
         root.setLevel(saved[1])
         access_logger.propagate, aiohttp_access.disabled = True, saved[3]
 
-    access = [json.loads(line) for line in access_file.read_text().splitlines()]
+    text = await asyncio.to_thread(access_file.read_text)
+    access = [json.loads(line) for line in text.splitlines()]
     events = [json.loads(line) for line in stdout.getvalue().splitlines()]
     assert len(access) == 10
     assert {line["path"] for line in access} == {"/api/inventory/x"}

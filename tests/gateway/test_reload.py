@@ -22,7 +22,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from gateway.admin import create_admin_app
 from gateway.app import Gateway, create_app
 from gateway.compile import load
-from gateway.reload import file_signature
+from gateway.reload import Signature, file_signature
 from tests.gateway.conftest import GatewayClient, base_url
 
 RELOAD_DEADLINE = 2.0  # seconds: the contract's promise for an edited file
@@ -74,9 +74,9 @@ class Running:
             template = template.replace(f"${name}", url)
         return template
 
-    def edit(self, template: str) -> None:
-        """Rewrite the file in place, as most editors and `cat >` do."""
-        self.path.write_text(self.text(template))
+    async def edit(self, template: str) -> None:
+        """Rewrite the file in place, as most editors and `cat >` do (off the event loop)."""
+        await asyncio.to_thread(self.path.write_text, self.text(template))
 
     async def config(self) -> dict[str, object]:
         body: dict[str, object] = await (await self.admin.get("/config")).json()
@@ -130,8 +130,8 @@ async def running(
     result_text = ROUTES
     for name, url in upstreams.items():
         result_text = result_text.replace(f"${name}", url)
-    path.write_text(result_text)
-    result = load(path)
+    await asyncio.to_thread(path.write_text, result_text)
+    result = await asyncio.to_thread(load, path)
     assert result.config is not None, [str(e) for e in result.errors]
     gateway = Gateway(result.config, str(path))
     public = await aiohttp_client(create_app(gateway))  # its lifecycle starts the Reloader
@@ -158,7 +158,7 @@ async def test_an_added_route_is_served_within_2s_without_dropping_a_concurrent_
     workers = [asyncio.create_task(load_loop()) for _ in range(4)]
     try:
         await eventually(lambda: len(answered) > 10)
-        running.edit(ADDED)
+        await running.edit(ADDED)
 
         took = await eventually(lambda: _is(status_of(running.public, "/added/x"), 200))
         count = len(answered)
@@ -182,7 +182,7 @@ async def test_an_invalid_edit_keeps_the_old_table_and_shows_file_line_col_error
     caplog.set_level(logging.WARNING, logger="gateway.config")
     serving = running.gateway.config.version_hash
 
-    running.edit(BAD_KEY)
+    await running.edit(BAD_KEY)
     await eventually(lambda: _last_reload_ok(running, False))
     body = await running.config()
 
@@ -198,10 +198,10 @@ async def test_an_invalid_edit_keeps_the_old_table_and_shows_file_line_col_error
 
 
 async def test_fixing_a_rejected_file_applies_it_and_clears_the_errors(running: Running) -> None:
-    running.edit(BAD_KEY)
+    await running.edit(BAD_KEY)
     await eventually(lambda: _last_reload_ok(running, False))
 
-    running.edit(ADDED)
+    await running.edit(ADDED)
     await eventually(lambda: _last_reload_ok(running, True))
     body = await running.config()
 
@@ -216,11 +216,11 @@ async def test_fixing_a_rejected_file_applies_it_and_clears_the_errors(running: 
 async def _last_reload_ok(running: Running, ok: bool) -> bool:
     last = (await running.config())["last_reload"]
     assert isinstance(last, dict)
-    return bool(last["ok"] is ok and last["version_hash"] == _sha(running.path))
+    return bool(last["ok"] is ok and last["version_hash"] == await _sha(running.path))
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+async def _sha(path: Path) -> str:
+    return hashlib.sha256(await asyncio.to_thread(path.read_bytes)).hexdigest()
 
 
 async def test_an_in_flight_request_finishes_on_the_table_it_started_with(
@@ -230,7 +230,7 @@ async def test_an_in_flight_request_finishes_on_the_table_it_started_with(
     pending = asyncio.ensure_future(running.public.get("/gated/wait"))
     await eventually(lambda: removed.targets[0].in_flight == 1)
 
-    running.edit(WITHOUT_GATED)
+    await running.edit(WITHOUT_GATED)
     await eventually(lambda: _last_reload_ok(running, True))
     assert await status_of(running.public, "/gated/other") == 404  # the new table
     assert not removed.session.closed  # its request is still running
@@ -249,7 +249,7 @@ async def test_an_unchanged_service_keeps_its_pool_and_a_changed_one_gets_a_new_
     pool = echo.session
     echo.targets[0].healthy = False  # as an active health check would have decided
 
-    running.edit(
+    await running.edit(
         ADDED.replace("gated: {targets: [$GATED]}", "gated: {targets: [$GATED], retries: 1}")
     )
     await eventually(lambda: running.gateway.services["gated"] is not gated)
@@ -264,15 +264,18 @@ async def test_an_unchanged_service_keeps_its_pool_and_a_changed_one_gets_a_new_
 async def test_request_reload_reloads_at_once_even_when_the_file_looks_unchanged(
     running: Running,
 ) -> None:
-    running.edit(ADDED)
+    await running.edit(ADDED)
     await eventually(lambda: _is(status_of(running.public, "/added/x"), 200))
-    before = running.path.stat()
-    signature = file_signature(running.path)
+    before = await asyncio.to_thread(running.path.stat)
+    signature = await asyncio.to_thread(file_signature, running.path)
 
     # Same size, same inode, old mtime restored: a poll cannot tell that the file changed.
-    running.path.write_text(running.text(ADDED.replace("/added", "/addeD")))
-    os.utime(running.path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert file_signature(running.path) == signature
+    def rewrite_unseen() -> Signature:  # one thread call: the poller sees no step between
+        running.path.write_text(running.text(ADDED.replace("/added", "/addeD")))
+        os.utime(running.path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return file_signature(running.path)
+
+    assert await asyncio.to_thread(rewrite_unseen) == signature
     running.gateway.request_reload()  # what SIGHUP calls
 
     await eventually(lambda: _is(status_of(running.public, "/addeD/x"), 200), within=1.0)
@@ -282,7 +285,7 @@ async def test_request_reload_reloads_at_once_even_when_the_file_looks_unchanged
 async def test_a_deleted_file_is_rejected_and_the_old_table_keeps_serving(
     running: Running,
 ) -> None:
-    running.path.unlink()
+    await asyncio.to_thread(running.path.unlink)
 
     await eventually(lambda: _last_reload_errors(running))
     last = (await running.config())["last_reload"]
@@ -306,11 +309,11 @@ async def test_a_rejected_value_from_the_environment_is_never_echoed(
     caplog.set_level(logging.INFO, logger="gateway")
     monkeypatch.setenv("GATEWAY_TEST_RETRIES", "s3cr3t-value")
 
-    running.edit(
+    await running.edit(
         ROUTES.replace("{targets: [$ECHO]}", "{targets: [$ECHO], retries: ${GATEWAY_TEST_RETRIES}}")
     )
     await eventually(lambda: _last_reload_errors(running))
 
     assert "s3cr3t-value" not in caplog.text
     assert "s3cr3t-value" not in await (await running.admin.get("/config")).text()
-    assert "${GATEWAY_TEST_RETRIES}" in running.path.read_text()
+    assert "${GATEWAY_TEST_RETRIES}" in await asyncio.to_thread(running.path.read_text)
