@@ -123,3 +123,15 @@ def make_tools_app(slow_delay: float = 5.0) -> web.Application:
     app.router.add_get("/sse", sse)
     app.router.add_get("/ws", websocket)
     return app
+
+
+def make_gated_app(gate: asyncio.Event) -> web.Application:
+    """Answers every GET only once `gate` is set: a request a test can hold in flight."""
+
+    async def gated(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.Response(text="released")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", gated)
+    return app

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -17,6 +16,7 @@ from gateway.exchange import Exchange
 from gateway.metrics import Metrics
 from tests.gateway.conftest import GatewayClient, compile_gateway
 from tests.processes.inventory_process import free_port
+from tests.upstreams import make_gated_app
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -67,16 +67,6 @@ class Stack:
         while (seen := value(await self.scrape(), name)) != expected:
             assert time.monotonic() < deadline, f"{name} stayed at {seen}, not {expected}"
             await asyncio.sleep(0.01)
-
-
-def make_gated_app(gate: asyncio.Event) -> web.Application:
-    async def gated(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.Response(text="released")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", gated)
-    return app
 
 
 async def make_stack(

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -24,6 +23,7 @@ from gateway.app import Gateway, create_app
 from gateway.compile import load
 from gateway.reload import Signature, file_signature
 from tests.gateway.conftest import GatewayClient, base_url
+from tests.upstreams import make_gated_app
 
 RELOAD_DEADLINE = 2.0  # seconds: the contract's promise for an edited file
 
@@ -104,16 +104,6 @@ async def eventually(
 
 async def _holds(result: Awaitable[bool] | bool) -> bool:
     return await result if inspect.isawaitable(result) else result
-
-
-def make_gated_app(gate: asyncio.Event) -> web.Application:
-    async def gated(request: web.Request) -> web.Response:
-        await gate.wait()
-        return web.Response(text="released")
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", gated)
-    return app
 
 
 @pytest.fixture
