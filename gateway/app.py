@@ -222,7 +222,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop.create_task(gateway.metrics.flush_forever(), name="metrics flush"),
     ]
     if gateway.config_path is not None:
-        gateway.reloader = Reloader(gateway.config_path, gateway.apply)
+        gateway.reloader = Reloader(
+            gateway.config_path, gateway.apply, served_hash=lambda: gateway.config.version_hash
+        )
         tasks.append(loop.create_task(gateway.reloader.run(), name="config watch"))
     yield
     for task in tasks:

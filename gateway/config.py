@@ -60,10 +60,12 @@ class Document:
     expanded: set[PathKey] = field(default_factory=set)  # values that hold an env value
     unresolved: set[PathKey] = field(default_factory=set)  # a ${VAR} there was not set
     errors: list[ConfigError] = field(default_factory=list)
+    raw: bytes | None = None  # the file's bytes, when it came from a file
 
     @property
     def version_hash(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        """sha256 of the file's bytes (of the text's UTF-8 when there is no file)."""
+        return file_hash(self.raw if self.raw is not None else self.text.encode())
 
     def where(self, path: PathKey, *, key: bool = False) -> tuple[int, int]:
         """The position of `path`, or of its nearest ancestor that has one."""
@@ -85,13 +87,20 @@ def read_file(path: str | Path, environ: Mapping[str, str] | None = None) -> Doc
     """Read and parse a config file; an unreadable file is a ConfigError at 1:1."""
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         doc = Document(name, "", None)
         reason = exc.strerror if isinstance(exc, OSError) else None
         doc.error((), f"cannot read file: {reason or type(exc).__name__}")
         return doc
-    return parse_text(text, name, environ)
+    doc = parse_text(text.replace("\r\n", "\n"), name, environ)
+    doc.raw = raw
+    return doc
+
+
+def file_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def parse_text(

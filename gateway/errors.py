@@ -2,7 +2,7 @@
 
 GatewayError
   RouteNotFound 404 · MethodNotAllowed 405 · Unauthenticated 401 · Forbidden 403
-  PayloadTooLarge 413 · RateLimited 429 · BadRequest 400
+  PayloadTooLarge 413 · RateLimited 429 · BadRequest 400 · RequestTimeout 408
   UpstreamError
     UpstreamUnavailable 502 · NoHealthyTarget 503 · UpstreamTimeout 504
 ResponseAborted: a failure after the response started; the connection is dropped.
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import ClassVar, Final
 
 import aiohttp
@@ -59,6 +58,10 @@ class Forbidden(GatewayError):
     status, title, slug = 403, "Forbidden", "forbidden"
 
 
+class RequestTimeout(GatewayError):
+    status, title, slug = 408, "Request Timeout", "request-timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status, title, slug = 413, "Content Too Large", "payload-too-large"
 
@@ -101,15 +104,6 @@ def upstream_failure(exc: TimeoutError | aiohttp.ClientError, service: str) -> U
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"service {service!r} did not answer in time")
     return UpstreamUnavailable(f"service {service!r} failed: {_describe(exc)}")
-
-
-@contextmanager
-def upstream_errors(service: str) -> Iterator[None]:
-    """`upstream_failure` as a context manager, for paths off the per-request hot path."""
-    try:
-        yield
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise upstream_failure(exc, service) from exc
 
 
 def _describe(exc: aiohttp.ClientError) -> str:

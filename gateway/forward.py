@@ -7,14 +7,16 @@ never decompressed or re-encoded. Target choice and retries belong to `upstream.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from multidict import CIMultiDictProxy, istr
 
-from gateway.errors import ResponseAborted
+from gateway.errors import RequestTimeout, ResponseAborted
 from gateway.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
 from gateway.model import RouteConfig
 from gateway.pipeline import Handler
@@ -105,6 +107,7 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
     """The innermost handler of a route: relay the request to `service` and stream back.
     One coroutine on purpose: every frame on the await chain is walked on every resume."""
     timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
+    idle = route.timeouts.read  # also the silence allowed in a client's request body
 
     async def handle(request: web.Request) -> web.StreamResponse:
         exchange = request[EXCHANGE]
@@ -115,6 +118,8 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
         body = exchange.body
         if body is None and request.body_exists:
             body = request.content
+        if body is not None and idle is not None:
+            body = idle_limited(body, idle, exchange)
         started = time.perf_counter()
         reply = await service.send(request.method, path_qs, headers, body, exchange, timeout)
         exchange.upstream_ms = (time.perf_counter() - started) * 1000
@@ -143,6 +148,24 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
             reply.release()
 
     return handle
+
+
+async def idle_limited(
+    body: StreamReader | AsyncIterable[bytes], idle: float, exchange: Exchange
+) -> AsyncIterator[bytes]:
+    """The request body, cut off with a 408 when the client sends nothing for `idle` seconds
+    (nginx's client_body_timeout): a stalled upload must not hold an upstream connection."""
+    chunks = aiter(body.iter_any() if isinstance(body, StreamReader) else body)
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            exchange.body_error = RequestTimeout(f"no request body bytes arrived for {idle:g}s")
+            raise exchange.body_error from None
+        yield chunk
 
 
 def relayed(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from gateway.compile import LoadResult, load
+from gateway.config import file_hash
 
 config_log = logging.getLogger("gateway.config")
 POLL_INTERVAL: Final = 0.5  # seconds; an edit is live well within the promised 2 s
@@ -39,19 +40,26 @@ class Reloader:
     """Watches one file; `trigger()` (SIGHUP) reloads at once."""
 
     def __init__(
-        self, path: str, apply: Callable[[LoadResult], bool], interval: float = POLL_INTERVAL
+        self,
+        path: str,
+        apply: Callable[[LoadResult], bool],
+        interval: float = POLL_INTERVAL,
+        served_hash: Callable[[], str] | None = None,
     ) -> None:
         self.path = Path(path)
         self.apply = apply
         self.interval = interval
         self._wake = asyncio.Event()
         self._seen: Signature = None  # taken when run() starts, off the event loop
+        self.served_hash = served_hash  # the version hash of the config being served
 
     def trigger(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
         self._seen = await self._stat()
+        if self.served_hash is not None and await self._changed_since_load():
+            await self.reload(False)  # edited between the first load and this watch
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
@@ -65,6 +73,14 @@ class Reloader:
             if forced or signature != self._seen:
                 self._seen = signature  # taken before reading: a later edit is seen again
                 await self.reload(forced)
+
+    async def _changed_since_load(self) -> bool:
+        assert self.served_hash is not None
+        try:
+            data = await asyncio.to_thread(self.path.read_bytes)
+        except OSError:
+            return False  # a missing file is the next poll's business
+        return file_hash(data) != self.served_hash()
 
     async def _stat(self) -> Signature:
         return await asyncio.to_thread(file_signature, self.path)

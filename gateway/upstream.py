@@ -264,17 +264,17 @@ class Service:
         if body is None or isinstance(body, bytes):
             return body, True
         length = _content_length(headers)
-        if (
-            not self.config.retries
-            or not isinstance(body, aiohttp.StreamReader)
-            or length is None
-            or length > REPLAY_LIMIT
-        ):
+        if not self.config.retries or length is None or length > REPLAY_LIMIT:
             return body, False
         try:
-            return await body.readexactly(length), True
+            if isinstance(body, aiohttp.StreamReader):
+                return await body.readexactly(length), True
+            data = b"".join([chunk async for chunk in body])  # at most REPLAY_LIMIT bytes
         except (asyncio.IncompleteReadError, HttpProcessingError) as exc:
             raise BadRequest("the request body ended before its Content-Length") from exc
+        if len(data) != length:
+            raise BadRequest("the request body does not match its Content-Length")
+        return data, True
 
     def _may_retry(self, retryable: bool, tried: Sequence[Target], deadline: float | None) -> bool:
         if not retryable or len(tried) > self.config.retries:

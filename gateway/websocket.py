@@ -11,13 +11,14 @@ import aiohttp
 from aiohttp import hdrs, web
 from yarl import URL
 
-from gateway.errors import UpstreamError, upstream_errors
+from gateway.errors import upstream_failure
 from gateway.exchange import Exchange
-from gateway.upstream import Headers, Service
+from gateway.upstream import RETRY_STATUSES, Headers, Service
 
 logger = logging.getLogger(__name__)
 
 _NORMAL: Final = aiohttp.WSCloseCode.OK
+
 _CLOSE_TIMEOUT: Final = 2.0  # seconds to wait for the peer's close frame
 # The handshake headers aiohttp's client writes itself.
 _HANDSHAKE: Final = frozenset(
@@ -56,18 +57,25 @@ async def proxy_websocket(
     exchange.target = target.label
     up_headers = [(k, v) for k, v in headers if k.lower() not in _HANDSHAKE]
     try:
-        with upstream_errors(service.name):
-            upstream = await service.session.ws_connect(
-                URL(target.url + path_qs, encoded=True),
-                headers=up_headers,
-                protocols=protocols,
-                autoping=False,
-                max_msg_size=0,
-                timeout=aiohttp.ClientWSTimeout(ws_close=_CLOSE_TIMEOUT),
-            )
-    except UpstreamError:
+        upstream = await service.session.ws_connect(
+            URL(target.url + path_qs, encoded=True),
+            headers=up_headers,
+            protocols=protocols,
+            autoping=False,
+            max_msg_size=0,
+            timeout=aiohttp.ClientWSTimeout(ws_close=_CLOSE_TIMEOUT),
+        )
+    except aiohttp.WSServerHandshakeError as refused:
+        # The target answered, only not with 101 (a 401, 403, 404...): relay its status, and
+        # count it against the target only when it is one of the failing ones.
+        if refused.status in RETRY_STATUSES:
+            target.breaker.failure()
+        else:
+            target.breaker.success()
+        return web.Response(status=refused.status)
+    except (TimeoutError, aiohttp.ClientError) as exc:
         target.breaker.failure()
-        raise
+        raise upstream_failure(exc, service.name) from exc
     except BaseException:  # cancelled: the trial (if this was it) passes to the next request
         target.breaker.abandon(trial)
         raise

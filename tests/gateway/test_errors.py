@@ -199,3 +199,31 @@ async def test_chunked_body_is_cut_off_once_it_passes_the_limit(
         await asyncio.sleep(0.02)  # the upstream request ends, broken, soon after the cut
     assert seen
     assert 512 <= seen[0] <= 1000  # it got what was under the limit, never the whole body
+
+
+async def test_a_stalled_upload_is_cut_off_with_408_and_the_target_is_not_blamed(
+    make_gateway: MakeGateway, aiohttp_server: AiohttpServer
+) -> None:
+    seen: list[int] = []
+    routes = (
+        "version: 1\nservices:\n  sink:\n    targets: [$SINK]\n"
+        "    circuit_breaker: {failures: 1}\n    timeouts: {read: 300ms}\n"
+        "routes:\n  - {prefix: /, service: sink}\n"
+    )
+    client = await make_gateway(routes, sink=await aiohttp_server(make_counting_app(seen)))
+    release = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"z" * 100
+        await release.wait()  # the client goes quiet mid-body
+        yield b"z" * 100
+
+    started = asyncio.get_running_loop().time()
+    resp = await client.post("/sink", data=stalled())
+    release.set()
+
+    assert resp.status == 408
+    assert (await problem(resp))["title"] == "Request Timeout"
+    assert asyncio.get_running_loop().time() - started < 3
+    after = await client.post("/sink", data=b"ok")  # one failure would have opened the circuit
+    assert after.status == 200

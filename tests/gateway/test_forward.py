@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 from yarl import URL
 
 from tests.gateway.conftest import ECHO_ROUTE, MakeGateway
@@ -289,3 +290,18 @@ async def test_upstream_websocket_close_reaches_the_client_with_its_code(
 
     assert message.type == aiohttp.WSMsgType.CLOSE
     assert ws.close_code == 4000
+
+
+async def test_a_refused_websocket_upgrade_relays_the_status_and_spares_the_circuit(
+    make_gateway: MakeGateway,
+) -> None:
+    client = await make_gateway(ECHO_ROUTE)
+
+    statuses = []
+    for _ in range(6):  # more than the breaker's 5 failures
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await client.ws_connect("/tools/no-such-socket")
+        statuses.append(refused.value.status)
+
+    assert statuses == [404] * 6
+    assert (await client.get("/tools/gzip")).status == 200  # the target was not ejected

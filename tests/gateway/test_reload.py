@@ -307,3 +307,31 @@ async def test_a_rejected_value_from_the_environment_is_never_echoed(
     assert "s3cr3t-value" not in caplog.text
     assert "s3cr3t-value" not in await (await running.admin.get("/config")).text()
     assert "${GATEWAY_TEST_RETRIES}" in await asyncio.to_thread(running.path.read_text)
+
+
+async def test_an_edit_made_before_the_watch_starts_is_still_applied(
+    tmp_path: Path, aiohttp_client: AiohttpClient, echo_upstream: TestServer
+) -> None:
+    path = tmp_path / "routes.yaml"
+    url = base_url(echo_upstream)
+    first = WITHOUT_GATED.replace("$ECHO", url)
+    await asyncio.to_thread(path.write_text, first)
+    result = await asyncio.to_thread(load, path)
+    assert result.config is not None
+    edited = first + "  - prefix: /late\n    service: echo\n"
+    await asyncio.to_thread(path.write_text, edited)  # before the gateway watches the file
+
+    public = await aiohttp_client(create_app(Gateway(result.config, str(path))))
+
+    await eventually(lambda: _is(status_of(public, "/late/x"), 200))
+
+
+def test_the_version_hash_is_the_sha256_of_the_file_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    raw = WITHOUT_GATED.replace("$ECHO", "http://127.0.0.1:1").replace("\n", "\r\n").encode()
+    path.write_bytes(raw)
+
+    result = load(path)
+
+    assert result.config is not None
+    assert result.config.version_hash == hashlib.sha256(raw).hexdigest()
