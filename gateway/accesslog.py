@@ -24,6 +24,7 @@ from itertools import starmap
 from typing import Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.exchange import Exchange
 
@@ -55,6 +56,17 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, separators=(",", ":"), default=str)
+
+
+def _quiet_bad_requests(record: logging.LogRecord) -> bool:
+    """aiohttp logs every malformed request (a bad request line, a header too long...) at
+    ERROR with a traceback: any client could flood the log. Keep one DEBUG line instead."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args, record.exc_info = "malformed request: %s", (error.message,), None
+        return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)
+    return True
 
 
 class _Enqueue(logging.handlers.QueueHandler):
@@ -91,6 +103,9 @@ def configure_logging(access_log: str | None = None, level: int = logging.INFO) 
     root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = True  # our own access line replaces it
+    server_log = logging.getLogger("aiohttp.server")
+    if _quiet_bad_requests not in server_log.filters:
+        server_log.addFilter(_quiet_bad_requests)
     handlers: list[logging.Handler] = [out]
     # The access-log thread writes its lines itself: straight to the file, or through the
     # same stdout handler as the event logs (one handler, one lock, whole lines).
@@ -209,7 +224,9 @@ class _Clock:
 
 
 _iso_line_time = _Clock()  # used by the writer thread only
-_q: Final = json.encoder.encode_basestring  # JSON string with escapes (C-accelerated)
+# JSON string, escaped to ASCII (C-accelerated): bytes that were not UTF-8 arrive as lone
+# surrogates, which only an ASCII escape can write.
+_q: Final = json.encoder.encode_basestring_ascii
 # request_id (validated by start_exchange), trace_id (hex), method (an HTTP token), route,
 # service and target (names the config validated) never need escaping; the rest may.
 _LINE: Final = (

@@ -66,6 +66,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[GATEWAY].metrics
     if registry.multiprocess:  # reads every worker's files: keep that off the event loop
+        registry.flush()  # this worker's latest sums first
         body = await asyncio.to_thread(registry.render_shared) + registry.render_local()
     else:
         body = registry.render()

@@ -31,7 +31,9 @@ class ClientAddress:
         return any(ip in network for network in self.trusted)
 
     def resolve(self, request: web.BaseRequest) -> tuple[str, str | None]:
-        """(client address, X-Forwarded-For value to extend or None)."""
+        """(client address, the X-Forwarded-For value to extend: None when the peer is not a
+        trusted proxy, "" when it is one that sent none, so its X-Forwarded-Proto and
+        X-Forwarded-Host are still believed)."""
         peer = request.remote or ""
         if not self.trusted or not self.is_trusted(peer):
             return peer, None
@@ -41,4 +43,4 @@ class ClientAddress:
             client = hop
             if not self.is_trusted(hop):
                 break
-        return client, chain or None
+        return client, chain

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections.abc import Iterable
 from functools import cache
 from ipaddress import ip_network
@@ -23,10 +22,11 @@ from gateway.model import ALL_METHODS
 
 SCHEMA_PATH: Final = Path(__file__).resolve().parent.parent / "schemas" / "routes.schema.json"
 SUPPORTED_VERSION: Final = 1
-_DURATION: Final = re.compile(r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$")
 
 _PATTERN_MESSAGES: Final = {
-    "^[0-9]+(\\.[0-9]+)?(ms|s|m|h)$": "must be a duration such as 250ms, 5s, 1m or 1h",
+    "^(?=[0-9.]*[1-9])[0-9]+(\\.[0-9]+)?(ms|s|m|h)$": (
+        "must be a duration above zero, such as 250ms, 5s, 1m or 1h"
+    ),
     "^/": "must start with '/'",
     "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$": "is not a valid HTTP header name",
     "^[A-Za-z][A-Za-z0-9_-]{0,62}$": "must be a letter then letters, digits, _ or -",
@@ -68,7 +68,12 @@ def validate(doc: Document) -> None:
         return
     version = doc.data.get("version")
     if version != SUPPORTED_VERSION:
-        shown = "missing" if version is None else f"{version!r} is not supported"
+        if version is None:
+            shown = "missing"
+        elif ("version",) in doc.expanded:  # never echo a value from the environment
+            shown = "from the environment is not supported"
+        else:
+            shown = f"{version!r} is not supported"
         doc.error(("version",), f"version {shown}: this gateway reads version {SUPPORTED_VERSION}")
         return
     for error in schema_validator().iter_errors(doc.data):
@@ -83,6 +88,10 @@ def _report(doc: Document, error: jsonschema.ValidationError) -> None:
     schema: JSON = error.schema
     rule: JSON = error.validator_value
     instance: JSON = error.instance
+    if "propertyNames" in error.schema_path:  # a bad key: point at the key, and name it
+        key = str(instance)
+        doc.error((*path, key), f"name {key!r} {_message(error)}", key=True)
+        return
     match error.validator:
         case "additionalProperties":
             allowed = list(schema.get("properties", {}))
@@ -94,9 +103,6 @@ def _report(doc: Document, error: jsonschema.ValidationError) -> None:
                 doc.error(path, f"missing required key {key!r}")
         case "oneOf" | "anyOf":
             _report_alternatives(doc, error, path)
-        case "propertyNames":
-            key = str(error.instance)
-            doc.error((*path, key), f"name {key!r} {_message(error)}", key=True)
         case _:
             doc.error(path, _message(error, expanded=path in doc.expanded))
 
@@ -202,9 +208,6 @@ def _check_service(doc: Document, path: PathKey, service: dict[str, JSON]) -> No
             problem = target_url_problem(url)
             if problem:
                 doc.error(where, problem)
-    for key, value in (service.get("timeouts") or {}).items():
-        if isinstance(value, str) and _DURATION.match(value) and parse_duration(value) == 0:
-            doc.error((*path, "timeouts", key), "must be greater than 0")
 
 
 def target_url_problem(url: str) -> str | None:
@@ -240,11 +243,37 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
         service = route.get("service")
         if isinstance(service, str) and service not in service_names:
             hint = _suggest(service, service_names)
-            doc.error((*path, "service"), f"unknown service {service!r}{hint}")
+            if (*path, "service") in doc.expanded:  # never echo a value from the environment
+                doc.error((*path, "service"), "unknown service (the value from the environment)")
+            else:
+                doc.error((*path, "service"), f"unknown service {service!r}{hint}")
         elif service is None and "aggregate" not in route:
             doc.error(path, "missing required key 'service'")
         if isinstance(route.get("prefix"), str):
             _check_prefix(doc, path, route, seen)
+        for rules in ("request_headers", "response_headers"):
+            if isinstance(route.get(rules), dict):
+                _check_header_rules(doc, (*path, rules), route[rules])
+
+
+# Headers that frame the message or belong to one connection: a rule that set or removed them
+# would corrupt the wire format (a body with two lengths, a response with none).
+UNTOUCHABLE_HEADERS: Final = frozenset(
+    {"content-length", "transfer-encoding", "host", "connection", "keep-alive", "te",
+     "trailer", "upgrade", "proxy-connection", "proxy-authenticate", "proxy-authorization"}
+)  # fmt: skip
+
+
+def _check_header_rules(doc: Document, path: PathKey, rules: dict[str, JSON]) -> None:
+    names: list[tuple[PathKey, str]] = []
+    if isinstance(rules.get("set"), dict):
+        names += [((*path, "set", name), name) for name in rules["set"]]
+    if isinstance(rules.get("remove"), list):
+        names += [((*path, "remove", i), n) for i, n in enumerate(rules["remove"])]
+    for where, name in names:
+        if isinstance(name, str) and name.lower() in UNTOUCHABLE_HEADERS:
+            message = f"{name} frames the message or belongs to one hop; it cannot be changed"
+            doc.error(where, message, key=where[-2] == "set")
 
 
 def _check_prefix(

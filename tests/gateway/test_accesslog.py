@@ -17,7 +17,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient
 
-from gateway.accesslog import JsonFormatter, access_logger, configure_logging
+from gateway.accesslog import JsonFormatter, access_line, access_logger, configure_logging
 from gateway.app import create_app
 from tests.gateway.conftest import compile_gateway
 
@@ -208,3 +208,37 @@ async def test_configured_output_sends_access_lines_to_a_file_and_events_to_stdo
     assert len(access) == 10
     assert {line["path"] for line in access} == {"/api/inventory/x"}
     assert [e["message"] for e in events] == ["reload rejected: f:1:2: bad"]
+
+
+def test_an_access_line_stays_valid_ascii_json_whatever_the_client_sent() -> None:
+    odd_client = "10.0.0.\udcff"  # a byte that was not UTF-8, as aiohttp hands it over
+    odd_path = '/a"b\\c\x01\u00e9'
+
+    line = access_line(
+        1.5, "rid", "0" * 32, odd_client, "GET", odd_path, "", "", "", 404, 0, 10, 1.0,
+        None, "", "", 0,
+    )  # fmt: skip
+
+    assert line.isascii()
+    parsed = json.loads(line)
+    assert (parsed["client"], parsed["path"], parsed["route"]) == (odd_client, odd_path, None)
+    assert parsed["time"] == "1970-01-01T00:00:01.500+00:00"
+
+
+def test_a_malformed_request_is_not_logged_as_an_error_with_a_traceback() -> None:
+    from aiohttp.http_exceptions import BadStatusLine
+
+    from gateway.accesslog import _quiet_bad_requests
+
+    try:
+        raise BadStatusLine("GARBAGE")
+    except BadStatusLine:
+        record = logging.LogRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (),
+            sys.exc_info(),
+        )  # fmt: skip
+
+    kept = _quiet_bad_requests(record)
+
+    assert not kept  # dropped unless aiohttp.server is at DEBUG
+    assert (record.levelname, record.exc_info) == ("DEBUG", None)

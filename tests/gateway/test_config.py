@@ -32,7 +32,7 @@ CASES = [
         "version: 1\nservices:\n  s:\n    targets: [http://h:1]\n    timeouts: {read: 5 seconds}\n"
         "routes:\n  - {prefix: /, service: s}\n",
         [
-            "routes.yaml:5:22: services.s.timeouts.read: must be a duration such as 250ms, 5s, 1m or 1h"
+            "routes.yaml:5:22: services.s.timeouts.read: must be a duration above zero, such as 250ms, 5s, 1m or 1h"
         ],
     ),
     (
@@ -67,6 +67,21 @@ CASES = [
         [
             "routes.yaml:7:5: routes.0.cache: response caching is not supported yet by this gateway;"
             " remove this key"
+        ],
+    ),
+    (
+        "zero_duration",
+        HEAD + ROUTE + "    timeouts: {read: 0s}\n",
+        [
+            "routes.yaml:7:22: routes.0.timeouts.read: must be a duration above zero, such as 250ms, 5s, 1m or 1h"
+        ],
+    ),
+    (
+        "bad_service_name_points_at_the_name",
+        "version: 1\nservices:\n  ok: {targets: [http://h:1]}\n  2bad: {targets: [http://h:1]}\n"
+        "routes:\n  - {prefix: /, service: ok}\n",
+        [
+            "routes.yaml:4:3: services.2bad: name '2bad' must be a letter then letters, digits, _ or -"
         ],
     ),
     (
@@ -159,6 +174,16 @@ def test_env_values_expand_with_defaults_and_become_numbers_when_plain() -> None
     assert result.config.max_body_bytes == 2048
 
 
+def test_an_unknown_service_from_the_environment_is_not_quoted_back() -> None:
+    text = HEAD + "  - prefix: /a\n    service: ${SERVICE}\n"
+
+    result = load_text(text, "routes.yaml", environ={"SERVICE": "s3cr3t-svc"})
+
+    assert [str(e) for e in result.errors] == [
+        "routes.yaml:6:14: routes.0.service: unknown service (the value from the environment)"
+    ]
+
+
 def test_an_invalid_env_value_is_not_quoted_back() -> None:
     text = HEAD.replace("http://127.0.0.1:8001", "${UPSTREAM}") + ROUTE
 
@@ -209,3 +234,23 @@ def test_unreadable_file_is_a_config_error(
 
     assert code == 1
     assert "missing.yaml:1:1: <root>: cannot read file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        (
+            "response_headers: {remove: [Content-Length]}",
+            "routes.yaml:7:33: routes.0.response_headers.remove.0: Content-Length frames the message or belongs to one hop; it cannot be changed",
+        ),
+        (
+            "request_headers: {set: {Transfer-Encoding: chunked}}",
+            "routes.yaml:7:29: routes.0.request_headers.set.Transfer-Encoding: Transfer-Encoding frames the message or belongs to one hop; it cannot be changed",
+        ),
+    ],
+    ids=["remove_content_length", "set_transfer_encoding"],
+)
+def test_header_rules_cannot_touch_framing_headers(rule: str, expected: str) -> None:
+    result = load_text(HEAD + ROUTE + "    " + rule + "\n", "routes.yaml", environ={})
+
+    assert [str(e) for e in result.errors] == [expected]

@@ -305,3 +305,19 @@ async def test_a_refused_websocket_upgrade_relays_the_status_and_spares_the_circ
 
     assert statuses == [404] * 6
     assert (await client.get("/tools/gzip")).status == 200  # the target was not ejected
+
+
+async def test_a_trusted_proxy_without_forwarded_for_is_still_believed_on_proto(
+    make_gateway: MakeGateway,
+) -> None:
+    trusted = ECHO_ROUTE.replace("version: 1", "version: 1\ntrusted_proxies: [127.0.0.0/8]")
+    client = await make_gateway(trusted)
+
+    resp = await client.get(
+        "/echo/x", headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "shop.example"}
+    )
+    seen = await resp.json()
+
+    assert header(seen, "X-Forwarded-Proto") == ["https"]
+    assert header(seen, "X-Forwarded-Host") == ["shop.example"]
+    assert header(seen, "X-Forwarded-For") == ["127.0.0.1"]
