@@ -36,6 +36,20 @@ def file_signature(path: Path) -> Signature:
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
+def _snapshot(path: Path) -> tuple[Signature, str | None]:
+    """The file's signature and the hash of the very bytes it describes (a write landing in
+    between is seen by the second stat, and the pair is taken again)."""
+    for _ in range(MAX_SETTLE_ROUNDS):
+        before = file_signature(path)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return before, None  # a missing file is the next poll's business
+        if file_signature(path) == before:
+            return before, file_hash(data)
+    return None, None  # rewritten non-stop: the polls will catch up
+
+
 class Reloader:
     """Watches one file; `trigger()` (SIGHUP) reloads at once."""
 
@@ -57,9 +71,11 @@ class Reloader:
         self._wake.set()
 
     async def run(self) -> None:
-        self._seen = await self._stat()
-        if self.served_hash is not None and await self._changed_since_load():
-            await self.reload(False)  # edited between the first load and this watch
+        self._seen, digest = await asyncio.to_thread(_snapshot, self.path)
+        if self.served_hash is not None and digest != self.served_hash():  # None: file gone
+            # Edited between the first load and this watch: once it keeps still, load it.
+            self._seen = await self._settled(self._seen)
+            await self.reload(False)
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
@@ -73,14 +89,6 @@ class Reloader:
             if forced or signature != self._seen:
                 self._seen = signature  # taken before reading: a later edit is seen again
                 await self.reload(forced)
-
-    async def _changed_since_load(self) -> bool:
-        assert self.served_hash is not None
-        try:
-            data = await asyncio.to_thread(self.path.read_bytes)
-        except OSError:
-            return False  # a missing file is the next poll's business
-        return file_hash(data) != self.served_hash()
 
     async def _stat(self) -> Signature:
         return await asyncio.to_thread(file_signature, self.path)
