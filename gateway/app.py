@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 from yarl import URL
 
 from gateway.accesslog import AccessLog
 from gateway.compile import LoadResult, build_table
-from gateway.errors import CLIENT_GONE, MethodNotAllowed, problem_for
+from gateway.errors import CLIENT_GONE, GatewayError, MethodNotAllowed, problem_for
 from gateway.exchange import EXCHANGE, apply_exchange, start_exchange
 from gateway.health import HealthChecker
 from gateway.metrics import Metrics
@@ -168,13 +168,39 @@ def make_dispatch(gateway: Gateway) -> Handler:
     return dispatch
 
 
+ExpectHandler = Callable[[web.Request], Awaitable[None]]
+
+
+def make_expect(gateway: Gateway) -> ExpectHandler:
+    """`Expect: 100-continue` (RFC 9110 §10.1.1): invite the body only when the gateway will
+    read it. A request that will get a 404, 405 or 413 gets that answer, never a 100 first."""
+
+    async def expect(request: web.Request) -> None:
+        if request.version != HttpVersion11:
+            return
+        if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            return  # other expectations are ignored, as a proxy may (RFC 9110 §10.1.1)
+        try:
+            path = normalize_path(split_target(request.raw_path)[0])
+            route = gateway.table.match(request.method, path)
+        except GatewayError:
+            return  # the handler answers without reading the body
+        length = request.content_length
+        if route.body_limit is not None and length is not None and length > route.body_limit:
+            return  # the body-limit stage answers 413
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # what aiohttp's own handler does: no body sent yet
+
+    return expect
+
+
 class CatchAll(web.AbstractResource):
     """Every path and method to one handler. The RouteTable does the routing, so aiohttp's
     own URL matching (a regular expression per request) would be the same work done twice."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, expect: ExpectHandler) -> None:
         super().__init__(name="gateway")
-        self._route = web.ResourceRoute("*", handler, self)
+        self._route = web.ResourceRoute("*", handler, self, expect_handler=expect)
 
     @property
     def canonical(self) -> str:
@@ -205,7 +231,7 @@ class CatchAll(web.AbstractResource):
 def create_app(gateway: Gateway) -> web.Application:
     app = web.Application(handler_args={"max_field_size": 16384})  # no middlewares: see dispatch
     app[GATEWAY] = gateway
-    app.router.register_resource(CatchAll(make_dispatch(gateway)))
+    app.router.register_resource(CatchAll(make_dispatch(gateway), make_expect(gateway)))
     app.on_response_prepare.append(apply_exchange)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -26,7 +26,7 @@ from gateway.model import (
     TargetConfig,
     Timeouts,
 )
-from gateway.pipeline import build_chain
+from gateway.pipeline import body_limit_of, build_chain
 from gateway.proxies import ClientAddress
 from gateway.routing import Route, RouteTable
 from gateway.upstream import Service
@@ -177,5 +177,6 @@ def build_table(config: GatewayConfig, services: Mapping[str, Service]) -> Route
     for route in config.routes:
         forward = forward_handler(route, services[route.service])
         chain = build_chain(route, forward, config.max_body_bytes)
-        routes.append(Route(route, chain.handler, chain.stages))
+        limit = body_limit_of(route, config.max_body_bytes)
+        routes.append(Route(route, chain.handler, chain.stages, limit))
     return RouteTable(routes, ClientAddress(config.trusted_proxies))

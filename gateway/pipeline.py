@@ -31,14 +31,15 @@ def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:
 def build_chain(route: RouteConfig, forward: Handler, global_body_limit: int | None) -> Chain:
     """The stages of one route around its forwarder. This list *is* the order."""
     stages: list[tuple[str, Stage | None]] = [  # outermost first
-        ("body_limit", body_limit_stage(_body_limit(route, global_body_limit))),
+        ("body_limit", body_limit_stage(body_limit_of(route, global_body_limit))),
         ("headers", headers_stage(route.request_headers, route.response_headers)),
     ]
     names = tuple(name for name, stage in stages if stage is not None)
     return Chain(compose([stage for _, stage in stages], forward), (*names, "forward"))
 
 
-def _body_limit(route: RouteConfig, global_limit: int | None) -> int | None:
+def body_limit_of(route: RouteConfig, global_limit: int | None) -> int | None:
+    """The limit that applies to a route: the smaller of its own and the global one."""
     if route.max_body_bytes is None:
         return global_limit
     if global_limit is None:

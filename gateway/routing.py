@@ -65,6 +65,7 @@ class Route:
     config: RouteConfig
     handler: Handler
     stages: tuple[str, ...]  # names of the stages in its chain, outermost first
+    body_limit: int | None = None  # bytes; the route's or the global limit, None: none
 
 
 class RouteTable:

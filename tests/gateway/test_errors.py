@@ -227,3 +227,31 @@ async def test_a_stalled_upload_is_cut_off_with_408_and_the_target_is_not_blamed
     assert asyncio.get_running_loop().time() - started < 3
     after = await client.post("/sink", data=b"ok")  # one failure would have opened the circuit
     assert after.status == 200
+
+
+async def _first_status_line(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), timeout=3)
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_is_refused_with_413_when_the_body_is_too_large(
+    make_gateway: MakeGateway, aiohttp_server: AiohttpServer
+) -> None:
+    seen: list[int] = []
+    client = await make_gateway(LIMITED, sink=await aiohttp_server(make_counting_app(seen)))
+    head = "POST /small/sink HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+    assert client.port is not None
+
+    too_large = await _first_status_line(
+        client.port, (head + "Content-Length: 5000\r\n\r\n").encode()
+    )
+    small = await _first_status_line(client.port, (head + "Content-Length: 10\r\n\r\n").encode())
+
+    assert too_large.startswith(b"HTTP/1.1 413")
+    assert small == b"HTTP/1.1 100 Continue\r\n"
+    assert seen == []
