@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
 import aiohttp
@@ -118,10 +117,13 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
         body = exchange.body
         if body is None and request.body_exists:
             body = request.content
-        if body is not None and idle is not None:
-            body = idle_limited(body, idle, exchange)
+        watch = None if body is None or idle is None else BodyWatch(request.content, idle, exchange)
         started = time.perf_counter()
-        reply = await service.send(request.method, path_qs, headers, body, exchange, timeout)
+        try:
+            reply = await service.send(request.method, path_qs, headers, body, exchange, timeout)
+        finally:
+            if watch is not None:
+                watch.cancel()  # headers are back: a body still going is the upstream's choice
         exchange.upstream_ms = (time.perf_counter() - started) * 1000
         upstream = reply.response
         try:  # relay: headers first, then bytes as they arrive
@@ -150,22 +152,32 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
     return handle
 
 
-async def idle_limited(
-    body: StreamReader | AsyncIterable[bytes], idle: float, exchange: Exchange
-) -> AsyncIterator[bytes]:
-    """The request body, cut off with a 408 when the client sends nothing for `idle` seconds
-    (nginx's client_body_timeout): a stalled upload must not hold an upstream connection."""
-    chunks = aiter(body.iter_any() if isinstance(body, StreamReader) else body)
-    while True:
-        try:
-            async with asyncio.timeout(idle):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
+class BodyWatch:
+    """Cuts a request body off with a 408 when the client sends nothing for `idle` seconds
+    (nginx's client_body_timeout), so a stalled upload cannot hold an upstream connection.
+    One timer per request, re-armed while bytes keep coming: nothing is done per chunk."""
+
+    __slots__ = ("_content", "_exchange", "_handle", "_idle", "_seen")
+
+    def __init__(self, content: StreamReader, idle: float, exchange: Exchange) -> None:
+        self._content, self._idle, self._exchange = content, idle, exchange
+        self._seen = content.total_bytes
+        self._handle = asyncio.get_running_loop().call_later(idle, self._check)
+
+    def _check(self) -> None:
+        content = self._content
+        if content.is_eof():
+            return  # the whole body arrived: a slow upstream is the read timeout's business
+        if content.total_bytes == self._seen:
+            error = RequestTimeout(f"no request body bytes arrived for {self._idle:g}s")
+            self._exchange.body_error = error
+            content.set_exception(error)  # the upstream request fails, and is not blamed
             return
-        except TimeoutError:
-            exchange.body_error = RequestTimeout(f"no request body bytes arrived for {idle:g}s")
-            raise exchange.body_error from None
-        yield chunk
+        self._seen = content.total_bytes
+        self._handle = asyncio.get_running_loop().call_later(self._idle, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def relayed(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
