@@ -4,7 +4,7 @@ GatewayError
   RouteNotFound 404 · MethodNotAllowed 405 · Unauthenticated 401 · Forbidden 403
   PayloadTooLarge 413 · RateLimited 429 · BadRequest 400 · RequestTimeout 408
   UpstreamError
-    UpstreamUnavailable 502 · NoHealthyTarget 503 · UpstreamTimeout 504
+    UpstreamUnavailable 502 · NoHealthyTarget 503 · PoolExhausted 503 · UpstreamTimeout 504
 ResponseAborted: a failure after the response started; the connection is dropped.
 """
 
@@ -83,6 +83,11 @@ class UpstreamUnavailable(UpstreamError):
 class NoHealthyTarget(UpstreamError):
     status, title, slug = 503, "Service Unavailable", "no-healthy-target"
     kind = "no_healthy_target"
+
+
+class PoolExhausted(UpstreamError):
+    status, title, slug = 503, "Service Unavailable", "pool-exhausted"
+    kind = "pool_exhausted"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -36,6 +36,7 @@ from gateway.breaker import Circuit, CircuitBreaker, Clock, RetryBudget
 from gateway.errors import (
     BadRequest,
     NoHealthyTarget,
+    PoolExhausted,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -184,6 +185,9 @@ class Service:
         if self._session is not None:
             await self._session.close()
 
+    def _pool_full(self) -> bool:
+        return sum(t.in_flight for t in self.targets) >= self.config.max_connections
+
     def has_available_target(self) -> bool:
         return any(t.available() for t in self.targets)
 
@@ -320,6 +324,14 @@ class Service:
             if exchange.body_error is not None:  # our side cut the body: not the target's fault
                 target.breaker.abandon(trial)
                 raise exchange.body_error from error
+            if isinstance(exc, aiohttp.ConnectionTimeoutError) and self._pool_full():
+                # The connect timeout also covers the wait for a free pooled connection: with
+                # every connection busy, this is the pool's limit, not the target failing.
+                target.breaker.abandon(trial)
+                raise PoolExhausted(
+                    f"service {self.name!r} has no free connection (max_connections)",
+                    headers={"Retry-After": "1"},
+                ) from exc
             target.breaker.failure()
             upstream_log.warning("%s: %s", target.label, error.detail)
             raise error from exc

@@ -12,7 +12,9 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
+from gateway.app import GATEWAY
 from tests.gateway.conftest import ECHO_ROUTE, MakeGateway
+from tests.upstreams import make_gated_app
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "request_id"}
 
@@ -255,3 +257,31 @@ async def test_expect_100_continue_is_refused_with_413_when_the_body_is_too_larg
     assert too_large.startswith(b"HTTP/1.1 413")
     assert small == b"HTTP/1.1 100 Continue\r\n"
     assert seen == []
+
+
+async def test_a_full_pool_is_a_503_and_does_not_open_the_targets_circuit(
+    make_gateway: MakeGateway, aiohttp_server: AiohttpServer
+) -> None:
+    gate = asyncio.Event()
+    routes = (
+        "version: 1\nservices:\n  held:\n    targets: [$HELD]\n    max_connections: 1\n"
+        "    timeouts: {connect: 200ms}\n    circuit_breaker: {failures: 1}\n"
+        "routes:\n  - {prefix: /, service: held}\n"
+    )
+    client = await make_gateway(routes, held=await aiohttp_server(make_gated_app(gate)))
+    first = asyncio.create_task(client.get("/one"))  # takes the only connection and waits
+    deadline = asyncio.get_running_loop().time() + 3
+    held_service = None
+    while held_service is None or held_service.targets[0].in_flight == 0:
+        assert asyncio.get_running_loop().time() < deadline, "the first request never left"
+        await asyncio.sleep(0.01)
+        held_service = client.app[GATEWAY].services["held"]
+
+    crowded = await client.get("/two")
+    gate.set()
+
+    assert crowded.status == 503
+    assert crowded.headers["Retry-After"] == "1"
+    assert (await problem(crowded))["title"] == "Service Unavailable"
+    assert (await first).status == 200
+    assert (await client.get("/three")).status == 200  # the circuit stayed closed
