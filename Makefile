@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 LISTEN_INVENTORY ?= 127.0.0.1:8001
+INVENTORY_DB ?= var/inventory.db
 CONFIG ?= routes.yaml
 
 .PHONY: venv run test check lint typecheck pytest bench lock clean
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 run: venv
 	@mkdir -p var
 	@trap 'kill -TERM $$inv $$gw 2>/dev/null; wait' INT TERM; \
-	$(PY) -m inventory --db var/inventory.db --listen $(LISTEN_INVENTORY) & inv=$$!; \
+	$(PY) -m inventory --db $(INVENTORY_DB) --listen $(LISTEN_INVENTORY) & inv=$$!; \
 	$(PY) -m gateway --config $(CONFIG) & gw=$$!; \
 	wait
 

@@ -80,10 +80,6 @@ class _RandomHex:
 _random = _RandomHex()
 
 
-def new_id() -> str:
-    return _random.take(32)
-
-
 def start_exchange(request: web.BaseRequest) -> Exchange:
     """Keep a sane client request id and a valid traceparent, or make new ones."""
     headers = request.headers

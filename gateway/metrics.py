@@ -176,7 +176,7 @@ class Metrics:
             name = route or "none"
             klass = _STATUS_CLASS.get(status_class, "other")
             self.requests.labels(name, method, klass).inc(stats.count)
-            _add_to_histogram(self.latency.labels(name), stats)
+            _add_buckets(self.latency.labels(name), stats.buckets, stats.seconds)
             if stats.bytes_in:
                 self.bytes_in.labels(name).inc(stats.bytes_in)
             if stats.bytes_out:
@@ -255,10 +255,6 @@ class _Stats:
             self.upstream_count += 1
             self.upstream_seconds += upstream
             self.upstream_buckets[bisect_left(_BOUNDS, upstream)] += 1
-
-
-def _add_to_histogram(child: Histogram, stats: _Stats) -> None:
-    _add_buckets(child, stats.buckets, stats.seconds)
 
 
 def _add_buckets(child: Histogram, counts: list[int], total: float) -> None:

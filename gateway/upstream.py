@@ -191,10 +191,6 @@ class Service:
     def has_available_target(self) -> bool:
         return any(t.available() for t in self.targets)
 
-    def pick(self, tried: Sequence[Target] = ()) -> Target:
-        """Choose and claim a target, ignoring whether it is a half-open trial."""
-        return self.choose(tried)[0]
-
     def choose(self, tried: Sequence[Target] = ()) -> tuple[Target, bool]:
         """Choose and claim a target: (target, is this request its half-open trial). A caller
         that connects itself (WebSocket) reports `breaker.success()`, `failure()` or

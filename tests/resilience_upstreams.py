@@ -5,10 +5,9 @@ drive many requests and to wait for a condition with a deadline instead of sleep
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Final, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -18,7 +17,6 @@ from gateway.app import GATEWAY, Gateway
 
 Mode = Literal["ok", "fail", "reset", "hang"]
 T = TypeVar("T")
-POLL: Final = 0.01  # seconds between two looks at a condition
 
 
 class Target:
@@ -73,14 +71,6 @@ class Target:
 async def serve(aiohttp_server: AiohttpServer, *targets: Target) -> list[str]:
     """Start a loopback server for each target; their base URLs, in order."""
     return [str((await aiohttp_server(t.app())).make_url("")).rstrip("/") for t in targets]
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until `condition()` holds, looking every POLL seconds; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(POLL)
 
 
 async def in_batches(calls: Iterable[Callable[[], Awaitable[T]]], size: int = 20) -> list[T]:

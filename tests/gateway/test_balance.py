@@ -16,8 +16,9 @@ from gateway.breaker import CircuitBreaker
 from gateway.model import CircuitBreakerConfig, TargetConfig
 from gateway.upstream import Target
 from tests.gateway.conftest import MakeGateway
+from tests.polling import eventually
 from tests.resilience_upstreams import Target as Upstream
-from tests.resilience_upstreams import eventually, in_batches, one_service, serve, status
+from tests.resilience_upstreams import in_batches, one_service, serve, status
 
 
 def targets(*weights: int) -> list[Target]:

@@ -4,7 +4,6 @@ internal address, and a broken body (never a clean short one) after the response
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -14,15 +13,10 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.app import GATEWAY
 from tests.gateway.conftest import ECHO_ROUTE, MakeGateway
+from tests.polling import eventually, free_port
 from tests.upstreams import make_gated_app
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "request_id"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def problem(resp: aiohttp.ClientResponse) -> dict[str, object]:
@@ -196,10 +190,7 @@ async def test_chunked_body_is_cut_off_once_it_passes_the_limit(
 
     assert resp.status == 413
     await problem(resp)
-    deadline = asyncio.get_running_loop().time() + 3
-    while not seen and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)  # the upstream request ends, broken, soon after the cut
-    assert seen
+    await eventually(lambda: bool(seen), within=3)  # the upstream request ends, broken
     assert 512 <= seen[0] <= 1000  # it got what was under the limit, never the whole body
 
 
@@ -270,12 +261,8 @@ async def test_a_full_pool_is_a_503_and_does_not_open_the_targets_circuit(
     )
     client = await make_gateway(routes, held=await aiohttp_server(make_gated_app(gate)))
     first = asyncio.create_task(client.get("/one"))  # takes the only connection and waits
-    deadline = asyncio.get_running_loop().time() + 3
-    held_service = None
-    while held_service is None or held_service.targets[0].in_flight == 0:
-        assert asyncio.get_running_loop().time() < deadline, "the first request never left"
-        await asyncio.sleep(0.01)
-        held_service = client.app[GATEWAY].services["held"]
+    held = client.app[GATEWAY].services["held"].targets[0]
+    await eventually(lambda: held.in_flight == 1, within=3)  # the first request has left
 
     crowded = await client.get("/two")
     gate.set()

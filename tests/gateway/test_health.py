@@ -16,9 +16,9 @@ from gateway.health import judge
 from gateway.model import CircuitBreakerConfig, HealthCheckConfig, TargetConfig
 from gateway.upstream import Target as UpstreamTarget
 from tests.gateway.conftest import MakeGateway, compile_gateway
+from tests.polling import eventually
 from tests.resilience_upstreams import (
     Target,
-    eventually,
     gateway_of,
     in_batches,
     one_service,

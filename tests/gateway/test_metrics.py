@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.exchange import Exchange
 from gateway.metrics import Metrics
 from tests.gateway.conftest import GatewayClient, compile_gateway
-from tests.processes.inventory_process import free_port
+from tests.polling import free_port
 from tests.upstreams import make_gated_app
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

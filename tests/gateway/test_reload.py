@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import logging
 import os
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,11 @@ from gateway.app import Gateway, create_app
 from gateway.compile import load
 from gateway.reload import Signature, file_signature
 from tests.gateway.conftest import GatewayClient, base_url
+from tests.polling import eventually as poll_eventually
 from tests.upstreams import make_gated_app
 
 RELOAD_DEADLINE = 2.0  # seconds: the contract's promise for an edited file
+eventually = partial(poll_eventually, within=RELOAD_DEADLINE)
 
 ROUTES = """version: 1
 services:
@@ -89,21 +90,6 @@ class Running:
                 if sample.name == name and sample.labels == labels:
                     return sample.value
         raise AssertionError(f"no sample {name}{labels}")
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool] | bool], within: float = RELOAD_DEADLINE
-) -> float:
-    """Poll `check` until it holds; fail at the deadline. Returns the seconds it took."""
-    started = time.monotonic()
-    while not await _holds(check()):
-        assert time.monotonic() - started < within, f"not true within {within}s"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
-async def _holds(result: Awaitable[bool] | bool) -> bool:
-    return await result if inspect.isawaitable(result) else result
 
 
 @pytest.fixture

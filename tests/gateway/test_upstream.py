@@ -18,10 +18,10 @@ from gateway.exchange import Exchange
 from gateway.model import CircuitBreakerConfig, ServiceConfig, TargetConfig
 from gateway.upstream import Service
 from tests.gateway.conftest import GatewayClient, MakeGateway, base_url
+from tests.polling import eventually
 from tests.resilience_upstreams import (
     Mode,
     Target,
-    eventually,
     gateway_of,
     in_batches,
     one_service,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -17,18 +16,12 @@ from typing import Final
 
 import aiohttp
 
+from tests.polling import free_port
+
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent.parent
 READY_TIMEOUT_SECONDS: Final = 15.0
 EXIT_TIMEOUT_SECONDS: Final = 15.0
 POLL_SECONDS: Final = 0.05
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the child binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class InventoryProcess:

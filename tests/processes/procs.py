@@ -14,13 +14,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, TypeVar
 
 import aiohttp
 
-from tests.processes.inventory_process import REPO_ROOT, free_port
+from tests.polling import free_port
+from tests.processes.inventory_process import REPO_ROOT
 
 READY_TIMEOUT_SECONDS: Final = 15.0
 EXIT_TIMEOUT_SECONDS: Final = 15.0
@@ -106,15 +107,3 @@ class GatewayProcess:
 
 
 T = TypeVar("T")
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, within: float
-) -> T:
-    """Call `probe` until `done(result)` or `within` seconds pass; return the last result."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await probe()
-        if done(result) or time.monotonic() >= deadline:
-            return result
-        await asyncio.sleep(POLL_SECONDS)

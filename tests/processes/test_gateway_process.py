@@ -18,8 +18,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
 
+from tests.polling import eventually, poll_until
 from tests.processes.inventory_process import REPO_ROOT
-from tests.processes.procs import EXIT_TIMEOUT_SECONDS, GatewayProcess, eventually
+from tests.processes.procs import EXIT_TIMEOUT_SECONDS, GatewayProcess
 from tests.upstreams import make_echo_app, make_slow
 
 ROUTES = """version: 1
@@ -86,14 +87,14 @@ async def test_an_edited_file_is_served_within_2s_under_load_with_no_failed_requ
             try:
                 write_routes(config, ADDED, echo)
                 edited = time.monotonic()
-                seen = await eventually(
+                seen = await poll_until(
                     lambda: status(session, f"{gateway.url}/added/x"),
                     lambda s: s == 200,
                     within=2.0,
                 )
                 took = time.monotonic() - edited
                 count = len(answered)
-                await eventually(
+                await poll_until(
                     lambda: asyncio.sleep(0, len(answered)), lambda n: n > count + 20, within=2.0
                 )
             finally:
@@ -120,14 +121,14 @@ async def test_sighup_reports_an_invalid_edit_and_applies_a_valid_one_at_once(
         write_routes(config, ROUTES.replace("service: echo", "servic3: echo"), echo)
         os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))
         gateway.send_signal(signal.SIGHUP)
-        rejected = await eventually(
+        rejected = await poll_until(
             lambda: config_of(gateway), lambda b: not last_reload(b)["ok"], within=1.0
         )
         write_routes(config, ROUTES.replace("/echo", "/ohce"), echo)
         os.utime(config, ns=(before.st_atime_ns, before.st_mtime_ns))
         gateway.send_signal(signal.SIGHUP)
         async with aiohttp.ClientSession() as session:
-            served = await eventually(
+            served = await poll_until(
                 lambda: status(session, f"{gateway.url}/ohce/x"), lambda s: s == 200, within=1.0
             )
     finally:
@@ -155,7 +156,7 @@ async def test_sigterm_during_a_slow_response_still_delivers_it_and_exits_0(
             slow = asyncio.ensure_future(session.get(f"{gateway.url}/slow"))
             await asyncio.wait_for(started.wait(), 5.0)
             gateway.send_signal(signal.SIGTERM)
-            readyz = await eventually(
+            readyz = await poll_until(
                 lambda: status(session, f"{gateway.admin_url}/readyz"),
                 lambda s: s == 503,
                 within=1.5,
@@ -188,11 +189,12 @@ async def test_two_workers_share_the_port_and_metrics_sum_across_them(
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
             codes = [await status(session, f"{gateway.url}/echo/{i}") for i in range(40)]
+
             # Each worker moves its counts to the shared files at least once a second.
-            deadline = asyncio.get_running_loop().time() + 5
-            while await requests_total(session, gateway) < 40:
-                assert asyncio.get_running_loop().time() < deadline, "workers never flushed"
-                await asyncio.sleep(0.1)
+            async def all_counted() -> bool:
+                return await requests_total(session, gateway) == 40
+
+            await eventually(all_counted, within=5)
             totals = [await requests_total(session, gateway) for _ in range(6)]
         exit_code = await gateway.stop(signal.SIGTERM)
     finally:
