@@ -74,7 +74,8 @@ def build_config(doc: Document) -> GatewayConfig:
     data: dict[str, JSON] = doc.data
     limits = data.get("limits") or {}
     services = {name: _service(name, raw) for name, raw in data["services"].items()}
-    routes = tuple(_route(i, raw, services) for i, raw in enumerate(data["routes"]))
+    rate = limits.get("min_body_rate", 500)
+    routes = tuple(_route(i, raw, services, rate) for i, raw in enumerate(data["routes"]))
     return GatewayConfig(
         file=doc.file,
         version_hash=doc.version_hash,
@@ -85,6 +86,7 @@ def build_config(doc: Document) -> GatewayConfig:
         trusted_proxies=tuple(ip_network(c, strict=False) for c in data.get("trusted_proxies", ())),
         max_body_bytes=limits.get("max_body_bytes"),
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
+        drain_timeout=_seconds(limits.get("drain_timeout"), 600.0) or 600.0,
         services=services,
         routes=routes,
     )
@@ -118,7 +120,7 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
         for t in raw["targets"]
     )
     health = raw.get("health_check")
-    breaker = raw.get("circuit_breaker") or {}
+    breaker = raw.get("circuit_breaker")
     budget = raw.get("retry_budget") or {}
     return ServiceConfig(
         name=name,
@@ -140,9 +142,11 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
             healthy_threshold=health.get("healthy_threshold", 2),
             unhealthy_threshold=health.get("unhealthy_threshold", 3),
         ),
-        circuit_breaker=CircuitBreakerConfig(
-            failures=breaker.get("failures", 5),
-            open_for=_seconds(breaker.get("open_for"), 30.0) or 30.0,
+        circuit_breaker=None  # the default never ejects a service's only target
+        if breaker is None and len(targets) == 1
+        else CircuitBreakerConfig(
+            failures=(breaker or {}).get("failures", 5),
+            open_for=_seconds((breaker or {}).get("open_for"), 30.0) or 30.0,
         ),
         max_connections=raw.get("max_connections", 1000),
     )
@@ -156,7 +160,9 @@ def _headers(raw: JSON) -> HeaderRules:
     )
 
 
-def _route(index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig]) -> RouteConfig:
+def _route(
+    index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig], min_body_rate: int
+) -> RouteConfig:
     service = services[raw["service"]]
     return RouteConfig(
         prefix=normalize_prefix(raw["prefix"]),
@@ -168,6 +174,7 @@ def _route(index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig])
         request_headers=_headers(raw.get("request_headers")),
         response_headers=_headers(raw.get("response_headers")),
         max_body_bytes=raw.get("max_body_bytes"),
+        min_body_rate=min_body_rate,
     )
 
 

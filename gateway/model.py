@@ -66,7 +66,8 @@ class ServiceConfig:
     retries: int = 0  # extra attempts for idempotent requests; default 0
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     health_check: HealthCheckConfig | None = None  # None: passive health only
-    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    circuit_breaker: CircuitBreakerConfig | None = CircuitBreakerConfig()  # None: never eject
+    # (the default of a single-target service; an explicit circuit_breaker key sets one)
     max_connections: int = 1000  # open connections per service, pooled and kept alive
 
 
@@ -90,6 +91,8 @@ class RouteConfig:
     request_headers: HeaderRules = HeaderRules()
     response_headers: HeaderRules = HeaderRules()
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
+    min_body_rate: int = 500  # bytes/s a request body must average per `read` interval
+    # (limits.min_body_rate; 0: only silence is cut off); default 500
 
     name: str = ""  # "routes.N", how logs, metrics and /routes name it (set in __post_init__)
 
@@ -109,5 +112,7 @@ class GatewayConfig:
     trusted_proxies: tuple[Network, ...] = ()
     max_body_bytes: int | None = None  # global request body limit; None: unlimited (streamed)
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
+    drain_timeout: float = 600.0  # seconds a service a reload replaced keeps its open
+    # requests, streams and WebSockets before its pool is closed; default 10 min
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
