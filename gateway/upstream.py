@@ -218,6 +218,7 @@ class Service:
     async def close(self) -> None:
         self._closed = True
         if self._session is not None:
+            _end_streams(self._session)
             await self._session.close()
 
     def _pool_full(self) -> bool:
@@ -378,6 +379,20 @@ class Service:
         else:
             target.breaker.success(ticket)
         return Reply(response, target)
+
+
+def _end_streams(session: aiohttp.ClientSession) -> None:
+    """aiohttp's close() closes every connection but leaves a response body being read
+    waiting, for ever, for bytes that cannot come. Fail each one instead, so its relay drops
+    the client's connection (a broken body, as for any upstream failure mid-response)."""
+    connector = session.connector
+    if connector is None:
+        return
+    for protocol in list(connector._acquired):
+        if protocol._payload is not None:
+            protocol._payload.set_exception(
+                aiohttp.ClientConnectionError("the service's pool was closed")
+            )
 
 
 def _content_length(headers: Headers) -> int | None:

@@ -47,3 +47,12 @@ async def poll_until(
 
 async def _holds(result: Awaitable[bool] | bool) -> bool:
     return await result if inspect.isawaitable(result) else result
+
+
+async def always(check: Callable[[], Awaitable[bool] | bool], during: float) -> None:
+    """Look at `check` until `during` seconds have passed; fail the first time it does not
+    hold (for what must not happen, such as a pool closing under a request)."""
+    deadline = time.monotonic() + during
+    while time.monotonic() < deadline:
+        assert await _holds(check()), f"stopped holding within {during}s"
+        await asyncio.sleep(POLL)

@@ -135,3 +135,34 @@ def make_gated_app(gate: asyncio.Event) -> web.Application:
     app = web.Application()
     app.router.add_get("/{tail:.*}", gated)
     return app
+
+
+def make_late_reader_app(delay: float) -> web.Application:
+    """Reads no request body for `delay` seconds (a busy upstream), then all of it; answers
+    with the length it got."""
+
+    async def late(request: web.Request) -> web.Response:
+        await asyncio.sleep(delay)
+        return web.json_response({"received": len(await request.read())})
+
+    app = web.Application(client_max_size=2**31)
+    app.router.add_route("*", "/{tail:.*}", late)
+    return app
+
+
+def make_held_stream_app(gate: asyncio.Event) -> web.Application:
+    """GET /events: one server-sent event at once, the last one only once `gate` is set."""
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await gate.wait()
+        await response.write(b"data: last\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/events", events)
+    app.router.add_get("/ws", websocket)
+    return app

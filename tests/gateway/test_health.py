@@ -4,11 +4,14 @@ a target is taken out and brought back, and probe tasks stop on close and on rel
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
+from gateway import health
 from gateway.app import Gateway
 from gateway.breaker import CircuitBreaker
 from gateway.compile import load_text
@@ -183,3 +186,53 @@ async def test_a_reload_that_changes_a_service_restarts_its_probes(
     assert after["other"] is not before["other"]  # a new task, probing the new Service
     await eventually(lambda: old_other.closed)
     await gateway.close()
+
+
+async def test_probes_do_not_wait_for_a_slot_in_a_full_traffic_pool(
+    make_gateway: MakeGateway, aiohttp_server: AiohttpServer
+) -> None:
+    a = Target("a", "hang")  # its requests (think: two SSE streams) hold their connections
+    (url,) = await serve(aiohttp_server, a)
+    check = "{path: /healthz, interval: 20ms, timeout: 200ms, unhealthy_threshold: 1}"
+    client = await make_gateway(one_service(f"[{url}]", max_connections="2", health_check=check))
+    target = gateway_of(client).services["svc"].targets[0]
+    streams = [asyncio.create_task(status(client, "GET", "/svc/stream")) for _ in range(2)]
+    await eventually(lambda: a.total == 2)
+    probed = a.probes
+
+    await eventually(lambda: a.probes >= probed + 5)
+
+    assert target.healthy
+    a.release.set()
+    assert await asyncio.gather(*streams) == [200, 200]
+
+
+async def test_an_error_in_a_probe_round_is_logged_and_probing_goes_on(
+    make_gateway: MakeGateway,
+    aiohttp_server: AiohttpServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_judge, calls = health.judge, [0]
+
+    def judge_with_a_bug_once(*args: Any) -> int:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a bug in judge")
+        return real_judge(*args)
+
+    monkeypatch.setattr(health, "judge", judge_with_a_bug_once)
+    a = Target("a")
+    (url,) = await serve(aiohttp_server, a)
+    client = await make_gateway(one_service(f"[{url}]", health_check=CHECK))
+    target = gateway_of(client).services["svc"].targets[0]
+
+    await eventually(lambda: calls[0] >= 3)  # the rounds after the failed one ran
+    a.health_status = 503
+    await eventually(lambda: not target.healthy)
+
+    failures = [r for r in caplog.records if r.exc_info and r.levelno >= logging.WARNING]
+    assert len(failures) == 1
+    assert "svc" in failures[0].getMessage()
+    assert failures[0].exc_info is not None
+    assert isinstance(failures[0].exc_info[1], RuntimeError)

@@ -5,6 +5,7 @@ the table they started with, and unchanged services keep their pools."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -12,6 +13,7 @@ from collections.abc import Awaitable
 from functools import partial
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,11 +21,14 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.admin import create_admin_app
 from gateway.app import Gateway, create_app
-from gateway.compile import load
+from gateway.breaker import Circuit
+from gateway.compile import load, load_text
 from gateway.reload import Signature, file_signature
 from tests.gateway.conftest import GatewayClient, base_url
+from tests.polling import always
 from tests.polling import eventually as poll_eventually
-from tests.upstreams import make_gated_app
+from tests.resilience_upstreams import Target, serve
+from tests.upstreams import make_gated_app, make_held_stream_app
 
 RELOAD_DEADLINE = 2.0  # seconds: the contract's promise for an edited file
 eventually = partial(poll_eventually, within=RELOAD_DEADLINE)
@@ -321,3 +326,157 @@ def test_the_version_hash_is_the_sha256_of_the_file_bytes(tmp_path: Path) -> Non
 
     assert result.config is not None
     assert result.config.version_hash == hashlib.sha256(raw).hexdigest()
+
+
+def svc(service: str, limits: str = "") -> str:
+    """routes.yaml text: service `svc` (a YAML flow mapping) behind /svc, a 200 ms grace."""
+    return (
+        f"version: 1\nlimits: {{shutdown_grace: 200ms{limits}}}\nservices:\n  svc: {service}\n"
+        "routes:\n  - {prefix: /svc, service: svc, strip_prefix: true}\n"
+    )
+
+
+async def start_gateway(aiohttp_client: AiohttpClient, text: str) -> tuple[Gateway, GatewayClient]:
+    result = load_text(text, "routes.yaml", environ={})
+    assert result.config is not None, [str(e) for e in result.errors]
+    gateway = Gateway(result.config)
+    return gateway, await aiohttp_client(create_app(gateway))
+
+
+def apply_text(gateway: Gateway, text: str) -> None:
+    result = load_text(text, "routes.yaml", environ={})
+    assert gateway.apply(result), [str(e) for e in result.errors]
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_an_upload_still_running_at_a_reload_finishes_on_its_old_service(
+    retries: int, aiohttp_client: AiohttpClient, echo_upstream: TestServer
+) -> None:
+    url = base_url(echo_upstream)
+    gateway, client = await start_gateway(
+        aiohttp_client, svc(f"{{targets: [{url}], retries: {retries}}}")
+    )
+    old = gateway.services["svc"]
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(
+        b"PUT /svc/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+        + b"p" * 500
+    )
+    await writer.drain()
+    await eventually(lambda: gateway.metrics.active == 1)  # the PUT is in, half its body too
+
+    apply_text(gateway, svc(f"{{targets: [{url}], retries: {retries + 1}}}"))  # one field edited
+    assert gateway.services["svc"] is not old
+    await always(lambda: not old.closed, during=0.5)  # longer than shutdown_grace
+    writer.write(b"p" * 500)
+    answer = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b'"body_length": 1000' in answer
+    await eventually(lambda: old.closed)  # and once it is done, the old pool is closed
+
+
+async def test_streams_and_websockets_outlive_shutdown_grace_when_a_reload_edits_their_service(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    gate = asyncio.Event()
+    url = base_url(await aiohttp_server(make_held_stream_app(gate)))
+    gateway, client = await start_gateway(aiohttp_client, svc(f"{{targets: [{url}]}}"))
+    old = gateway.services["svc"]
+    events = await client.get("/svc/events")
+    assert await events.content.readline() == b"data: first\n"
+    ws = await client.ws_connect("/svc/ws")
+    await ws.send_str("before")
+    assert await ws.receive_str() == "echo:before"
+
+    apply_text(gateway, svc(f"{{targets: [{url}], retries: 1}}"))
+    await always(lambda: not old.closed, during=0.5)  # longer than shutdown_grace
+    gate.set()
+    rest = await events.content.read()
+    await ws.send_str("after")
+
+    assert await ws.receive_str() == "echo:after"
+    assert rest == b"\ndata: last\n\n"
+    await ws.close()
+    await eventually(lambda: old.closed)
+
+
+async def test_a_stream_on_a_replaced_service_is_cut_after_drain_timeout(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    gate = asyncio.Event()
+    url = base_url(await aiohttp_server(make_held_stream_app(gate)))
+    limits = ", drain_timeout: 300ms"
+    gateway, client = await start_gateway(aiohttp_client, svc(f"{{targets: [{url}]}}", limits))
+    old = gateway.services["svc"]
+    events = await client.get("/svc/events")
+    assert await events.content.readline() == b"data: first\n"
+
+    apply_text(gateway, svc(f"{{targets: [{url}], retries: 1}}", limits))
+    await eventually(lambda: old.closed)
+    with pytest.raises(aiohttp.ClientPayloadError):  # a broken body, not one that looks whole
+        await events.content.read()
+    gate.set()
+
+
+async def test_targets_a_reload_kept_keep_their_health_and_circuit_state(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    a, b, c = Target("a"), Target("b", "reset"), Target("c")
+    url_a, url_b, url_c = await serve(aiohttp_server, a, b, c)
+    settings = (
+        "health_check: {path: /healthz, interval: 20ms, unhealthy_threshold: 1}, "
+        "circuit_breaker: {failures: 1, open_for: 30s}"
+    )
+    gateway, client = await start_gateway(
+        aiohttp_client, svc(f"{{targets: [{url_a}, {url_b}], {settings}}}")
+    )
+    a.health_status = 503
+    await poll_eventually(lambda: not gateway.services["svc"].targets[0].healthy)
+    assert await status_of(client, "/svc/x") == 502  # b resets: its circuit opens
+    assert gateway.services["svc"].targets[1].breaker.state is Circuit.OPEN
+
+    apply_text(gateway, svc(f"{{targets: [{url_a}, {url_b}], retries: 1, {settings}}}"))
+    edited = gateway.services["svc"]
+
+    assert edited.config.retries == 1
+    assert (edited.targets[0].healthy, edited.targets[1].breaker.state) == (False, Circuit.OPEN)
+    assert await status_of(client, "/svc/x") == 503  # neither target gets traffic yet
+    assert a.total + b.total == 1
+
+    apply_text(gateway, svc(f"{{targets: [{url_a}, {url_c}], retries: 1, {settings}}}"))
+    moved = gateway.services["svc"]
+
+    assert moved.targets[0].healthy is False  # same URL: still down
+    assert moved.targets[1].breaker.state is Circuit.CLOSED  # a new URL starts afresh
+    assert await status_of(client, "/svc/x") == 200
+    assert c.total == 1
+
+
+async def test_shutdown_cancels_the_draining_of_replaced_services_and_closes_them(
+    running: Running,
+) -> None:
+    removed = running.gateway.services["gated"]
+    pending = asyncio.ensure_future(running.public.get("/gated/wait"))
+    await eventually(lambda: removed.targets[0].in_flight == 1)
+    await running.edit(WITHOUT_GATED)
+    await eventually(lambda: running.gateway.services.get("gated") is None)
+    assert _draining() != []
+
+    await running.gateway.close()
+
+    assert _draining() == []
+    assert removed.closed
+    running.gate.set()
+    with contextlib.suppress(aiohttp.ClientError):
+        (await pending).close()
+
+
+def _draining() -> list[asyncio.Task[object]]:
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and getattr(t.get_coro(), "__qualname__", "") == "Gateway._retire"
+    ]

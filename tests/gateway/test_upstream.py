@@ -302,3 +302,35 @@ async def test_a_cancelled_request_gives_back_its_count_and_its_half_open_trial(
     assert (target.available(), target.in_flight) == (True, 0)  # the next request tries
     a.release.set()
     await service.close()
+
+
+async def test_a_full_pool_is_a_503_at_once_and_is_never_retried(
+    make_gateway: MakeGateway, aiohttp_server: AiohttpServer
+) -> None:
+    (a, url_a), (b, url_b) = await start(aiohttp_server, "hang", "hang")
+    client = await gateway(
+        make_gateway,
+        [url_a, url_b],
+        max_connections="1",
+        retries="1",
+        timeouts="{connect: 1s}",
+        circuit_breaker="{failures: 1}",
+    )
+    held = asyncio.create_task(status(client, "GET", "/svc/held"))
+    await eventually(lambda: a.total + b.total == 1)
+
+    started = asyncio.get_running_loop().time()
+    async with client.get("/svc/crowded") as response:
+        problem = await response.json(content_type="application/problem+json")
+    took = asyncio.get_running_loop().time() - started
+
+    assert (response.status, response.headers["Retry-After"]) == (503, "1")
+    assert problem["title"] == "Service Unavailable"
+    assert took < 0.5  # not the 1 s connect timeout, let alone two of them
+    assert a.total + b.total == 1
+    registry = gateway_of(client).metrics.registry
+    assert not registry.get_sample_value("gateway_upstream_retries_total", {"service": "svc"})
+    a.release.set()
+    b.release.set()
+    assert await held == 200
+    assert {circuit_of(client, 0), circuit_of(client, 1)} == {Circuit.CLOSED}
