@@ -17,6 +17,7 @@ from gateway.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
     CircuitBreakerConfig,
+    ClientLimits,
     GatewayConfig,
     HeaderRules,
     HealthCheckConfig,
@@ -85,8 +86,22 @@ def build_config(doc: Document) -> GatewayConfig:
         trusted_proxies=tuple(ip_network(c, strict=False) for c in data.get("trusted_proxies", ())),
         max_body_bytes=limits.get("max_body_bytes"),
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
+        client_limits=_client_limits(limits),
         services=services,
         routes=routes,
+    )
+
+
+def _client_limits(raw: dict[str, JSON]) -> ClientLimits:
+    base = ClientLimits()
+    return ClientLimits(
+        header_timeout=_seconds(raw.get("header_timeout"), base.header_timeout) or 0.0,
+        keepalive_timeout=_seconds(raw.get("keepalive_timeout"), base.keepalive_timeout) or 0.0,
+        send_timeout=_seconds(raw.get("send_timeout"), base.send_timeout) or 0.0,
+        max_client_connections=raw.get("max_client_connections", base.max_client_connections),
+        max_header_bytes=raw.get("max_header_bytes", base.max_header_bytes),
+        max_headers=raw.get("max_headers", base.max_headers),
+        max_request_target_bytes=raw.get("max_request_target_bytes", base.max_request_target_bytes),
     )
 
 

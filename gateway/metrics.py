@@ -117,6 +117,13 @@ class Metrics:
             ["route", "result"],
             registry=reg,
         )
+        self.client_closed = Counter(
+            "gateway_client_connections_closed",
+            "Client connections the gateway closed on a limit (header_timeout, send_timeout, "
+            "over_limit: past max_client_connections)",
+            ["reason"],
+            registry=reg,
+        )
         self.reloads = Counter(
             "gateway_config_reloads", "Config reloads by result", ["result"], registry=reg
         )

@@ -99,6 +99,19 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """What one client connection may hold (CONTRACT §7); nginx's defaults where it has one."""
+
+    header_timeout: float = 10.0  # seconds to receive a request's headers; default 10 s
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection is kept; default 75 s
+    send_timeout: float = 60.0  # seconds a response may wait on a client that does not read
+    max_client_connections: int = 10000  # open client connections per process; default 10000
+    max_header_bytes: int = 16384  # bytes of all request header lines together; default 16 KiB
+    max_headers: int = 100  # request header fields; default 100
+    max_request_target_bytes: int = 8192  # bytes of the request target (path and query); 8 KiB
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     file: str
     version_hash: str  # sha256 of the file bytes
@@ -109,5 +122,6 @@ class GatewayConfig:
     trusted_proxies: tuple[Network, ...] = ()
     max_body_bytes: int | None = None  # global request body limit; None: unlimited (streamed)
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
+    client_limits: ClientLimits = ClientLimits()
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()

@@ -32,6 +32,7 @@ from prometheus_client import multiprocess
 from gateway.accesslog import configure_logging
 from gateway.admin import AdminState, create_admin_app
 from gateway.app import Gateway, create_app
+from gateway.connection import GatewayRunner
 from gateway.model import GatewayConfig
 
 logger = logging.getLogger("gateway")
@@ -95,8 +96,9 @@ async def _serve(
 ) -> int:
     gateway = Gateway(config, config_path, warnings)
     state = AdminState()
-    public = web.AppRunner(
+    public = GatewayRunner(
         create_app(gateway),
+        gateway,
         handler_cancellation=True,  # a client that disconnects cancels its upstream request
         access_log=None,  # our own JSON access log replaces aiohttp's
         shutdown_timeout=config.shutdown_grace,
