@@ -76,7 +76,7 @@ def make_gateway(
 
     async def make(routes: str, **upstreams: TestServer) -> GatewayClient:
         gateway = compile_gateway(routes, echo=echo_upstream, tools=tools_upstream, **upstreams)
-        client = await aiohttp_client(GatewayTestServer(gateway))
+        client: object = await aiohttp_client(GatewayTestServer(gateway))
         return cast(GatewayClient, client)  # typed for a bare server; it serves the app
 
     return make
