@@ -136,7 +136,7 @@ def make_session(config: ServiceConfig) -> aiohttp.ClientSession:
         auto_decompress=False,
         request_class=ProxyRequest,
         timeout=client_timeout(config.timeouts),
-        read_bufsize=2**18,
+        read_bufsize=2**16,  # what one slow reader can hold: see connection.py
     )
     # aiohttp silently re-sends an idempotent request once, to the same target, when its
     # connection drops before the answer. Retries are this layer's: counted, budgeted, seen by
