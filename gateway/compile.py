@@ -75,15 +75,18 @@ def build_config(doc: Document) -> GatewayConfig:
     data: dict[str, JSON] = doc.data
     limits = data.get("limits") or {}
     services = {name: _service(name, raw) for name, raw in data["services"].items()}
-    routes = tuple(_route(i, raw, services) for i, raw in enumerate(data["routes"]))
+    underscores = data.get("underscores_in_headers", False)
+    routes = tuple(_route(i, raw, services, underscores) for i, raw in enumerate(data["routes"]))
     return GatewayConfig(
         file=doc.file,
         version_hash=doc.version_hash,
         text=doc.text,
         listen=_hostport(data.get("listen"), DEFAULT_LISTEN),
         admin=_hostport(data.get("admin"), DEFAULT_ADMIN),
+        admin_ready_requires=tuple(data.get("admin_ready_requires", ())),
         access_log=data.get("access_log"),
         trusted_proxies=tuple(ip_network(c, strict=False) for c in data.get("trusted_proxies", ())),
+        underscores_in_headers=underscores,
         max_body_bytes=limits.get("max_body_bytes"),
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
         client_limits=_client_limits(limits),
@@ -171,7 +174,9 @@ def _headers(raw: JSON) -> HeaderRules:
     )
 
 
-def _route(index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig]) -> RouteConfig:
+def _route(
+    index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig], underscores: bool
+) -> RouteConfig:
     service = services[raw["service"]]
     return RouteConfig(
         prefix=normalize_prefix(raw["prefix"]),
@@ -182,6 +187,7 @@ def _route(index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig])
         timeouts=_timeouts(raw.get("timeouts"), service.timeouts),
         request_headers=_headers(raw.get("request_headers")),
         response_headers=_headers(raw.get("response_headers")),
+        underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
     )
 

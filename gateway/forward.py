@@ -70,12 +70,19 @@ def connection_listed(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> f
 
 
 def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteConfig) -> Headers:
-    """The header list for the upstream request (a plain list: aiohttp copies it anyway)."""
+    """The header list for the upstream request (a plain list: aiohttp copies it anyway).
+    Client names holding "_" are dropped unless the route allows them: WSGI and CGI fold
+    X_Consumer and X-Consumer into one variable, so one could pass for the other."""
     incoming = request.headers
     drop = connection_listed(incoming, REQUEST_DROP)
     if exchange.upstream_remove:  # a route's remove rules, and the names its set rules own
         drop = drop | exchange.upstream_remove
-    out = [(name, value) for name, value in incoming.items() if name.lower() not in drop]
+    if route.underscores_in_headers:  # allowed, but compared as WSGI/CGI read them (_ is -)
+        if drop is not REQUEST_DROP:  # Connection-listed or route names may be spelt with _
+            drop = frozenset(name.replace("_", "-") for name in drop)
+        out = [(n, v) for n, v in incoming.items() if n.lower().replace("_", "-") not in drop]
+    else:  # nginx's underscores_in_headers off: X_Consumer never becomes HTTP_X_CONSUMER
+        out = [(n, v) for n, v in incoming.items() if "_" not in n and n.lower() not in drop]
     chain = exchange.forwarded_for  # set by dispatch from the trusted-proxy rules
     peer = request.remote or ""
     trusted = chain is not None

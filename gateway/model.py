@@ -89,6 +89,8 @@ class RouteConfig:
     timeouts: Timeouts = Timeouts()  # the service's, overridden per key by the route's
     request_headers: HeaderRules = HeaderRules()
     response_headers: HeaderRules = HeaderRules()
+    underscores_in_headers: bool = False  # pass client header names holding "_"; default:
+    # the top-level key's (false: such headers are dropped, as nginx does)
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
 
     name: str = ""  # "routes.N", how logs, metrics and /routes name it (set in __post_init__)
@@ -118,8 +120,10 @@ class GatewayConfig:
     text: str  # the file as written, before ${VAR} expansion (holds no expanded secret)
     listen: tuple[str, int] = DEFAULT_LISTEN
     admin: tuple[str, int] = DEFAULT_ADMIN
+    admin_ready_requires: tuple[str, ...] = ()  # services whose outage makes /readyz 503
     access_log: str | None = None  # None: standard output
     trusted_proxies: tuple[Network, ...] = ()
+    underscores_in_headers: bool = False  # routes' default for client names holding "_"
     max_body_bytes: int | None = None  # global request body limit; None: unlimited (streamed)
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     client_limits: ClientLimits = ClientLimits()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterable
 from functools import cache
 from ipaddress import ip_network
@@ -176,6 +177,9 @@ def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
                 _check_service(doc, ("services", name), service)
     if "auth" in data:
         _unsupported(doc, ("auth",), UNSUPPORTED[("auth",)])
+    required = data.get("admin_ready_requires")
+    for i, name in enumerate(required if isinstance(required, list) else ()):
+        _check_service_name(doc, ("admin_ready_requires", i), name, service_names)
     routes = data.get("routes")
     if isinstance(routes, list):
         _check_routes(doc, routes, service_names)
@@ -231,6 +235,15 @@ def target_url_problem(url: str) -> str | None:
     return None
 
 
+def _check_service_name(doc: Document, path: PathKey, name: JSON, service_names: list[str]) -> None:
+    if not isinstance(name, str) or name in service_names:
+        return
+    if path in doc.expanded:  # never echo a value from the environment
+        doc.error(path, "unknown service (the value from the environment)")
+    else:
+        doc.error(path, f"unknown service {name!r}{_suggest(name, service_names)}")
+
+
 def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -> None:
     seen: dict[str, list[tuple[int, frozenset[str]]]] = {}
     for i, route in enumerate(routes):
@@ -241,12 +254,8 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
             if key in route:
                 _unsupported(doc, (*path, key), feature)
         service = route.get("service")
-        if isinstance(service, str) and service not in service_names:
-            hint = _suggest(service, service_names)
-            if (*path, "service") in doc.expanded:  # never echo a value from the environment
-                doc.error((*path, "service"), "unknown service (the value from the environment)")
-            else:
-                doc.error((*path, "service"), f"unknown service {service!r}{hint}")
+        if isinstance(service, str):
+            _check_service_name(doc, (*path, "service"), service, service_names)
         elif service is None and "aggregate" not in route:
             doc.error(path, "missing required key 'service'")
         if isinstance(route.get("prefix"), str):
@@ -264,16 +273,35 @@ UNTOUCHABLE_HEADERS: Final = frozenset(
 )  # fmt: skip
 
 
+# RFC 9110 §5.5: a field value holds no control character but HTAB (obs-text is allowed).
+FIELD_VALUE_FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _check_header_rules(doc: Document, path: PathKey, rules: dict[str, JSON]) -> None:
     names: list[tuple[PathKey, str]] = []
     if isinstance(rules.get("set"), dict):
         names += [((*path, "set", name), name) for name in rules["set"]]
+        for name, value in rules["set"].items():
+            if isinstance(value, str):
+                _check_header_value(doc, (*path, "set", name), value)
     if isinstance(rules.get("remove"), list):
         names += [((*path, "remove", i), n) for i, n in enumerate(rules["remove"])]
     for where, name in names:
         if isinstance(name, str) and name.lower() in UNTOUCHABLE_HEADERS:
             message = f"{name} frames the message or belongs to one hop; it cannot be changed"
             doc.error(where, message, key=where[-2] == "set")
+
+
+def _check_header_value(doc: Document, path: PathKey, value: str) -> None:
+    found = FIELD_VALUE_FORBIDDEN.search(value)
+    if found is None:
+        return
+    char = found.group()
+    what = {"\r": "a line break (CR)", "\n": "a line break (LF)", "\0": "a NUL character"}.get(
+        char, f"the control character U+{ord(char):04X}"
+    )
+    source = "the value from the environment" if path in doc.expanded else "the value"
+    doc.error(path, f"{source} holds {what}; a header value may hold no control character but tab")
 
 
 def _check_prefix(

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 import aiohttp
 import pytest
@@ -321,3 +325,97 @@ async def test_a_trusted_proxy_without_forwarded_for_is_still_believed_on_proto(
     assert header(seen, "X-Forwarded-Proto") == ["https"]
     assert header(seen, "X-Forwarded-Host") == ["shop.example"]
     assert header(seen, "X-Forwarded-For") == ["127.0.0.1"]
+
+
+class QuietWSGIHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def wsgi_environ_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """Answers with the HTTP_* variables the WSGI server made of the request's headers."""
+    seen = {key: value for key, value in environ.items() if key.startswith("HTTP_")}
+    body = json.dumps(seen).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+
+
+@pytest.fixture
+def wsgi_upstream() -> Iterator[str]:
+    """A real wsgiref server in a thread (it folds X_Consumer and X-Consumer into one
+    variable, as WSGI and CGI servers do); yields its base URL."""
+    server = make_server("127.0.0.1", 0, wsgi_environ_app, handler_class=QuietWSGIHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+WSGI_ROUTES = """
+version: 1
+underscores_in_headers: {allow}
+services:
+  wsgi: {{targets: ["{url}"]}}
+routes:
+  - prefix: /
+    service: wsgi
+    request_headers: {{remove: [X-Internal, X_Other]}}
+"""
+SPOOFS = {
+    "X_Consumer": "admin",
+    "X_Forwarded_For": "6.6.6.6",
+    "X_Auth_Scopes": "inventory:write",
+    "X_Request_Id": "forged",
+    "Proxy_Authorization": "Basic YWRtaW46YWRtaW4=",
+    "X_Internal": "from the client",
+    "Connection": "X-Secret",
+    "X_Secret": "hop",
+}
+
+
+async def test_underscored_header_names_never_reach_a_wsgi_upstream_by_default(
+    make_gateway: MakeGateway, wsgi_upstream: str
+) -> None:
+    client = await make_gateway(WSGI_ROUTES.format(allow="false", url=wsgi_upstream))
+
+    resp = await client.get("/x", headers={**SPOOFS, "X_Custom": "1", "X-Plain": "2"})
+    environ = await resp.json()
+
+    assert resp.status == 200
+    assert environ["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"  # not "6.6.6.6,127.0.0.1"
+    assert environ["HTTP_X_REQUEST_ID"] == resp.headers["X-Request-ID"]
+    assert environ["HTTP_X_PLAIN"] == "2"
+    assert {"HTTP_X_CONSUMER", "HTTP_X_AUTH_SCOPES", "HTTP_X_CUSTOM"}.isdisjoint(environ)
+
+
+async def test_allowed_underscores_pass_but_never_as_a_gateway_owned_or_hop_by_hop_name(
+    make_gateway: MakeGateway, wsgi_upstream: str
+) -> None:
+    client = await make_gateway(WSGI_ROUTES.format(allow="true", url=wsgi_upstream))
+
+    resp = await client.get("/x", headers={**SPOOFS, "X_Custom": "1", "X-Other": "folded"})
+    environ = await resp.json()
+
+    assert resp.status == 200
+    assert environ["HTTP_X_CUSTOM"] == "1"
+    assert environ["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
+    assert environ["HTTP_X_REQUEST_ID"] == resp.headers["X-Request-ID"]
+    dropped = {"HTTP_X_CONSUMER", "HTTP_X_AUTH_SCOPES", "HTTP_PROXY_AUTHORIZATION"}
+    assert dropped.isdisjoint(environ)
+    assert {"HTTP_X_INTERNAL", "HTTP_X_OTHER"}.isdisjoint(environ)  # removed by the route
+    assert "HTTP_X_SECRET" not in environ  # listed by Connection
+
+
+async def test_a_route_may_allow_underscores_that_the_top_level_drops(
+    make_gateway: MakeGateway,
+) -> None:
+    routes = ECHO_ROUTE + "  - {prefix: /legacy, service: echo, underscores_in_headers: true}\n"
+    client = await make_gateway(routes)
+
+    strict = await (await client.get("/echo/x", headers={"X_Custom": "1"})).json()
+    legacy = await (await client.get("/legacy/x", headers={"X_Custom": "1"})).json()
+
+    assert header(strict, "X_Custom") == []
+    assert [(k, v) for k, v in legacy["headers"] if k == "X_Custom"] == [("X_Custom", "1")]
