@@ -4,7 +4,7 @@ Handlers parse the request (content type, JSON, query), let the store do the wor
 thread, and shape the response. Every failure is an `InventoryError` that the problem
 middleware answers, so no handler builds an error response itself.
 
-Order of checks on a write: 413 (body limit) and 415 (content type), 400 (not UTF-8 JSON),
+Order of checks on a write: 415 (content type), 413 (over the body limit), 400 (not UTF-8 JSON),
 then in the store 404, 412 (`If-Match`, then `If-None-Match`, RFC 9110 §13.2.2: preconditions
 before the content is processed), 422 (schema, values JSON cannot carry, nesting).
 """

@@ -43,6 +43,7 @@ SERVER_OWNED_MESSAGE: Final = "server-owned field: the server sets it, do not se
 UNKNOWN_FIELD_MESSAGE: Final = "unknown field"
 MISSING_FIELD_MESSAGE: Final = "required field is missing"
 MAX_MESSAGE_CHARS: Final = 200
+MAX_BODY_BYTES: Final = 1024 * 1024  # a larger request body gets a 413 problem
 MAX_DEPTH: Final = 32  # levels of arrays and objects in a body; the body itself is level 1
 TOO_DEEP_MESSAGE: Final = f"nested deeper than {MAX_DEPTH} levels"
 NOT_FINITE_MESSAGE: Final = "number out of range: JSON numbers here must fit a 64-bit float"
