@@ -76,24 +76,68 @@ def value_errors(document: JSON, *, depth_only: bool = False) -> list[FieldError
     """Every value in decoded JSON that could not be served back as JSON, sorted by path.
 
     Containers (arrays and objects) nested deeper than MAX_DEPTH are reported once each at
-    the first level too deep, and not looked into. With `depth_only`, only nesting is checked.
-    Iterative, so no depth of input can exhaust the stack.
+    the first level too deep; a document with any gets only those errors. With `depth_only`,
+    only nesting is checked. Nothing here recurses, so no input can exhaust the stack, and a
+    servable document (the usual case) costs one C-speed encoding, not a walk in Python.
     """
+    if _nested_deeper(document, MAX_DEPTH):
+        return _nesting_errors(document)
+    if depth_only or _encodes(document):
+        return []
+    return _unservable_values(document)
+
+
+_CONTAINERS: Final = (dict, list)
+
+
+def _nested_deeper(value: JSON, levels: int) -> bool:
+    """Whether `value` holds containers more than `levels` deep; recurses at most that far."""
+    if type(value) is not dict and type(value) is not list:
+        return False
+    if levels == 0:
+        return True
+    for member in value.values() if type(value) is dict else value:
+        if (type(member) is dict or type(member) is list) and _nested_deeper(member, levels - 1):
+            return True
+    return False
+
+
+def _nesting_errors(document: JSON) -> list[FieldError]:
+    # The slow search for the pointers, level by level, once `_nested_deeper` said yes.
+    level: list[tuple[JSON, tuple[str | int, ...]]] = []
+    if isinstance(document, _CONTAINERS):
+        level.append((document, ()))
+    for _ in range(MAX_DEPTH):
+        below: list[tuple[JSON, tuple[str | int, ...]]] = []
+        for value, path in level:
+            members = value.items() if isinstance(value, dict) else enumerate(value)
+            below.extend((m, (*path, n)) for n, m in members if isinstance(m, _CONTAINERS))
+        if not below:
+            return []
+        level = below
+    return sorted(FieldError(json_pointer(path), TOO_DEEP_MESSAGE) for _value, path in level)
+
+
+def _encodes(document: JSON) -> bool:
+    try:
+        json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
+
+
+def _unservable_values(document: JSON) -> list[FieldError]:
+    # The slow walk that finds what `_encodes` refused; the nesting is already within limits.
     errors: list[FieldError] = []
     stack: list[tuple[JSON, tuple[str | int, ...]]] = [(document, ())]
     while stack:
         value, path = stack.pop()
-        if isinstance(value, dict | list):
-            if len(path) >= MAX_DEPTH:
-                errors.append(FieldError(json_pointer(path), TOO_DEEP_MESSAGE))
-                continue
+        if isinstance(value, _CONTAINERS):
             members = value.items() if isinstance(value, dict) else enumerate(value)
             for name, member in members:
-                if not depth_only and isinstance(name, str) and _has_surrogate(name):
+                if isinstance(name, str) and _has_surrogate(name):
                     errors.append(FieldError(json_pointer((*path, name)), SURROGATE_NAME_MESSAGE))
                 stack.append((member, (*path, name)))
-        elif depth_only:
-            continue
         elif isinstance(value, float) and not math.isfinite(value):
             errors.append(FieldError(json_pointer(path), NOT_FINITE_MESSAGE))
         elif isinstance(value, str) and _has_surrogate(value):
