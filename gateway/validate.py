@@ -11,6 +11,8 @@ import json
 import re
 from collections.abc import Iterable
 from functools import cache
+from importlib import resources
+from importlib.resources.abc import Traversable
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Final
@@ -21,7 +23,17 @@ from yarl import URL
 from gateway.config import JSON, Document, PathKey
 from gateway.model import ALL_METHODS
 
-SCHEMA_PATH: Final = Path(__file__).resolve().parent.parent / "schemas" / "routes.schema.json"
+SOURCE_SCHEMAS: Final = Path(__file__).resolve().parent.parent / "schemas"  # the repository's
+
+
+def schema_file(name: str) -> Traversable:
+    """A schema from the top-level `schemas/`: the copy a built wheel carries inside the package
+    (setup.py puts it there), else the repository's own file (source checkout, editable install)."""
+    packaged = resources.files("gateway") / "_schemas" / name
+    return packaged if packaged.is_file() else SOURCE_SCHEMAS / name
+
+
+SCHEMA_PATH: Final = schema_file("routes.schema.json")
 SUPPORTED_VERSION: Final = 1
 
 _PATTERN_MESSAGES: Final = {

@@ -27,6 +27,8 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
@@ -36,8 +38,17 @@ from jsonschema.protocols import Validator
 JSON: TypeAlias = Any
 """A value decoded from JSON: the only place `Any` enters the inventory."""
 
-SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
-DEVICE_SCHEMA_PATH: Final = SCHEMA_DIR / "device.schema.json"
+SOURCE_SCHEMAS: Final = Path(__file__).resolve().parent.parent / "schemas"  # the repository's
+
+
+def schema_file(name: str) -> Traversable:
+    """A schema from the top-level `schemas/`: the copy a built wheel carries inside the package
+    (setup.py puts it there), else the repository's own file (source checkout, editable install)."""
+    packaged = resources.files("inventory") / "_schemas" / name
+    return packaged if packaged.is_file() else SOURCE_SCHEMAS / name
+
+
+DEVICE_SCHEMA_PATH: Final = schema_file("device.schema.json")
 
 SERVER_OWNED_MESSAGE: Final = "server-owned field: the server sets it, do not send it"
 UNKNOWN_FIELD_MESSAGE: Final = "unknown field"
@@ -267,7 +278,7 @@ class DeviceSchema:
         )
 
     @classmethod
-    def load(cls, path: Path = DEVICE_SCHEMA_PATH) -> DeviceSchema:
+    def load(cls, path: Traversable = DEVICE_SCHEMA_PATH) -> DeviceSchema:
         return cls(json.loads(path.read_text(encoding="utf-8")))
 
     def input_errors(self, document: JSON) -> list[FieldError]:
