@@ -117,9 +117,9 @@ async def proxy_websocket(
         await client.prepare(request)
         await _pump_both(client, upstream)
         return client
-    finally:
+    finally:  # closed already, unless the client left and this handler was cancelled
         target.in_flight -= 1
-        await upstream.close()
+        await upstream.close(code=_CLIENT_FAILED)
 
 
 class _Refused(Exception):
