@@ -2,11 +2,13 @@
 messages are pumped both ways until either side closes.
 
 Messages are relayed whole, so each one is held in memory: one bigger than
-`limits.max_message_bytes` (either way) closes the sender with 1009 and the other side too.
-No compression is negotiated with either side (a client's permessage-deflate offer is
-declined), so a small compressed frame cannot inflate inside the gateway: a frame with RSV1
-set is a protocol error (1002). A target that refuses the upgrade is relayed as it answered:
-status, headers (hop-by-hop ones dropped) and body, streamed; redirects are not followed.
+`limits.max_message_bytes` (either way) closes the sender with 1009, and the other side with
+1001 (a client failed: the target is told it went away) or 1014 (a target failed: the client is
+told "bad gateway"). No compression is negotiated with either side (a client's permessage-
+deflate offer is declined), so a small compressed frame cannot inflate inside the gateway: a
+frame with RSV1 set is a protocol error (1002). A target that refuses the upgrade is relayed as
+it answered: status, headers (hop-by-hop ones dropped) and body, streamed; redirects are not
+followed.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ async def _stop_unless_switched(
     request: ClientRequest, handler: ClientHandlerType
 ) -> ClientResponse:
     """Hand a non-101 answer to the caller whole, before aiohttp follows a redirect or drops
-    the headers and body (its WSServerHandshakeError keeps only the status)."""
+    the body (its WSServerHandshakeError keeps the status and headers only)."""
     response = await handler(request)
     if response.status != 101:
         raise _Refused(response)
