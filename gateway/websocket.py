@@ -4,11 +4,11 @@ messages are pumped both ways until either side closes.
 Messages are relayed whole, so each one is held in memory: one bigger than
 `limits.max_message_bytes` (either way) closes the sender with 1009, and the other side with
 1001 (a client failed: the target is told it went away) or 1014 (a target failed: the client is
-told "bad gateway"). No compression is negotiated with either side (a client's permessage-
-deflate offer is declined), so a small compressed frame cannot inflate inside the gateway: a
-frame with RSV1 set is a protocol error (1002). A target that refuses the upgrade is relayed as
-it answered: status, headers (hop-by-hop ones dropped) and body, streamed; redirects are not
-followed.
+told "bad gateway"). No compression is negotiated with either side (a client's
+permessage-deflate offer is declined), so a small compressed frame cannot inflate inside the
+gateway: a frame with RSV1 set is a protocol error (1002). A target that refuses the upgrade is
+relayed as it answered: status, headers (hop-by-hop ones dropped) and body, streamed; redirects
+are not followed.
 """
 
 from __future__ import annotations
