@@ -16,6 +16,7 @@ from gateway.forward import forward_handler
 from gateway.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
+    DEFAULT_MAX_MESSAGE_BYTES,
     CircuitBreakerConfig,
     ClientLimits,
     GatewayConfig,
@@ -88,6 +89,7 @@ def build_config(doc: Document) -> GatewayConfig:
         trusted_proxies=tuple(ip_network(c, strict=False) for c in data.get("trusted_proxies", ())),
         underscores_in_headers=underscores,
         max_body_bytes=limits.get("max_body_bytes"),
+        max_message_bytes=limits.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
         client_limits=_client_limits(limits),
         services=services,
@@ -196,7 +198,7 @@ def build_table(config: GatewayConfig, services: Mapping[str, Service]) -> Route
     """Compose every route's chain once; requests only look the result up."""
     routes = []
     for route in config.routes:
-        forward = forward_handler(route, services[route.service])
+        forward = forward_handler(route, services[route.service], config.max_message_bytes)
         chain = build_chain(route, forward, config.max_body_bytes)
         limit = body_limit_of(route, config.max_body_bytes)
         routes.append(Route(route, chain.handler, chain.stages, limit))

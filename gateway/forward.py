@@ -15,9 +15,9 @@ import aiohttp
 from aiohttp import StreamReader, hdrs, web
 from multidict import CIMultiDictProxy, istr
 
-from gateway.errors import RequestTimeout, ResponseAborted
+from gateway.errors import RequestTimeout, ResponseAborted, UpstreamUnavailable
 from gateway.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
-from gateway.model import RouteConfig
+from gateway.model import DEFAULT_MAX_MESSAGE_BYTES, RouteConfig
 from gateway.pipeline import Handler
 from gateway.proxies import X_FORWARDED_FOR
 from gateway.routing import strip
@@ -109,7 +109,9 @@ def upstream_path(route: RouteConfig, exchange: Exchange) -> str:
     return path + exchange.query
 
 
-def forward_handler(route: RouteConfig, service: Service) -> Handler:
+def forward_handler(
+    route: RouteConfig, service: Service, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Handler:
     """The innermost handler of a route: relay the request to `service` and stream back.
     One coroutine on purpose: every frame on the await chain is walked on every resume."""
     timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
@@ -120,7 +122,9 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
         headers = upstream_headers(request, exchange, route)
         path_qs = upstream_path(route, exchange)
         if is_websocket(request):
-            return await proxy_websocket(request, service, path_qs, headers, exchange)
+            return await proxy_websocket(
+                request, service, path_qs, headers, exchange, max_message_bytes
+            )
         body = exchange.body
         if body is None and request.body_exists:
             body = request.content
@@ -134,6 +138,9 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
         exchange.upstream_ms = (time.perf_counter() - started) * 1000
         upstream = reply.response
         try:  # relay: headers first, then bytes as they arrive
+            if upstream.status == 101:  # the connection now speaks something else: drop it
+                upstream.close()
+                raise UpstreamUnavailable(f"service {service.name!r} switched protocols unasked")
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason, headers=relayed(upstream.headers)
             )

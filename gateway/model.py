@@ -17,6 +17,7 @@ Network = IPv4Network | IPv6Network
 
 DEFAULT_LISTEN: Final = ("0.0.0.0", 8080)
 DEFAULT_ADMIN: Final = ("127.0.0.1", 9080)
+DEFAULT_MAX_MESSAGE_BYTES: Final = 2**20
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 ALL_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -125,6 +126,7 @@ class GatewayConfig:
     trusted_proxies: tuple[Network, ...] = ()
     underscores_in_headers: bool = False  # routes' default for client names holding "_"
     max_body_bytes: int | None = None  # global request body limit; None: unlimited (streamed)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # one WebSocket message, bytes; 1 MiB
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     client_limits: ClientLimits = ClientLimits()
     services: dict[str, ServiceConfig] = field(default_factory=dict)

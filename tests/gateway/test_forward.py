@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
-import aiohttp
-import pytest
 from yarl import URL
 
 from tests.gateway.conftest import ECHO_ROUTE, MakeGateway
@@ -268,47 +266,6 @@ async def test_server_sent_events_arrive_as_produced(make_gateway: MakeGateway) 
     assert first == b'data: {"n": 0}\n\n'
     assert rest.count(b"data:") == 2
     assert done_at - got_first_at > 0.3  # the first event came before the stream ended
-
-
-async def test_websocket_frames_pass_both_ways(make_gateway: MakeGateway) -> None:
-    client = await make_gateway(ECHO_ROUTE)
-
-    async with client.ws_connect("/tools/ws", protocols=["chat"]) as ws:
-        await ws.send_str("hi")
-        text = await ws.receive_str(timeout=5)
-        await ws.send_bytes(b"abc")
-        data = await ws.receive_bytes(timeout=5)
-
-    assert ws.protocol == "chat"
-    assert (text, data) == ("echo:hi", b"cba")
-
-
-async def test_upstream_websocket_close_reaches_the_client_with_its_code(
-    make_gateway: MakeGateway,
-) -> None:
-    client = await make_gateway(ECHO_ROUTE)
-
-    async with client.ws_connect("/tools/ws") as ws:
-        await ws.send_str("close")
-        message = await ws.receive(timeout=5)
-
-    assert message.type == aiohttp.WSMsgType.CLOSE
-    assert ws.close_code == 4000
-
-
-async def test_a_refused_websocket_upgrade_relays_the_status_and_spares_the_circuit(
-    make_gateway: MakeGateway,
-) -> None:
-    client = await make_gateway(ECHO_ROUTE)
-
-    statuses = []
-    for _ in range(6):  # more than the breaker's 5 failures
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await client.ws_connect("/tools/no-such-socket")
-        statuses.append(refused.value.status)
-
-    assert statuses == [404] * 6
-    assert (await client.get("/tools/gzip")).status == 200  # the target was not ejected
 
 
 async def test_a_trusted_proxy_without_forwarded_for_is_still_believed_on_proto(
