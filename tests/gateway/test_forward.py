@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
+import pytest
 from yarl import URL
 
 from tests.gateway.conftest import ECHO_ROUTE, MakeGateway
