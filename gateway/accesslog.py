@@ -189,9 +189,20 @@ class _EventWriter:
 class LogOutput:
     """The installed JSON output; `stop()` writes what is still queued and restores logging."""
 
-    def __init__(self, writer: _EventWriter, handlers: list[logging.Handler]):
+    def __init__(
+        self,
+        writer: _EventWriter,
+        records: queue.SimpleQueue[logging.LogRecord | object],
+        handlers: list[logging.Handler],
+    ):
         self._writer = writer
+        self._records = records
         self._handlers = handlers
+
+    @property
+    def backlog(self) -> int:
+        """Event records waiting for their writer."""
+        return self._records.qsize()
 
     def stop(self) -> None:
         self._writer.stop()  # drains the queue before the thread ends
@@ -230,7 +241,7 @@ def configure_logging(
     access_logger.propagate = False
     access_logger.setLevel(logging.INFO)
     writer.start()
-    return LogOutput(writer, handlers)
+    return LogOutput(writer, records, handlers)
 
 
 Entry = tuple[
