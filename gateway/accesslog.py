@@ -60,7 +60,7 @@ class Drops:
         key = (threading.get_ident(), stream)
         cell = self._cells.get(key)
         if cell is None:
-            cell = self._cells.setdefault(key, [0])
+            cell = self._cells[key] = [0]
         cell[0] += count
 
     def total(self, stream: str) -> int:
@@ -175,14 +175,14 @@ class _EventWriter:
         if not any(dropped.values()):
             return False
         self._reported = totals
+        message = (
+            "log writer fell behind: dropped %d access and %d event lines since the last report"
+            " (gateway_log_lines_dropped_total)"
+        )
+        args = (dropped["access"], dropped["event"])
         self._out.handle(
-                logger.makeRecord(
-                    logger.name, logging.WARNING, __file__, 0,
-                    "log writer fell behind: dropped %d access and %d event lines since the "
-                    "last report (gateway_log_lines_dropped_total)",
-                (dropped["access"], dropped["event"]), None,
-            )
-        )  # fmt: skip
+            logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, args, None)
+        )
         return True
 
 
