@@ -348,7 +348,7 @@ async def test_a_stuck_access_log_drops_and_counts_lines_while_the_loop_keeps_an
             await asyncio.to_thread(gateway.access_log.stop)
     written = len((await drained).splitlines())  # the output was stopped: the writer closed
 
-    assert slowest < 1.0  # each request answered at once while the writer was stuck
+    assert slowest < 2.0  # each request answered at once while the writer was stuck
     assert max(backlogs) <= backlog  # memory bounded: never more lines waiting than that
     dropped = drops.total("access") - dropped_before
     assert dropped > 0
