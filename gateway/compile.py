@@ -222,7 +222,7 @@ def build_table(
 ) -> RouteTable:
     """Compose every route's chain once; requests only look the result up. `rate_limits` is
     the process's store (kept across reloads); None: a fresh one in memory."""
-    rate_limits = rate_limits or MemoryStore()
+    rate_limits = MemoryStore() if rate_limits is None else rate_limits
     routes = []
     for route in config.routes:
         forward = forward_handler(route, services[route.service], config.max_message_bytes)
