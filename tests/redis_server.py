@@ -20,6 +20,7 @@ import pytest
 from tests.polling import free_port
 
 READY_SECONDS: Final = 10.0
+REDIS_SERVER: Final = shutil.which("redis-server")  # looked up once, off the event loop
 SKIP_REASON: Final = (
     "needs Redis: install redis-server (apt-get install redis-server) so tests start a private "
     "one, or set REDIS_URL=redis://HOST:PORT/DB to a Redis they may write gateway:* keys to"
@@ -44,7 +45,7 @@ class RedisServer:
         external = os.environ.get("REDIS_URL")
         if external:
             return cls(external, None)
-        if shutil.which("redis-server") is None:
+        if REDIS_SERVER is None:
             pytest.skip(SKIP_REASON)
         port = free_port()
         server = cls(f"redis://127.0.0.1:{port}/0", port)
@@ -56,7 +57,7 @@ class RedisServer:
         assert self.port is not None, "an external REDIS_URL cannot be restarted"
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
         self._process = await asyncio.create_subprocess_exec(
-            "redis-server", *args, "no",
+            REDIS_SERVER or "redis-server", *args, "no",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + READY_SECONDS

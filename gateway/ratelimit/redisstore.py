@@ -10,7 +10,8 @@ store.py owns the time budget), and closed at shutdown.
 
 from __future__ import annotations
 
-from typing import Final
+import importlib.util
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -23,6 +24,12 @@ from gateway.ratelimit.bucket import Decision, decided
 from gateway.redisurl import SENTINEL_SCHEMES, parse_sentinel
 
 KEY_PREFIX: Final = "gateway:"
+# redis-py 7.2 replaced lib_name/lib_version (now deprecated) with driver_info.
+_NO_SETINFO: Final[dict[str, None]] = (
+    {"driver_info": None}
+    if importlib.util.find_spec("redis.driver_info")
+    else {"lib_name": None, "lib_version": None}
+)
 
 # KEYS[1] the bucket; ARGV[1] microseconds per token; ARGV[2] burst * ARGV[1].
 # Returns {1 admitted | 0 refused, microseconds from now to the bucket's TAT}. bucket.py's
@@ -70,13 +77,17 @@ class RedisStore:
 def client(url: str, timeout: float) -> aioredis.Redis:
     """A redis-py asyncio client for store.redis: redis://, rediss://, unix:// as redis-py
     reads them (query options included), or redis+sentinel:// (see gateway/redisurl.py)."""
-    retry = Retry(NoBackoff(), 0)
+    # No CLIENT SETINFO: it costs a round trip per new connection, and finding redis-py's own
+    # version reads package metadata from disk, on the event loop.
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        **_NO_SETINFO,
+    }
     if url.split("://", 1)[0] not in SENTINEL_SCHEMES:
-        return aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry
-        )
+        return aioredis.Redis.from_url(url, **options)
     where = parse_sentinel(url)
-    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": retry}
     auth = {"username": where.username, "password": where.password, "ssl": where.tls}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # not annotated upstream
         list(where.sentinels), sentinel_kwargs={**options, **auth}, **options

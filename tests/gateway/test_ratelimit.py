@@ -132,10 +132,16 @@ def test_rate_limit_and_store_compile_with_units_and_defaults() -> None:
     config = load_text(BASE + text, "routes.yaml", environ={}).config
     assert config is not None
     a, b = (r.rate_limit for r in config.routes)
-    assert a == RateLimitPolicy(100, 60.0, "ip", 100) and a.interval_us == 600_000
-    assert b == RateLimitPolicy(5, 1.0, "consumer", 2) and b.capacity_us == 400_000
+    assert a == RateLimitPolicy(100, 60.0, "ip", 100)
+    assert a.interval_us == 600_000
+    assert b == RateLimitPolicy(5, 1.0, "consumer", 2)
+    assert b.capacity_us == 400_000
     store = config.rate_limit_store
-    assert (store.redis, store.timeout, store.on_store_error) == ("redis://127.0.0.1:1/0", 0.02, "deny")
+    assert (store.redis, store.timeout, store.on_store_error) == (
+        "redis://127.0.0.1:1/0",
+        0.02,
+        "deny",
+    )
     unset = load_text(BASE + "store: {redis: ''}\nroutes: [{prefix: /, service: echo}]\n",
                       "routes.yaml", environ={}).config  # fmt: skip
     assert unset is not None
@@ -244,7 +250,8 @@ async def test_a_refused_request_is_a_429_problem_with_retry_after_and_the_heade
     assert refused.status == 429
     assert refused.content_type == "application/problem+json"
     problem = json.loads(await refused.text())
-    assert problem["status"] == 429 and problem["type"].endswith("/rate-limited")
+    assert problem["status"] == 429
+    assert problem["type"].endswith("/rate-limited")
     assert refused.headers["Retry-After"] == "3600"  # one token per hour
     assert refused.headers["RateLimit-Remaining"] == "0"
     assert refused.headers["RateLimit-Reset"] == "18000"  # five hours to full
