@@ -70,9 +70,7 @@ async def test_two_gateway_processes_on_two_ports_sharing_redis_admit_exactly_bu
     tmp_path: Path, redis: RedisServer, echo: TestServer
 ) -> None:
     config = write_routes(tmp_path, redis, echo)
-    first, second = await asyncio.gather(
-        GatewayProcess.start(config), GatewayProcess.start(config)
-    )
+    first, second = await asyncio.gather(GatewayProcess.start(config), GatewayProcess.start(config))
     try:
         path = f"/limited-{redis.namespace}/x"
         statuses = await burst_statuses([first.url + path, second.url + path])
