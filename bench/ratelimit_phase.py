@@ -44,6 +44,7 @@ def measure(
     *,
     start: Callable[..., Any],  # run.py's Processes.start(name, argv, env=...)
     pinned: Callable[[list[str]], list[str]],  # argv -> argv on the proxy's CPU
+    pinned_load: Callable[[list[str]], list[str]],  # argv -> argv on the load generator's CPU
     wait_ready: Callable[[Any, str, float], None],
     run_load: Callable[[str, float], Any],  # (url, seconds) -> Cell with .rps and .errors
     free_ports: Callable[[int], list[int]],
@@ -66,10 +67,10 @@ def measure(
                 run.skipped = "redis-server is not installed (apt-get install redis-server)"
                 continue
             (redis_port,) = free_ports(1)
-            start(
+            start(  # beside the upstream and the load generator, off the proxy's CPU
                 "redis",
-                [server, "--port", str(redis_port), "--bind", HOST, "--save", "",
-                 "--appendonly", "no"],
+                pinned_load([server, "--port", str(redis_port), "--bind", HOST, "--save", "",
+                 "--appendonly", "no"]),
             )  # fmt: skip
             _wait_redis(redis_port, time.monotonic() + startup_deadline)
             redis_url = f"redis://{HOST}:{redis_port}/0"

@@ -732,6 +732,7 @@ def bench(args: argparse.Namespace) -> Results:
         results.rate_limits = ratelimit_phase.measure(
             start=processes.start,
             pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+            pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
             wait_ready=wait_ready,
             run_load=loadgen.run,
             free_ports=free_ports,
