@@ -32,6 +32,7 @@ from gateway.health import HealthChecker
 from gateway.metrics import Metrics
 from gateway.model import GatewayConfig
 from gateway.pipeline import Handler
+from gateway.ratelimit.store import RateLimits
 from gateway.reload import Reloader
 from gateway.routing import RouteTable, normalize_path, split_target
 from gateway.upstream import Service, close_later
@@ -68,6 +69,7 @@ class Gateway:
         self.health = HealthChecker()
         self.reloader: Reloader | None = None
         self.services: dict[str, Service] = {}
+        self.rate_limits = RateLimits(self.metrics.rate_limit_store_errors.inc)
         self.metrics.watch(lambda: self.services.values())
         self.config = config
         self.table = RouteTable(())
@@ -84,7 +86,7 @@ class Gateway:
                 old if old is not None and old.config == service_config else Service(service_config)
             )
         removed = [s for name, s in self.services.items() if kept.get(name) is not s]
-        table = build_table(config, kept)
+        table = build_table(config, kept, self.rate_limits.store_for(config.rate_limit_store))
         self.services, self.table, self.config = kept, table, config  # the swap
         return removed
 
@@ -126,6 +128,7 @@ class Gateway:
         await self.health.stop()
         for service in [*self.services.values(), *self._retired]:
             await service.close()
+        await self.rate_limits.close()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -22,6 +22,8 @@ from gateway.model import (
     GatewayConfig,
     HeaderRules,
     HealthCheckConfig,
+    RateLimitPolicy,
+    RateLimitStoreConfig,
     RetryBudgetConfig,
     RouteConfig,
     ServiceConfig,
@@ -30,6 +32,8 @@ from gateway.model import (
 )
 from gateway.pipeline import body_limit_of, build_chain
 from gateway.proxies import ClientAddress
+from gateway.ratelimit.memory import MemoryStore
+from gateway.ratelimit.store import RateLimitStore
 from gateway.routing import Route, RouteTable
 from gateway.upstream import Service
 from gateway.validate import normalize_prefix, parse_duration, route_methods, validate
@@ -92,6 +96,7 @@ def build_config(doc: Document) -> GatewayConfig:
         max_message_bytes=limits.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
         client_limits=_client_limits(limits),
+        rate_limit_store=_rate_limit_store(data.get("store") or {}),
         services=services,
         routes=routes,
     )
@@ -108,6 +113,21 @@ def _client_limits(raw: dict[str, JSON]) -> ClientLimits:
         max_headers=raw.get("max_headers", base.max_headers),
         max_request_target_bytes=raw.get("max_request_target_bytes", base.max_request_target_bytes),
     )
+
+
+def _rate_limit_store(raw: dict[str, JSON]) -> RateLimitStoreConfig:
+    return RateLimitStoreConfig(
+        redis=raw.get("redis") or None,  # "" (an unset ${REDIS_URL:-}): memory
+        timeout=_seconds(raw.get("timeout"), 0.05) or 0.05,
+        on_store_error=raw.get("on_store_error", "allow"),
+    )
+
+
+def _rate_limit(raw: JSON) -> RateLimitPolicy | None:
+    if raw is None:
+        return None
+    per = parse_duration(raw["per"])
+    return RateLimitPolicy(raw["limit"], per, raw.get("key", "ip"), raw.get("burst", 0))
 
 
 def _hostport(text: str | None, default: tuple[str, int]) -> tuple[str, int]:
@@ -191,15 +211,22 @@ def _route(
         response_headers=_headers(raw.get("response_headers")),
         underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
+        rate_limit=_rate_limit(raw.get("rate_limit")),
     )
 
 
-def build_table(config: GatewayConfig, services: Mapping[str, Service]) -> RouteTable:
-    """Compose every route's chain once; requests only look the result up."""
+def build_table(
+    config: GatewayConfig,
+    services: Mapping[str, Service],
+    rate_limits: RateLimitStore | None = None,
+) -> RouteTable:
+    """Compose every route's chain once; requests only look the result up. `rate_limits` is
+    the process's store (kept across reloads); None: a fresh one in memory."""
+    rate_limits = MemoryStore() if rate_limits is None else rate_limits
     routes = []
     for route in config.routes:
         forward = forward_handler(route, services[route.service], config.max_message_bytes)
-        chain = build_chain(route, forward, config.max_body_bytes)
+        chain = build_chain(route, forward, config.max_body_bytes, rate_limits)
         limit = body_limit_of(route, config.max_body_bytes)
         routes.append(Route(route, chain.handler, chain.stages, limit))
     return RouteTable(routes, ClientAddress(config.trusted_proxies))

@@ -113,6 +113,11 @@ class Metrics:
             ["route"],
             registry=reg,
         )
+        self.rate_limit_store_errors = Counter(
+            "gateway_rate_limit_store_errors",
+            "Rate-limit checks the shared store did not answer in time (on_store_error decided)",
+            registry=reg,
+        )
         self.cache = Counter(
             "gateway_cache_lookups",
             "Cache lookups on routes that cache, by result (hit, miss)",

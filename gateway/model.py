@@ -13,6 +13,7 @@ from typing import Final, Literal
 from multidict import istr
 
 Balance = Literal["round_robin", "least_conn"]
+OnStoreError = Literal["allow", "deny"]
 Network = IPv4Network | IPv6Network
 
 DEFAULT_LISTEN: Final = ("0.0.0.0", 8080)
@@ -81,6 +82,32 @@ class HeaderRules:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """A token bucket: `burst` tokens at most, one back every `per / limit` seconds."""
+
+    limit: int  # tokens that come back per `per`
+    per: float  # seconds, parsed from "1m"
+    key: str = "ip"  # "ip" | "consumer" | "header:NAME"
+    burst: int = 0  # tokens a full bucket holds; default (0): `limit`
+    interval_us: int = field(init=False)  # microseconds per token, at least 1 (set below)
+    capacity_us: int = field(init=False)  # burst * interval_us: how far ahead a bucket may run
+
+    def __post_init__(self) -> None:
+        if self.burst <= 0:
+            object.__setattr__(self, "burst", self.limit)
+        interval = max(1, round(self.per * 1_000_000 / self.limit))
+        object.__setattr__(self, "interval_us", interval)
+        object.__setattr__(self, "capacity_us", interval * self.burst)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitStoreConfig:
+    redis: str | None = None  # redis://, rediss://, unix://, redis+sentinel://; None: memory
+    timeout: float = 0.05  # seconds one check may take before on_store_error; default 50 ms
+    on_store_error: OnStoreError = "allow"  # Redis slow or down: admit, or refuse with 503
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     prefix: str  # normalized, no trailing slash except "/" itself
     service: str
@@ -93,6 +120,7 @@ class RouteConfig:
     underscores_in_headers: bool = False  # pass client header names holding "_"; default:
     # the top-level key's (false: such headers are dropped, as nginx does)
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
+    rate_limit: RateLimitPolicy | None = None  # None: the route is not limited
 
     name: str = ""  # "routes.N", how logs, metrics and /routes name it (set in __post_init__)
 
@@ -129,5 +157,6 @@ class GatewayConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # one WebSocket message, bytes; 1 MiB
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     client_limits: ClientLimits = ClientLimits()
+    rate_limit_store: RateLimitStoreConfig = RateLimitStoreConfig()  # store.redis and friends
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
