@@ -81,7 +81,10 @@ def build_config(doc: Document) -> GatewayConfig:
     limits = data.get("limits") or {}
     services = {name: _service(name, raw) for name, raw in data["services"].items()}
     underscores = data.get("underscores_in_headers", False)
-    routes = tuple(_route(i, raw, services, underscores) for i, raw in enumerate(data["routes"]))
+    rate = limits.get("min_body_rate", 500)
+    routes = tuple(
+        _route(i, raw, services, underscores, rate) for i, raw in enumerate(data["routes"])
+    )
     return GatewayConfig(
         file=doc.file,
         version_hash=doc.version_hash,
@@ -97,6 +100,7 @@ def build_config(doc: Document) -> GatewayConfig:
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
         client_limits=_client_limits(limits),
         rate_limit_store=_rate_limit_store(data.get("store") or {}),
+        drain_timeout=_seconds(limits.get("drain_timeout"), 600.0) or 600.0,
         services=services,
         routes=routes,
     )
@@ -158,7 +162,7 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
         for t in raw["targets"]
     )
     health = raw.get("health_check")
-    breaker = raw.get("circuit_breaker") or {}
+    breaker = raw.get("circuit_breaker")
     budget = raw.get("retry_budget") or {}
     return ServiceConfig(
         name=name,
@@ -180,9 +184,11 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
             healthy_threshold=health.get("healthy_threshold", 2),
             unhealthy_threshold=health.get("unhealthy_threshold", 3),
         ),
-        circuit_breaker=CircuitBreakerConfig(
-            failures=breaker.get("failures", 5),
-            open_for=_seconds(breaker.get("open_for"), 30.0) or 30.0,
+        circuit_breaker=None  # the default never ejects a service's only target
+        if breaker is None and len(targets) == 1
+        else CircuitBreakerConfig(
+            failures=(breaker or {}).get("failures", 5),
+            open_for=_seconds((breaker or {}).get("open_for"), 30.0) or 30.0,
         ),
         max_connections=raw.get("max_connections", 1000),
     )
@@ -197,7 +203,11 @@ def _headers(raw: JSON) -> HeaderRules:
 
 
 def _route(
-    index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig], underscores: bool
+    index: int,
+    raw: dict[str, JSON],
+    services: dict[str, ServiceConfig],
+    underscores: bool,
+    min_body_rate: int,
 ) -> RouteConfig:
     service = services[raw["service"]]
     return RouteConfig(
@@ -212,6 +222,7 @@ def _route(
         underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
         rate_limit=_rate_limit(raw.get("rate_limit")),
+        min_body_rate=min_body_rate,
     )
 
 

@@ -68,7 +68,8 @@ class ServiceConfig:
     retries: int = 0  # extra attempts for idempotent requests; default 0
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     health_check: HealthCheckConfig | None = None  # None: passive health only
-    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    circuit_breaker: CircuitBreakerConfig | None = CircuitBreakerConfig()  # None: never eject
+    # (the default of a single-target service; an explicit circuit_breaker key sets one)
     max_connections: int = 1000  # open connections per service, pooled and kept alive
 
 
@@ -121,6 +122,8 @@ class RouteConfig:
     # the top-level key's (false: such headers are dropped, as nginx does)
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
     rate_limit: RateLimitPolicy | None = None  # None: the route is not limited
+    min_body_rate: int = 500  # bytes/s a request body must average per `read` interval
+    # (limits.min_body_rate; 0: only silence is cut off); default 500
 
     name: str = ""  # "routes.N", how logs, metrics and /routes name it (set in __post_init__)
 
@@ -158,5 +161,7 @@ class GatewayConfig:
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     client_limits: ClientLimits = ClientLimits()
     rate_limit_store: RateLimitStoreConfig = RateLimitStoreConfig()  # store.redis and friends
+    drain_timeout: float = 600.0  # seconds a service a reload replaced keeps its open
+    # requests, streams and WebSockets before its pool is closed; default 10 min
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
