@@ -24,8 +24,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install -c constraints.txt -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# The source tree keeps its layout: both programs load schemas/ next to their package
-# directory, so the project is installed editable from /app (no dev extras).
+# The source tree keeps its layout, installed editable from /app (no dev extras): both
+# programs then read the top-level schemas/, the one copy (a wheel carries its own, setup.py).
+COPY setup.py ./
 COPY schemas/ schemas/
 COPY inventory/ inventory/
 COPY gateway/ gateway/

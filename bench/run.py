@@ -10,11 +10,14 @@ and the gateway (bench/routes.bench.yaml, JSON access log on, written to bench/o
 2. streams 1 GiB up (POST, chunked) and 1 GiB down through each, with an aiohttp client here,
    for MB/s (best round) and the proxy's peak RSS (VmHWM after a reset, and sampled VmRSS;
    worst round);
-3. prints the tables and the budgets' verdicts, and writes them to bench/RESULTS.md.
+3. last, holds 500 slowloris and 200 non-reading clients (bench/hostile.py) open on the
+   gateway's port, re-opening those it closes, while the small GET runs against it, interleaved
+   over rounds with windows without them: req/s as a ratio of those, and the gateway's peak RSS;
+4. prints the tables and the budgets' verdicts, and writes them to bench/RESULTS.md.
 
-The proxy under test runs on CPU 0; the load generator, the upstream and this script on CPU 1
-(taskset), when there are two CPUs. The budgets are not tests: the exit status is 0 whatever
-they say, non-zero only when the bench itself could not run.
+The proxy under test runs on CPU 0; the load generator, the upstream and this script (with the
+hostile clients) on CPU 1 (taskset), when there are two CPUs. The budgets are not tests: the
+exit status is 0 whatever they say, non-zero only when the bench itself could not run.
 """
 
 from __future__ import annotations
@@ -42,9 +45,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
+import ratelimit_phase
+from hostile import RCVBUF, STREAM_BYTES, TRICKLE_BYTES, TRICKLE_EVERY, Hostile, Report
+from hostile import TICK as HOSTILE_TICK
+
+T = TypeVar("T")
 
 BENCH: Final = Path(__file__).resolve().parent
 ROOT: Final = BENCH.parent
@@ -62,6 +70,14 @@ STARTUP_DEADLINE: Final = 20.0  # seconds for a process to accept connections
 RPS_BUDGET: Final = 0.9
 RSS_BUDGET_MIB: Final = 100.0
 MBPS_BUDGET: Final = 0.8
+# Hostile phase: small-GET req/s with the hostile clients held open >= 0.9 x without them (same
+# phase, interleaved); the gateway's peak RSS meanwhile < 150 MiB.
+HOSTILE_RPS_BUDGET: Final = 0.9
+HOSTILE_RSS_BUDGET_MIB: Final = 150.0
+HOSTILE_RSS_ABORT_MIB: Final = 2048.0  # the hostile clients let go if the gateway grows this big
+HOSTILE_RUNS: Final = ("calm", "hostile")
+QUIET_CPU: Final = 0.2  # the gateway's CPU share below which the non-readers' responses stalled
+SETTLE_DEADLINE: Final = 20.0  # seconds for the gateway to quieten / drop the hostile sockets
 NOISY_CPU: Final = 0.10  # other processes using more than this share of a CPU: a noisy run
 
 
@@ -236,12 +252,30 @@ class LoadGen:
             timeout=seconds + 60,
             check=False,
         )
-        if done.returncode != 0:
-            output = (done.stderr or done.stdout).strip()
-            raise BenchError(f"load generator failed ({done.returncode}):\n{output}")
+        return self.result(done.returncode, done.stdout, done.stderr)
+
+    async def run_async(self, url: str, seconds: float) -> Cell:
+        """`run` without blocking the event loop (the hostile clients share it)."""
+        command = self.command(url, seconds)
+        child = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            async with asyncio.timeout(seconds + 60):
+                stdout, stderr = await child.communicate()
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+            raise BenchError(f"load generator did not finish: {command}") from None
+        return self.result(child.returncode or 0, stdout.decode(), stderr.decode())
+
+    def result(self, returncode: int, stdout: str, stderr: str) -> Cell:
+        if returncode != 0:
+            output = (stderr or stdout).strip()
+            raise BenchError(f"load generator failed ({returncode}):\n{output}")
         if self.kind == "wrk":
-            return parse_wrk(done.stdout)
-        data = json.loads(done.stdout)
+            return parse_wrk(stdout)
+        data = json.loads(stdout)
         return Cell(
             data["rps"], data["p50_ms"], data["p99_ms"], int(data["requests"]), int(data["errors"])
         )
@@ -431,7 +465,7 @@ async def transfer(
     return Transfer(total / seconds / 1e6, seconds, before, peak, cpu)
 
 
-def run_on_uvloop(main: Coroutine[Any, Any, Transfer]) -> Transfer:
+def run_on_uvloop(main: Coroutine[Any, Any, T]) -> T:
     """Run the client on uvloop when it is installed, like the processes it measures."""
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
@@ -442,6 +476,130 @@ def run_on_uvloop(main: Coroutine[Any, Any, Transfer]) -> Transfer:
         pass
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+# --- hostile clients ------------------------------------------------------------------------
+
+
+@dataclass
+class HostileRun:
+    """One measured window of the gateway's small GET with the hostile clients held open."""
+
+    cell: Cell
+    report: Report
+    rss_before_mib: float
+    rss_peak_mib: float
+    quiet_seconds: float  # from the clients' entry until the gateway quietened
+    capped: bool  # the gateway outgrew HOSTILE_RSS_ABORT_MIB: the clients let go early
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+async def until_quiet(pid: int) -> float:
+    """Wait until `pid` uses under QUIET_CPU of a CPU (at most SETTLE_DEADLINE); seconds."""
+    started = time.monotonic()
+    previous = process_cpu(pid)
+    while time.monotonic() - started < SETTLE_DEADLINE:
+        await asyncio.sleep(0.25)  # the measuring window
+        now = process_cpu(pid)
+        if now - previous < QUIET_CPU * 0.25:
+            break
+        previous = now
+    return time.monotonic() - started
+
+
+async def hostile_window(
+    loadgen: LoadGen, url: str, port: int, gw_pid: int, pids: list[int], args: argparse.Namespace
+) -> HostileRun:
+    """Open the hostile clients, let the gateway quieten, then warm-up and one measured window.
+
+    The non-readers' responses first fill every buffer between the upstream and them (some
+    MiB each); the window measures the held state after that, not the fill.
+    """
+    lifetime = SETTLE_DEADLINE + args.warmup + args.duration + 60  # a bound, not a schedule
+    capped = False
+    async with (
+        rss_watch(gw_pid) as rss,
+        Hostile(port, args.hostile_slowloris, args.hostile_non_readers, lifetime) as hostile,
+    ):
+
+        async def cap() -> None:
+            nonlocal capped
+            while True:
+                if (proc_status_kib(gw_pid, "VmRSS") or 0) >= HOSTILE_RSS_ABORT_MIB * 1024:
+                    capped = True
+                    hostile.stop()
+                    return
+                await asyncio.sleep(0.1)  # sampling interval
+
+        guard = asyncio.get_running_loop().create_task(cap())
+        try:
+            quiet = await until_quiet(gw_pid)
+            if args.warmup > 0:
+                await loadgen.run_async(url, args.warmup)
+            window = CpuWindow(pids, gw_pid)
+            cell = window.close(await loadgen.run_async(url, args.duration))
+        finally:
+            guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await guard
+    return HostileRun(cell, hostile.report, rss[0], rss[1], quiet, capped)
+
+
+def settle(pid: int, fds_before: int) -> bool:
+    """Wait until the gateway has dropped the hostile sockets (its fd count is back)."""
+    deadline = time.monotonic() + SETTLE_DEADLINE
+    while time.monotonic() < deadline:
+        if open_fds(pid) <= fds_before + 16:
+            return True
+        time.sleep(0.05)  # polling interval, not a settle time
+    return False
+
+
+def hostile_phase(
+    results: Results,
+    loadgen: LoadGen,
+    url: str,
+    port: int,
+    gw_pid: int,
+    pids: list[int],
+    args: argparse.Namespace,
+) -> None:
+    """Small GET against the gateway without and with the hostile clients, interleaved."""
+    for round_index in range(args.rounds):
+        for run in HOSTILE_RUNS if round_index % 2 == 0 else HOSTILE_RUNS[::-1]:
+            if run == "calm":
+                if args.warmup > 0:
+                    loadgen.run(url, args.warmup)
+                window = CpuWindow(pids, gw_pid)
+                cell = window.close(loadgen.run(url, args.duration))
+                results.hostile_calm.append(cell)
+                extra = ""
+            else:
+                fds = open_fds(gw_pid)
+                held = run_on_uvloop(hostile_window(loadgen, url, port, gw_pid, pids, args))
+                results.hostile_runs.append(held)
+                cell, report = held.cell, held.report
+                extra = (
+                    f"  peak RSS {held.rss_peak_mib:6.1f} MiB  held at end "
+                    f"{report.open_at_end['slowloris']}/{report.open_at_end['non_reader']}"
+                    f"  re-opened {report.reconnects['slowloris']}/"
+                    f"{report.reconnects['non_reader']}"
+                )
+                if not settle(gw_pid, fds):
+                    extra += f"  (gateway still had {open_fds(gw_pid)} fds, {fds} before)"
+            print(
+                f"round {round_index + 1} hostile phase {run:>8}: {cell.rps:10.0f} req/s"
+                f"  p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms"
+                f"  server {cell.server_us or 0:5.0f} µs CPU/req{extra}"
+                + (f"  ERRORS {cell.errors}" if cell.errors else ""),
+                flush=True,
+            )
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -457,6 +615,11 @@ class Results:
     transfer_bytes: int
     cells: dict[tuple[str, str], list[Cell]] = field(default_factory=dict)
     transfers: dict[tuple[str, str], list[Transfer]] = field(default_factory=dict)
+    hostile_calm: list[Cell] = field(default_factory=list)
+    hostile_runs: list[HostileRun] = field(default_factory=list)
+    hostile_slowloris: int = 0
+    hostile_non_readers: int = 0
+    rate_limits: list[ratelimit_phase.StoreRun] = field(default_factory=list)
     access_lines: int = 0
     revision: str = "unknown"
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -467,6 +630,11 @@ class Results:
 
     def best_transfer(self, direction: str, target: str) -> Transfer:
         return max(self.transfers[(direction, target)], key=lambda t: t.mb_s)
+
+    def hostile_label(self) -> str:
+        return (
+            f"{self.hostile_slowloris} slowloris + {self.hostile_non_readers} non-readers held open"
+        )
 
     def peak_rss(self, direction: str, target: str) -> float | None:
         peaks = [t.rss_peak_mib for t in self.transfers[(direction, target)]]
@@ -488,6 +656,8 @@ def bench(args: argparse.Namespace) -> Results:
     results = Results(
         loadgen, pin, args.rounds, args.duration, args.warmup, args.transfer_mib * MIB
     )
+    results.hostile_slowloris = args.hostile_slowloris
+    results.hostile_non_readers = args.hostile_non_readers
     results.revision = git_revision()
     up_port, base_port, gw_port, admin_port = free_ports(4)
     upstream_url = f"http://{HOST}:{up_port}"
@@ -559,6 +729,21 @@ def bench(args: argparse.Namespace) -> Results:
                         + (f"  ERRORS {cell.errors}" if cell.errors else ""),
                         flush=True,
                     )
+        results.rate_limits = ratelimit_phase.measure(
+            start=processes.start,
+            pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+            pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
+            wait_ready=wait_ready,
+            run_load=loadgen.run,
+            free_ports=free_ports,
+            env=env,
+            upstream_url=upstream_url,
+            out=OUT,
+            rounds=args.rounds,
+            duration=args.duration,
+            warmup=args.warmup,
+            startup_deadline=STARTUP_DEADLINE,
+        )
         rss_pids = {**pids, "direct": None}  # RSS is the proxy's; direct has none
         for round_index in range(args.transfer_rounds):
             for direction in ("upload", "download"):
@@ -584,6 +769,17 @@ def bench(args: argparse.Namespace) -> Results:
                         f"  server {moved.server_cpu_s:4.2f} CPU s/GiB",
                         flush=True,
                     )
+        # Last: the gateway keeps memory it grew for the hostile clients, which would show in
+        # the streams' RSS.
+        hostile_phase(
+            results,
+            loadgen,
+            bases["gateway"] + "/small",
+            gw_port,
+            pids["gateway"],
+            list(pids.values()),
+            args,
+        )
         for process in (upstream, baseline, gateway):
             if process.popen.poll() is not None:
                 raise BenchError(f"{process.name} died during the run:\n{process.tail()}")
@@ -660,6 +856,27 @@ def verdicts(results: Results) -> list[Verdict]:
                 g >= MBPS_BUDGET * b,
             )
         )
+    if results.hostile_runs and results.hostile_calm:
+        held = max((r.cell for r in results.hostile_runs), key=lambda c: c.rps)
+        calm = max(results.hostile_calm, key=lambda c: c.rps)
+        out.append(
+            Verdict(
+                f"gateway small-GET req/s with {results.hostile_label()} "
+                f"≥ {HOSTILE_RPS_BUDGET} x without them",
+                f"{held.rps:,.0f} vs {calm.rps:,.0f} req/s = {held.rps / calm.rps:.2f}x",
+                held.rps >= HOSTILE_RPS_BUDGET * calm.rps,
+            )
+        )
+        peak = max(r.rss_peak_mib for r in results.hostile_runs)
+        out.append(
+            Verdict(
+                f"gateway peak RSS < {HOSTILE_RSS_BUDGET_MIB:.0f} MiB with "
+                f"{results.hostile_label()}",
+                f"{peak:.1f} MiB",
+                peak < HOSTILE_RSS_BUDGET_MIB,
+            )
+        )
+    out += [Verdict(*v) for v in ratelimit_phase.verdicts(results.rate_limits)]
     return out
 
 
@@ -673,8 +890,8 @@ def ratio(value: float, reference: float) -> str:
 
 def render(results: Results, command: str) -> str:
     pin_text = (
-        f"proxy under test on CPU {PROXY_CPU}; load generator, upstream and the 1 GiB client "
-        f"on CPU {LOAD_CPU} (`taskset`)"
+        f"proxy under test on CPU {PROXY_CPU}; load generator, upstream, the 1 GiB client "
+        f"and the hostile clients on CPU {LOAD_CPU} (`taskset`)"
         if results.pin
         else "none (taskset missing, fewer than 2 CPUs, or --no-pin): every process shares CPUs"
     )
@@ -725,6 +942,22 @@ def render(results: Results, command: str) -> str:
         "(the upstream for direct, else the proxy) during the measured window, divided by the "
         "requests completed: what a request costs, whatever else ran on the machine. "
         "*server CPU s/GiB* is the same for the streams (best round's).",
+        f"- Hostile clients, last (the gateway keeps memory it grows for them): "
+        f"`bench/hostile.py`, asyncio raw sockets in this process, to 127.0.0.1 only, hold "
+        f"{results.hostile_slowloris} **slowloris** connections (a partial request head, then "
+        f"{TRICKLE_BYTES} header bytes every {TRICKLE_EVERY:g} s, never finished) and "
+        f"{results.hostile_non_readers} **non-readers** (SO_RCVBUF {RCVBUF} bytes, a complete "
+        f"`GET /stream?bytes={STREAM_BYTES}`, never read) open on the gateway's port; every "
+        "one the gateway closes (this end left ESTABLISHED, or /proc/net/tcp shows the "
+        "gateway no longer holds its end) is re-opened within "
+        f"{HOSTILE_TICK:g} s, so the pressure stays constant and the re-opened count shows the "
+        "gateway's header and send timeouts at work. Once they are open and the gateway is "
+        f"quiet (under {QUIET_CPU:.0%} of a CPU: the non-readers' buffers are full), the same "
+        "warm-up and window as above run the small GET against the gateway; "
+        f"{results.rounds} rounds, each also with a window without them (interleaved, order "
+        "reversed every other round). Shown: the best round by req/s of each, and the "
+        "**worst** peak RSS of the gateway (VmHWM reset before the clients open, and VmRSS "
+        "sampled every 20 ms, whichever is higher).",
         *background_note(results),
         "",
         "## Request/response",
@@ -770,11 +1003,80 @@ def render(results: Results, command: str) -> str:
                 f"{ratio(best.mb_s, base_mb) if target == 'gateway' else '—'} | "
                 f"{best.server_cpu_s:.2f} | {rounds} |"
             )
+    lines += hostile_section(results)
+    lines += ["", *ratelimit_phase.section(results.rate_limits)]
     lines += ["", "## Budgets", "", "| budget | measured | verdict |", "| --- | --- | --- |"]
     lines += [
         f"| {v.budget} | {v.measured} | {verdict_text(v.passed)} |" for v in verdicts(results)
     ]
     return "\n".join(lines) + "\n"
+
+
+def hostile_section(results: Results) -> list[str]:
+    if not results.hostile_runs or not results.hostile_calm:
+        return []
+    calm = max(results.hostile_calm, key=lambda c: c.rps)
+    runs = results.hostile_runs
+    best = max(runs, key=lambda r: r.cell.rps)
+    lines = [
+        "",
+        "## Hostile clients",
+        "",
+        "| small JSON GET `/small` on the gateway | req/s | p50 ms | p99 ms | ÷ without "
+        "| server CPU µs/req | gateway RSS before → peak, MiB | held at end: slowloris / "
+        "non-readers | re-opened: slowloris / non-readers | req/s per round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for label, cell, cells, rss, held, reopened in (
+        ("without hostile clients", calm, results.hostile_calm, "—", "—", "—"),
+        (
+            f"with {results.hostile_label()}",
+            best.cell,
+            [r.cell for r in runs],
+            f"{max(r.rss_before_mib for r in runs):.1f} → {max(r.rss_peak_mib for r in runs):.1f}",
+            ", ".join(
+                f"{r.report.open_at_end['slowloris']} / {r.report.open_at_end['non_reader']}"
+                for r in runs
+            ),
+            ", ".join(
+                f"{r.report.reconnects['slowloris']} / {r.report.reconnects['non_reader']}"
+                for r in runs
+            ),
+        ),
+    ):
+        rounds = " / ".join(f"{c.rps:,.0f}" for c in cells)
+        errors = sum(c.errors for c in cells)
+        if errors:
+            rounds += f" (**{errors} errors**)"
+        cpu = "—" if cell.server_us is None else f"{cell.server_us:.0f}"
+        lines.append(
+            f"| {label} | {cell.rps:,.0f} | {cell.p50_ms:.2f} | {cell.p99_ms:.2f} | "
+            f"{ratio(cell.rps, calm.rps) if cell is not calm else '—'} | {cpu} | {rss} | "
+            f"{held} | {reopened} | {rounds} |"
+        )
+    lines.append("")
+    for index, run in enumerate(runs, 1):
+        report = run.report
+        lines.append(
+            f"- Round {index}: {report.opened:,} connections opened "
+            f"({report.failed_connects} connects failed), all open in "
+            f"{report.ready_seconds:.1f} s; {report.responses_started} of "
+            f"{report.non_readers} non-readers' responses had begun arriving; the gateway was "
+            f"quiet {run.quiet_seconds:.1f} s later; held {report.seconds:.1f} s in all"
+            + (
+                f"; {report.not_accepted_at_end} still in the listen backlog at the end"
+                if report.not_accepted_at_end
+                else ""
+            )
+            + (
+                f"; **the gateway passed {HOSTILE_RSS_ABORT_MIB:.0f} MiB RSS, so the clients "
+                "let go early**"
+                if run.capped
+                else ""
+            )
+            + "."
+        )
+    return lines
 
 
 def background_note(results: Results) -> list[str]:
@@ -830,6 +1132,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32, help="load generator connections")
     parser.add_argument("--transfer-mib", type=int, default=1024, help="MiB per 1 GiB stream")
     parser.add_argument("--transfer-rounds", type=int, default=2, help="rounds of the streams")
+    parser.add_argument("--hostile-slowloris", type=int, default=500, help="slowloris clients")
+    parser.add_argument("--hostile-non-readers", type=int, default=200, help="non-reading clients")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
@@ -838,6 +1142,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.transfer_rounds < 1 or args.duration <= 0:
         parser.error("--rounds, --transfer-rounds and --duration must be positive")
+    if min(args.hostile_slowloris, args.hostile_non_readers) < 0:
+        parser.error("--hostile-slowloris and --hostile-non-readers must be >= 0")
     return args
 
 

@@ -2,7 +2,8 @@
 It is a separate Application on its own host:port; nothing here is routed publicly.
 
 GET /healthz   200 while the process runs
-GET /readyz    200, or 503 with reasons: draining, no table, a service with no usable target
+GET /readyz    200, or 503 with reasons: draining, no table, a service named in
+               admin_ready_requires with no usable target (other such services are listed only)
 GET /metrics   Prometheus text format (every worker's counters summed with --workers N)
 GET /routes    the compiled table: each route's prefix, methods, stages, targets and status
 GET /config    the serving file as written, its version hash, the last reload's result
@@ -36,17 +37,28 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def not_ready_reasons(gateway: Gateway, state: AdminState) -> list[str]:
-    """Why this process should not get traffic now; empty when it should."""
+def unavailable_services(gateway: Gateway) -> dict[str, str]:
+    """Each service with no target that may take traffic now, and why not, per target."""
+    return {
+        name: ", ".join(f"{t.label} {_unavailable(t)}" for t in service.targets)
+        for name, service in sorted(gateway.services.items())
+        if not service.has_available_target()
+    }
+
+
+def not_ready_reasons(
+    gateway: Gateway, state: AdminState, unavailable: dict[str, str]
+) -> list[str]:
+    """Why this process should not get traffic now; empty when it should. A service down is a
+    reason only when the operator said so: one dead backend must not unready every replica."""
     reasons = []
     if state.draining:
         reasons.append("shutting down: draining in-flight requests")
     if not gateway.table.routes:
         reasons.append("no route table loaded")
-    for name, service in sorted(gateway.services.items()):
-        if not service.has_available_target():
-            why = ", ".join(f"{t.label} {_unavailable(t)}" for t in service.targets)
-            reasons.append(f"service {name!r} has no healthy target ({why})")
+    for name in gateway.config.admin_ready_requires:
+        if name in unavailable:
+            reasons.append(f"required service {name!r} has no healthy target ({unavailable[name]})")
     return reasons
 
 
@@ -56,9 +68,19 @@ def _unavailable(target: Target) -> str:
 
 async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    reasons = not_ready_reasons(gateway, request.app[ADMIN_STATE])
+    unavailable = unavailable_services(gateway)
+    reasons = not_ready_reasons(gateway, request.app[ADMIN_STATE], unavailable)
+    required = gateway.config.admin_ready_requires
     return web.json_response(
-        {"ready": not reasons, "reasons": reasons, "version_hash": gateway.config.version_hash},
+        {
+            "ready": not reasons,
+            "reasons": reasons,
+            "unavailable_services": [
+                {"service": name, "required": name in required, "targets": why}
+                for name, why in unavailable.items()
+            ],
+            "version_hash": gateway.config.version_hash,
+        },
         status=503 if reasons else 200,
     )
 

@@ -19,12 +19,20 @@ from yarl import URL
 
 from gateway.accesslog import AccessLog
 from gateway.compile import LoadResult, build_table
-from gateway.errors import CLIENT_GONE, GatewayError, MethodNotAllowed, problem_for
+from gateway.errors import (
+    CLIENT_GONE,
+    GatewayError,
+    MalformedRequest,
+    MethodNotAllowed,
+    VersionNotSupported,
+    problem_for,
+)
 from gateway.exchange import EXCHANGE, apply_exchange, start_exchange
 from gateway.health import HealthChecker
 from gateway.metrics import Metrics
 from gateway.model import GatewayConfig
 from gateway.pipeline import Handler
+from gateway.ratelimit.store import RateLimits
 from gateway.reload import Reloader
 from gateway.routing import RouteTable, normalize_path, split_target
 from gateway.upstream import Service, close_later
@@ -61,6 +69,7 @@ class Gateway:
         self.health = HealthChecker()
         self.reloader: Reloader | None = None
         self.services: dict[str, Service] = {}
+        self.rate_limits = RateLimits(self.metrics.rate_limit_store_errors.inc)
         self.metrics.watch(lambda: self.services.values())
         self.config = config
         self.table = RouteTable(())
@@ -82,7 +91,7 @@ class Gateway:
                 else Service(service_config, previous=old)
             )
         removed = [s for name, s in self.services.items() if kept.get(name) is not s]
-        table = build_table(config, kept)
+        table = build_table(config, kept, self.rate_limits.store_for(config.rate_limit_store))
         self.services, self.table, self.config = kept, table, config  # the swap
         return removed
 
@@ -132,6 +141,7 @@ class Gateway:
         await asyncio.gather(*retiring, return_exceptions=True)
         for service in [*self.services.values(), *self._retired]:
             await service.close()
+        await self.rate_limits.close()
         self._retired = []
 
 
@@ -152,9 +162,11 @@ def make_dispatch(gateway: Gateway) -> Handler:
         try:
             try:
                 table = gateway.table  # read once: in-flight requests keep their table
+                if request.version[0] != 1:
+                    raise unsupported_version(request)
                 raw = request.raw_path
-                if not raw.startswith("/"):  # absolute-form request target
-                    raw = request.rel_url.raw_path_qs
+                if not raw.startswith("/"):
+                    raw = origin_form(request)
                 path, exchange.query = split_target(raw)
                 exchange.client, exchange.forwarded_for = table.clients.resolve(request)
                 exchange.path = normalize_path(path)
@@ -180,6 +192,24 @@ def make_dispatch(gateway: Gateway) -> Handler:
             access_log.record(request, exchange, status, received, sent, seconds)
 
     return dispatch
+
+
+def unsupported_version(request: web.Request) -> MalformedRequest:
+    """HTTP/2.0 and later on this HTTP/1.1 port get 505 (RFC 9110 §15.6.6), as from nginx;
+    a version-less request line (HTTP/0.9) is not answered in kind: 400."""
+    if request.version[0] == 0:
+        return MalformedRequest("HTTP/0.9 requests are not supported")
+    return VersionNotSupported("this listener speaks HTTP/1.0 and HTTP/1.1")
+
+
+def origin_form(request: web.Request) -> str:
+    """The path and query of an absolute-form target (`GET http://host/a?b`, RFC 9112 §3.2.2;
+    an empty path is "/"). CONNECT's authority-form names no path: the gateway is not a
+    forward proxy."""
+    if request.method == hdrs.METH_CONNECT:
+        raise MalformedRequest("CONNECT is not supported: this is a gateway, not a proxy")
+    raw = request.rel_url.raw_path_qs
+    return raw if raw.startswith("/") else "/" + raw
 
 
 ExpectHandler = Callable[[web.Request], Awaitable[None]]
@@ -243,9 +273,17 @@ class CatchAll(web.AbstractResource):
 
 
 def create_app(gateway: Gateway) -> web.Application:
-    app = web.Application(handler_args={"max_field_size": 16384})  # no middlewares: see dispatch
+    app = web.Application()  # no middlewares: see dispatch; parser limits: GatewayServer
     app[GATEWAY] = gateway
-    app.router.register_resource(CatchAll(make_dispatch(gateway), make_expect(gateway)))
+    catch_all = CatchAll(make_dispatch(gateway), make_expect(gateway))
+    app.router.register_resource(catch_all)
+
+    async def resolve(request: web.Request) -> web.UrlMappingMatchInfo:
+        # Every request target to the one resource, with no walk over path prefixes (which
+        # also left CONNECT and `GET http://host` to aiohttp's own plain-text 404).
+        return (await catch_all.resolve(request))[0]
+
+    app.router.resolve = resolve  # type: ignore[method-assign]  # see resolve's comment
     app.on_response_prepare.append(apply_exchange)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -16,10 +16,14 @@ from gateway.forward import forward_handler
 from gateway.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
+    DEFAULT_MAX_MESSAGE_BYTES,
     CircuitBreakerConfig,
+    ClientLimits,
     GatewayConfig,
     HeaderRules,
     HealthCheckConfig,
+    RateLimitPolicy,
+    RateLimitStoreConfig,
     RetryBudgetConfig,
     RouteConfig,
     ServiceConfig,
@@ -28,6 +32,8 @@ from gateway.model import (
 )
 from gateway.pipeline import body_limit_of, build_chain
 from gateway.proxies import ClientAddress
+from gateway.ratelimit.memory import MemoryStore
+from gateway.ratelimit.store import RateLimitStore
 from gateway.routing import Route, RouteTable
 from gateway.upstream import Service
 from gateway.validate import normalize_prefix, parse_duration, route_methods, validate
@@ -74,22 +80,58 @@ def build_config(doc: Document) -> GatewayConfig:
     data: dict[str, JSON] = doc.data
     limits = data.get("limits") or {}
     services = {name: _service(name, raw) for name, raw in data["services"].items()}
+    underscores = data.get("underscores_in_headers", False)
     rate = limits.get("min_body_rate", 500)
-    routes = tuple(_route(i, raw, services, rate) for i, raw in enumerate(data["routes"]))
+    routes = tuple(
+        _route(i, raw, services, underscores, rate) for i, raw in enumerate(data["routes"])
+    )
     return GatewayConfig(
         file=doc.file,
         version_hash=doc.version_hash,
         text=doc.text,
         listen=_hostport(data.get("listen"), DEFAULT_LISTEN),
         admin=_hostport(data.get("admin"), DEFAULT_ADMIN),
+        admin_ready_requires=tuple(data.get("admin_ready_requires", ())),
         access_log=data.get("access_log"),
         trusted_proxies=tuple(ip_network(c, strict=False) for c in data.get("trusted_proxies", ())),
+        underscores_in_headers=underscores,
         max_body_bytes=limits.get("max_body_bytes"),
+        max_message_bytes=limits.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
+        client_limits=_client_limits(limits),
+        rate_limit_store=_rate_limit_store(data.get("store") or {}),
         drain_timeout=_seconds(limits.get("drain_timeout"), 600.0) or 600.0,
         services=services,
         routes=routes,
     )
+
+
+def _client_limits(raw: dict[str, JSON]) -> ClientLimits:
+    base = ClientLimits()
+    return ClientLimits(
+        header_timeout=_seconds(raw.get("header_timeout"), base.header_timeout) or 0.0,
+        keepalive_timeout=_seconds(raw.get("keepalive_timeout"), base.keepalive_timeout) or 0.0,
+        send_timeout=_seconds(raw.get("send_timeout"), base.send_timeout) or 0.0,
+        max_client_connections=raw.get("max_client_connections", base.max_client_connections),
+        max_header_bytes=raw.get("max_header_bytes", base.max_header_bytes),
+        max_headers=raw.get("max_headers", base.max_headers),
+        max_request_target_bytes=raw.get("max_request_target_bytes", base.max_request_target_bytes),
+    )
+
+
+def _rate_limit_store(raw: dict[str, JSON]) -> RateLimitStoreConfig:
+    return RateLimitStoreConfig(
+        redis=raw.get("redis") or None,  # "" (an unset ${REDIS_URL:-}): memory
+        timeout=_seconds(raw.get("timeout"), 0.05) or 0.05,
+        on_store_error=raw.get("on_store_error", "allow"),
+    )
+
+
+def _rate_limit(raw: JSON) -> RateLimitPolicy | None:
+    if raw is None:
+        return None
+    per = parse_duration(raw["per"])
+    return RateLimitPolicy(raw["limit"], per, raw.get("key", "ip"), raw.get("burst", 0))
 
 
 def _hostport(text: str | None, default: tuple[str, int]) -> tuple[str, int]:
@@ -161,7 +203,11 @@ def _headers(raw: JSON) -> HeaderRules:
 
 
 def _route(
-    index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig], min_body_rate: int
+    index: int,
+    raw: dict[str, JSON],
+    services: dict[str, ServiceConfig],
+    underscores: bool,
+    min_body_rate: int,
 ) -> RouteConfig:
     service = services[raw["service"]]
     return RouteConfig(
@@ -173,17 +219,25 @@ def _route(
         timeouts=_timeouts(raw.get("timeouts"), service.timeouts),
         request_headers=_headers(raw.get("request_headers")),
         response_headers=_headers(raw.get("response_headers")),
+        underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
+        rate_limit=_rate_limit(raw.get("rate_limit")),
         min_body_rate=min_body_rate,
     )
 
 
-def build_table(config: GatewayConfig, services: Mapping[str, Service]) -> RouteTable:
-    """Compose every route's chain once; requests only look the result up."""
+def build_table(
+    config: GatewayConfig,
+    services: Mapping[str, Service],
+    rate_limits: RateLimitStore | None = None,
+) -> RouteTable:
+    """Compose every route's chain once; requests only look the result up. `rate_limits` is
+    the process's store (kept across reloads); None: a fresh one in memory."""
+    rate_limits = MemoryStore() if rate_limits is None else rate_limits
     routes = []
     for route in config.routes:
-        forward = forward_handler(route, services[route.service])
-        chain = build_chain(route, forward, config.max_body_bytes)
+        forward = forward_handler(route, services[route.service], config.max_message_bytes)
+        chain = build_chain(route, forward, config.max_body_bytes, rate_limits)
         limit = body_limit_of(route, config.max_body_bytes)
         routes.append(Route(route, chain.handler, chain.stages, limit))
     return RouteTable(routes, ClientAddress(config.trusted_proxies))

@@ -3,6 +3,9 @@
 GatewayError
   RouteNotFound 404 · MethodNotAllowed 405 · Unauthenticated 401 · Forbidden 403
   PayloadTooLarge 413 · RateLimited 429 · BadRequest 400 · RequestTimeout 408
+  RateLimitUnavailable 503 (the Redis store failed and on_store_error is deny)
+  MalformedRequest 400 · TargetTooLong 414 · HeadersTooLarge 431 · VersionNotSupported 505
+    (these four close the connection: the rest of its bytes cannot be trusted)
   UpstreamError
     UpstreamUnavailable 502 · NoHealthyTarget 503 · PoolExhausted 503 · UpstreamTimeout 504
 ResponseAborted: a failure after the response started; the connection is dropped.
@@ -16,7 +19,7 @@ from collections.abc import Mapping
 from typing import ClassVar, Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway.exchange import EXCHANGE
 
@@ -30,6 +33,7 @@ class GatewayError(Exception):
     status: int = 500
     title: str = "Internal Server Error"
     slug: str = "internal-error"  # the last part of the problem's `type` URI
+    closes: ClassVar[bool] = False  # the connection is closed after this answer
 
     def __init__(self, detail: str = "", *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
@@ -39,6 +43,25 @@ class GatewayError(Exception):
 
 class BadRequest(GatewayError):
     status, title, slug = 400, "Bad Request", "bad-request"
+
+
+class MalformedRequest(BadRequest):
+    """A request the gateway will not parse further (a parser rejection, CONNECT, HTTP/0.9)."""
+
+    slug = "malformed-request"
+    closes: ClassVar[bool] = True
+
+
+class TargetTooLong(MalformedRequest):
+    status, title, slug = 414, "URI Too Long", "target-too-long"
+
+
+class HeadersTooLarge(MalformedRequest):
+    status, title, slug = 431, "Request Header Fields Too Large", "headers-too-large"
+
+
+class VersionNotSupported(MalformedRequest):
+    status, title, slug = 505, "HTTP Version Not Supported", "version-not-supported"
 
 
 class RouteNotFound(GatewayError):
@@ -68,6 +91,10 @@ class PayloadTooLarge(GatewayError):
 
 class RateLimited(GatewayError):
     status, title, slug = 429, "Too Many Requests", "rate-limited"
+
+
+class RateLimitUnavailable(GatewayError):
+    status, title, slug = 503, "Service Unavailable", "rate-limit-unavailable"
 
 
 class UpstreamError(GatewayError):
@@ -124,6 +151,22 @@ def _describe(exc: aiohttp.ClientError) -> str:
     return "connection error"
 
 
+class ProblemResponse(web.Response):
+    """A response the gateway makes itself. It names no server software, and its status line
+    is HTTP/1.1 whatever version the request claimed (RFC 9110 §2.5: the highest version the
+    server conforms to), as nginx does: HTTP/2.0 and HTTP/0.9 requests are not answered in kind.
+    """
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.SERVER, None)  # aiohttp's own default: Python/... aiohttp/...
+
+    async def _write_headers(self) -> None:
+        writer = self._payload_writer
+        assert writer is not None
+        await writer.write_headers(f"HTTP/1.1 {self.status} {self.reason}", self.headers)
+
+
 def problem_response(request: web.BaseRequest, error: GatewayError) -> web.Response:
     exchange = request.get(EXCHANGE)
     body = {
@@ -133,9 +176,13 @@ def problem_response(request: web.BaseRequest, error: GatewayError) -> web.Respo
         "detail": error.detail or error.title,
         "request_id": exchange.request_id if exchange else None,
     }
-    return web.Response(
+    response = ProblemResponse(
         status=error.status, text=json.dumps(body), content_type=PROBLEM_TYPE, headers=error.headers
     )
+    if error.closes:
+        response.force_close()
+        response.headers[hdrs.CONNECTION] = "close"  # said in any version (HTTP/1.0 too)
+    return response
 
 
 CLIENT_GONE: Final = 499  # nginx's status for "the client closed the connection first"

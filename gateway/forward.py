@@ -15,9 +15,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDictProxy, istr
 
 from gateway.bodywatch import BodyWatch
-from gateway.errors import ResponseAborted
+from gateway.errors import ResponseAborted, UpstreamUnavailable
 from gateway.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
-from gateway.model import RouteConfig
+from gateway.model import DEFAULT_MAX_MESSAGE_BYTES, RouteConfig
 from gateway.pipeline import Handler
 from gateway.proxies import X_FORWARDED_FOR
 from gateway.routing import strip
@@ -70,12 +70,19 @@ def connection_listed(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> f
 
 
 def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteConfig) -> Headers:
-    """The header list for the upstream request (a plain list: aiohttp copies it anyway)."""
+    """The header list for the upstream request (a plain list: aiohttp copies it anyway).
+    Client names holding "_" are dropped unless the route allows them: WSGI and CGI fold
+    X_Consumer and X-Consumer into one variable, so one could pass for the other."""
     incoming = request.headers
     drop = connection_listed(incoming, REQUEST_DROP)
     if exchange.upstream_remove:  # a route's remove rules, and the names its set rules own
         drop = drop | exchange.upstream_remove
-    out = [(name, value) for name, value in incoming.items() if name.lower() not in drop]
+    if route.underscores_in_headers:  # allowed, but compared as WSGI/CGI read them (_ is -)
+        if drop is not REQUEST_DROP:  # Connection-listed or route names may be spelt with _
+            drop = frozenset(name.replace("_", "-") for name in drop)
+        out = [(n, v) for n, v in incoming.items() if n.lower().replace("_", "-") not in drop]
+    else:  # nginx's underscores_in_headers off: X_Consumer never becomes HTTP_X_CONSUMER
+        out = [(n, v) for n, v in incoming.items() if "_" not in n and n.lower() not in drop]
     chain = exchange.forwarded_for  # set by dispatch from the trusted-proxy rules
     peer = request.remote or ""
     trusted = chain is not None
@@ -102,7 +109,9 @@ def upstream_path(route: RouteConfig, exchange: Exchange) -> str:
     return path + exchange.query
 
 
-def forward_handler(route: RouteConfig, service: Service) -> Handler:
+def forward_handler(
+    route: RouteConfig, service: Service, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Handler:
     """The innermost handler of a route: relay the request to `service` and stream back.
     One coroutine on purpose: every frame on the await chain is walked on every resume."""
     timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
@@ -113,7 +122,9 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
         headers = upstream_headers(request, exchange, route)
         path_qs = upstream_path(route, exchange)
         if is_websocket(request):
-            return await proxy_websocket(request, service, path_qs, headers, exchange)
+            return await proxy_websocket(
+                request, service, path_qs, headers, exchange, max_message_bytes
+            )
         body = exchange.body
         if body is None and request.body_exists:
             body = request.content
@@ -131,6 +142,9 @@ def forward_handler(route: RouteConfig, service: Service) -> Handler:
         exchange.upstream_ms = (time.perf_counter() - started) * 1000
         upstream = reply.response
         try:  # relay: headers first, then bytes as they arrive
+            if upstream.status == 101:  # the connection now speaks something else: drop it
+                upstream.close()
+                raise UpstreamUnavailable(f"service {service.name!r} switched protocols unasked")
             response = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason, headers=relayed(upstream.headers)
             )

@@ -13,10 +13,12 @@ from typing import Final, Literal
 from multidict import istr
 
 Balance = Literal["round_robin", "least_conn"]
+OnStoreError = Literal["allow", "deny"]
 Network = IPv4Network | IPv6Network
 
 DEFAULT_LISTEN: Final = ("0.0.0.0", 8080)
 DEFAULT_ADMIN: Final = ("127.0.0.1", 9080)
+DEFAULT_MAX_MESSAGE_BYTES: Final = 2**20
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 ALL_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -81,6 +83,32 @@ class HeaderRules:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """A token bucket: `burst` tokens at most, one back every `per / limit` seconds."""
+
+    limit: int  # tokens that come back per `per`
+    per: float  # seconds, parsed from "1m"
+    key: str = "ip"  # "ip" | "consumer" | "header:NAME"
+    burst: int = 0  # tokens a full bucket holds; default (0): `limit`
+    interval_us: int = field(init=False)  # microseconds per token, at least 1 (set below)
+    capacity_us: int = field(init=False)  # burst * interval_us: how far ahead a bucket may run
+
+    def __post_init__(self) -> None:
+        if self.burst <= 0:
+            object.__setattr__(self, "burst", self.limit)
+        interval = max(1, round(self.per * 1_000_000 / self.limit))
+        object.__setattr__(self, "interval_us", interval)
+        object.__setattr__(self, "capacity_us", interval * self.burst)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitStoreConfig:
+    redis: str | None = None  # redis://, rediss://, unix://, redis+sentinel://; None: memory
+    timeout: float = 0.05  # seconds one check may take before on_store_error; default 50 ms
+    on_store_error: OnStoreError = "allow"  # Redis slow or down: admit, or refuse with 503
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     prefix: str  # normalized, no trailing slash except "/" itself
     service: str
@@ -90,7 +118,10 @@ class RouteConfig:
     timeouts: Timeouts = Timeouts()  # the service's, overridden per key by the route's
     request_headers: HeaderRules = HeaderRules()
     response_headers: HeaderRules = HeaderRules()
+    underscores_in_headers: bool = False  # pass client header names holding "_"; default:
+    # the top-level key's (false: such headers are dropped, as nginx does)
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
+    rate_limit: RateLimitPolicy | None = None  # None: the route is not limited
     min_body_rate: int = 500  # bytes/s a request body must average per `read` interval
     # (limits.min_body_rate; 0: only silence is cut off); default 500
 
@@ -102,16 +133,34 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """What one client connection may hold (CONTRACT §7); nginx's defaults where it has one."""
+
+    header_timeout: float = 10.0  # seconds to receive a request's headers; default 10 s
+    keepalive_timeout: float = 75.0  # seconds an idle keep-alive connection is kept; default 75 s
+    send_timeout: float = 60.0  # seconds a response may wait on a client that does not read
+    max_client_connections: int = 10000  # open client connections per process; default 10000
+    max_header_bytes: int = 16384  # bytes of all request header lines together; default 16 KiB
+    max_headers: int = 100  # request header fields; default 100
+    max_request_target_bytes: int = 8192  # bytes of the request target (path and query); 8 KiB
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     file: str
     version_hash: str  # sha256 of the file bytes
     text: str  # the file as written, before ${VAR} expansion (holds no expanded secret)
     listen: tuple[str, int] = DEFAULT_LISTEN
     admin: tuple[str, int] = DEFAULT_ADMIN
+    admin_ready_requires: tuple[str, ...] = ()  # services whose outage makes /readyz 503
     access_log: str | None = None  # None: standard output
     trusted_proxies: tuple[Network, ...] = ()
+    underscores_in_headers: bool = False  # routes' default for client names holding "_"
     max_body_bytes: int | None = None  # global request body limit; None: unlimited (streamed)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # one WebSocket message, bytes; 1 MiB
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
+    client_limits: ClientLimits = ClientLimits()
+    rate_limit_store: RateLimitStoreConfig = RateLimitStoreConfig()  # store.redis and friends
     drain_timeout: float = 600.0  # seconds a service a reload replaced keeps its open
     # requests, streams and WebSockets before its pool is closed; default 10 min
     services: dict[str, ServiceConfig] = field(default_factory=dict)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
@@ -156,15 +157,31 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     )
 
 
+UPSTREAM_RCVBUF: Final = 65536  # bytes; the kernel doubles it for its own bookkeeping
+
+
+def _upstream_socket(info: tuple[int, int, int, str, tuple[object, ...]]) -> socket.socket:
+    """An upstream socket with a small receive buffer. One read takes what the kernel holds
+    (up to 256 KiB by default), and a response relayed to a client that stops reading keeps
+    the last read in the upstream reader and the one before in the client's send buffer:
+    smaller reads are what keeps a stalled download to a few hundred KiB (bench: hostile)."""
+    family, kind, proto, _, _ = info
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UPSTREAM_RCVBUF)
+    return sock
+
+
 def make_session(config: ServiceConfig) -> aiohttp.ClientSession:
     """One keep-alive pool per service. Cookies are never stored: clients share the pool."""
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=config.max_connections, limit_per_host=0),
+        connector=aiohttp.TCPConnector(
+            limit=config.max_connections, limit_per_host=0, socket_factory=_upstream_socket
+        ),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         request_class=ProxyRequest,
         timeout=client_timeout(config.timeouts),
-        read_bufsize=2**18,
+        read_bufsize=2**16,  # reader pauses the upstream past 2x this: see _upstream_socket
     )
     # aiohttp silently re-sends an idempotent request once, to the same target, when its
     # connection drops before the answer. Retries are this layer's: counted, budgeted, seen by

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Iterable
 from functools import cache
+from importlib import resources
+from importlib.resources.abc import Traversable
 from ipaddress import ip_network
 from pathlib import Path
 from typing import Final
@@ -19,8 +22,19 @@ from yarl import URL
 
 from gateway.config import JSON, Document, PathKey
 from gateway.model import ALL_METHODS
+from gateway.redisurl import redis_url_problem
 
-SCHEMA_PATH: Final = Path(__file__).resolve().parent.parent / "schemas" / "routes.schema.json"
+SOURCE_SCHEMAS: Final = Path(__file__).resolve().parent.parent / "schemas"  # the repository's
+
+
+def schema_file(name: str) -> Traversable:
+    """A schema from the top-level `schemas/`: the copy a built wheel carries inside the package
+    (setup.py puts it there), else the repository's own file (source checkout, editable install)."""
+    packaged = resources.files("gateway") / "_schemas" / name
+    return packaged if packaged.is_file() else SOURCE_SCHEMAS / name
+
+
+SCHEMA_PATH: Final = schema_file("routes.schema.json")
 SUPPORTED_VERSION: Final = 1
 
 _PATTERN_MESSAGES: Final = {
@@ -31,6 +45,7 @@ _PATTERN_MESSAGES: Final = {
     "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$": "is not a valid HTTP header name",
     "^[A-Za-z][A-Za-z0-9_-]{0,62}$": "must be a letter then letters, digits, _ or -",
     "^[0-9a-f]{64}$": "must be 64 lowercase hex digits (a SHA-256)",
+    "^(ip|consumer|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$": "must be ip, consumer or header:NAME",
 }
 _TYPE_NAMES: Final = {
     "object": "a mapping",
@@ -45,7 +60,6 @@ _TYPE_NAMES: Final = {
 UNSUPPORTED: Final = {
     ("auth",): "authentication",
     ("routes", "*", "auth"): "authentication",
-    ("routes", "*", "rate_limit"): "rate limiting",
     ("routes", "*", "cache"): "response caching",
     ("routes", "*", "cors"): "CORS",
     ("routes", "*", "aggregate"): "fan-out aggregation",
@@ -168,14 +182,19 @@ def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
     for i, cidr in enumerate(data.get("trusted_proxies") or ()):
         _check_cidr(doc, ("trusted_proxies", i), cidr)
     redis = (data.get("store") or {}).get("redis") if isinstance(data.get("store"), dict) else None
-    if redis:
-        doc.error(("store", "redis"), "a Redis store is not supported yet; leave it empty")
+    if isinstance(redis, str) and redis:
+        problem = redis_url_problem(redis)
+        if problem:
+            doc.error(("store", "redis"), problem)
     if isinstance(services, dict):
         for name, service in services.items():
             if isinstance(service, dict):
                 _check_service(doc, ("services", name), service)
     if "auth" in data:
         _unsupported(doc, ("auth",), UNSUPPORTED[("auth",)])
+    required = data.get("admin_ready_requires")
+    for i, name in enumerate(required if isinstance(required, list) else ()):
+        _check_service_name(doc, ("admin_ready_requires", i), name, service_names)
     routes = data.get("routes")
     if isinstance(routes, list):
         _check_routes(doc, routes, service_names)
@@ -231,6 +250,15 @@ def target_url_problem(url: str) -> str | None:
     return None
 
 
+def _check_service_name(doc: Document, path: PathKey, name: JSON, service_names: list[str]) -> None:
+    if not isinstance(name, str) or name in service_names:
+        return
+    if path in doc.expanded:  # never echo a value from the environment
+        doc.error(path, "unknown service (the value from the environment)")
+    else:
+        doc.error(path, f"unknown service {name!r}{_suggest(name, service_names)}")
+
+
 def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -> None:
     seen: dict[str, list[tuple[int, frozenset[str]]]] = {}
     for i, route in enumerate(routes):
@@ -241,12 +269,8 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
             if key in route:
                 _unsupported(doc, (*path, key), feature)
         service = route.get("service")
-        if isinstance(service, str) and service not in service_names:
-            hint = _suggest(service, service_names)
-            if (*path, "service") in doc.expanded:  # never echo a value from the environment
-                doc.error((*path, "service"), "unknown service (the value from the environment)")
-            else:
-                doc.error((*path, "service"), f"unknown service {service!r}{hint}")
+        if isinstance(service, str):
+            _check_service_name(doc, (*path, "service"), service, service_names)
         elif service is None and "aggregate" not in route:
             doc.error(path, "missing required key 'service'")
         if isinstance(route.get("prefix"), str):
@@ -264,16 +288,35 @@ UNTOUCHABLE_HEADERS: Final = frozenset(
 )  # fmt: skip
 
 
+# RFC 9110 §5.5: a field value holds no control character but HTAB (obs-text is allowed).
+FIELD_VALUE_FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _check_header_rules(doc: Document, path: PathKey, rules: dict[str, JSON]) -> None:
     names: list[tuple[PathKey, str]] = []
     if isinstance(rules.get("set"), dict):
         names += [((*path, "set", name), name) for name in rules["set"]]
+        for name, value in rules["set"].items():
+            if isinstance(value, str):
+                _check_header_value(doc, (*path, "set", name), value)
     if isinstance(rules.get("remove"), list):
         names += [((*path, "remove", i), n) for i, n in enumerate(rules["remove"])]
     for where, name in names:
         if isinstance(name, str) and name.lower() in UNTOUCHABLE_HEADERS:
             message = f"{name} frames the message or belongs to one hop; it cannot be changed"
             doc.error(where, message, key=where[-2] == "set")
+
+
+def _check_header_value(doc: Document, path: PathKey, value: str) -> None:
+    found = FIELD_VALUE_FORBIDDEN.search(value)
+    if found is None:
+        return
+    char = found.group()
+    what = {"\r": "a line break (CR)", "\n": "a line break (LF)", "\0": "a NUL character"}.get(
+        char, f"the control character U+{ord(char):04X}"
+    )
+    source = "the value from the environment" if path in doc.expanded else "the value"
+    doc.error(path, f"{source} holds {what}; a header value may hold no control character but tab")
 
 
 def _check_prefix(

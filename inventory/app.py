@@ -10,17 +10,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
 
 from aiohttp import web
 
 from inventory.errors import problem_middleware
 from inventory.handlers import STORE, routes
+from inventory.schema import MAX_BODY_BYTES
 from inventory.store import DeviceStore
 
-logger = logging.getLogger(__name__)
+__all__ = ["MAX_BODY_BYTES", "create_app", "store_context"]
 
-MAX_BODY_BYTES: Final = 1024 * 1024  # larger bodies get a 413 problem
+logger = logging.getLogger(__name__)
 
 
 def store_context(db_path: Path) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -119,11 +119,12 @@ def problem_response(
     if rid is not None:
         problem["request_id"] = rid
     problem.update(extensions or {})
+    try:
+        body = json.dumps(problem, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # an error path quoting a lone surrogate the client sent
+        body = json.dumps(problem).encode("ascii")  # `\ud800`: the escape the client used
     return web.Response(
-        status=status,
-        headers=headers,
-        body=json.dumps(problem, ensure_ascii=False).encode("utf-8"),
-        content_type=PROBLEM_CONTENT_TYPE,
+        status=status, headers=headers, body=body, content_type=PROBLEM_CONTENT_TYPE
     )
 
 

@@ -4,8 +4,9 @@ Handlers parse the request (content type, JSON, query), let the store do the wor
 thread, and shape the response. Every failure is an `InventoryError` that the problem
 middleware answers, so no handler builds an error response itself.
 
-Order of checks on a write: 415 (content type), 400 (not JSON), then in the store 404,
-412 (`If-Match`, RFC 9110 §13.2.2: preconditions before the content is processed), 422.
+Order of checks on a write: 415 (content type), 413 (over the body limit), 400 (not UTF-8 JSON),
+then in the store 404, 412 (`If-Match`, then `If-None-Match`, RFC 9110 §13.2.2: preconditions
+before the content is processed), 422 (schema, values JSON cannot carry, nesting).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from inventory.errors import InvalidDevice, InvalidQuery, MalformedJson, Unsuppo
 from inventory.openapi import openapi_document
 from inventory.paging import decode_cursor, encode_cursor, parse_limit
 from inventory.patch import if_none_match_passes, merge_patch, representation, strong_etag
-from inventory.schema import DEVICE_SCHEMA, JSON
+from inventory.schema import DEVICE_SCHEMA, JSON, MAX_DEPTH, value_errors
 from inventory.store import Device, DeviceStore, Fields, Filters
 
 STORE: Final = web.AppKey("inventory_store", DeviceStore)
@@ -40,7 +41,12 @@ def _reject_constant(name: str) -> JSON:
 
 
 async def read_json(request: web.Request, accepted: Iterable[str]) -> JSON:
-    """The request body as JSON, or 415 for another content type, or 400 for bad JSON."""
+    """The request body as JSON, or 415 for another content type, or 400 for bad JSON.
+
+    The body must be UTF-8 without a byte order mark (RFC 8259 §8.1): UTF-16 and UTF-32,
+    which `json.loads` would sniff and accept from bytes, are a 400 like any other bytes that
+    are not UTF-8, and so are UTF-8-encoded surrogates (ED A0 80), which it lets through.
+    """
     accepted = tuple(accepted)
     if request.content_type not in accepted:
         headers = {"Accept-Patch": ", ".join(accepted)} if request.method == "PATCH" else {}
@@ -50,10 +56,20 @@ async def read_json(request: web.Request, accepted: Iterable[str]) -> JSON:
         )
     body = await request.read()
     try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise MalformedJson(f"the body is not valid JSON: {exc}") from exc
-    except ValueError as exc:  # not UTF-8, or NaN/Infinity
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedJson(
+            f"the body is not valid JSON: not UTF-8 at byte {exc.start} ({exc.reason})"
+        ) from exc
+    if text.startswith("\ufeff"):
+        raise MalformedJson("the body is not valid JSON: it starts with a byte order mark")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise MalformedJson(
+            f"the body cannot be read: nested far deeper than the limit of {MAX_DEPTH} levels"
+        ) from exc
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer too long to read
         raise MalformedJson(f"the body is not valid JSON: {exc}") from exc
 
 
@@ -68,6 +84,17 @@ def validated(document: JSON, *, patch: JSON = None) -> Fields:
     if errors:
         raise InvalidDevice(sorted(errors))
     return DEVICE_SCHEMA.with_defaults(document)
+
+
+def patched(current: Fields, patch: JSON) -> Fields:
+    """`patch` merged into the current fields, validated like a PUT body.
+
+    A patch nested too deeply is refused before merging: the merge recurses along it.
+    """
+    too_deep = value_errors(patch, depth_only=True)
+    if too_deep:
+        raise InvalidDevice(too_deep)
+    return validated(merge_patch(current, patch), patch=patch)
 
 
 def device_response(
@@ -141,6 +168,7 @@ async def replace_device(request: web.Request) -> web.Response:
         request.match_info["id"],
         lambda _current: validated(document),
         if_match=request.headers.get(hdrs.IF_MATCH),
+        if_none_match=request.headers.get(hdrs.IF_NONE_MATCH),
     )
     return device_response(device)
 
@@ -150,16 +178,19 @@ async def patch_device(request: web.Request) -> web.Response:
     patch = await read_json(request, PATCH_TYPES)
     device = await request.app[STORE].update(
         request.match_info["id"],
-        lambda current: validated(merge_patch(current, patch), patch=patch),
+        lambda current: patched(current, patch),
         if_match=request.headers.get(hdrs.IF_MATCH),
+        if_none_match=request.headers.get(hdrs.IF_NONE_MATCH),
     )
     return device_response(device)
 
 
 async def delete_device(request: web.Request) -> web.Response:
-    """DELETE /devices/{id}: 204, 404, or 412 on a stale If-Match."""
+    """DELETE /devices/{id}: 204, 404, or 412 on a stale If-Match or a matching If-None-Match."""
     await request.app[STORE].delete(
-        request.match_info["id"], if_match=request.headers.get(hdrs.IF_MATCH)
+        request.match_info["id"],
+        if_match=request.headers.get(hdrs.IF_MATCH),
+        if_none_match=request.headers.get(hdrs.IF_NONE_MATCH),
     )
     return web.Response(status=204)
 

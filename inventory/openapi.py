@@ -3,8 +3,10 @@
 OpenAPI 3.1 schema objects are JSON Schema 2020-12, so `components.schemas.Device` *is*
 `schemas/device.schema.json` (only its `$schema` member moves up to `jsonSchemaDialect`).
 Its `readOnly` members tell readers which fields the server owns, exactly as the service
-enforces them. The operations listed here are the routes in `handlers.routes()`; a test keeps
-the two in step.
+enforces them; `DeviceInput` (POST, PUT) and `DevicePatch` (PATCH) are derived from it the way
+the service derives its checks. The operations listed here are the routes in
+`handlers.routes()`, and each lists the error statuses it can really answer; tests keep both
+in step with the app.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from typing import Final
 
 from inventory.paging import DEFAULT_LIMIT, MAX_LIMIT
-from inventory.schema import DEVICE_SCHEMA, JSON
+from inventory.schema import DEVICE_SCHEMA, JSON, MAX_BODY_BYTES, MAX_DEPTH
 
 DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 PROBLEM: Final = "application/problem+json"
@@ -40,15 +42,27 @@ def _device(description: str, *extra_headers: str) -> dict[str, JSON]:
 
 
 _ERRORS: Final = {
-    "400": _problem("Malformed JSON or a bad query parameter"),
+    "400": _problem("Malformed JSON (also not UTF-8, or a BOM) or a bad query parameter"),
     "404": _problem("No device with this id"),
-    "412": _problem("If-Match does not match the device's current ETag"),
+    "412": _problem(
+        "If-Match does not match the device's current ETag, or If-None-Match does (`*`: any)"
+    ),
+    "413": _problem(f"The body is over {MAX_BODY_BYTES} bytes"),
     "415": _problem("The body is not in a supported JSON media type"),
     "422": {
-        "description": "The body breaks the device schema; `errors` lists every violation",
+        "description": (
+            "The body breaks the device schema, holds a value JSON cannot carry back (a number"
+            f" beyond a 64-bit float, a lone surrogate) or nests deeper than {MAX_DEPTH} levels;"
+            " `errors` lists every violation"
+        ),
         "content": _json(_ref("schemas", "ValidationProblem"), PROBLEM),
     },
 }
+_PATCH_415: Final = {
+    **_ERRORS["415"],
+    "headers": {"Accept-Patch": _ref("headers", "AcceptPatch")},
+}
+_NOT_ALLOWED: Final = "Any other method answers 405 with `Allow` (MethodNotAllowed)."
 
 
 def _errors(*statuses: str) -> dict[str, JSON]:
@@ -62,26 +76,29 @@ def _body(media_types: tuple[str, ...], schema: JSON, description: str) -> dict[
 
 def _paths() -> dict[str, JSON]:
     device_id = [_ref("parameters", "DeviceId")]
-    if_match = [*device_id, _ref("parameters", "IfMatch")]
+    preconditions = [*device_id, _ref("parameters", "IfMatch"), _ref("parameters", "IfNoneWrite")]
     device = _ref("schemas", "DeviceInput")
     return {
         "/healthz": {
+            "description": _NOT_ALLOWED,
             "get": {
                 "operationId": "healthz",
                 "summary": "Liveness: the process is up and its store is open",
                 "responses": {
                     "200": {"description": "Alive", "content": _json({"type": "object"})}
                 },
-            }
+            },
         },
         "/openapi.json": {
+            "description": _NOT_ALLOWED,
             "get": {
                 "operationId": "openapi",
                 "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1", "content": _json({})}},
-            }
+            },
         },
         "/devices": {
+            "description": _NOT_ALLOWED,
             "get": {
                 "operationId": "listDevices",
                 "summary": "List devices in creation order, one page at a time",
@@ -100,11 +117,12 @@ def _paths() -> dict[str, JSON]:
                 "requestBody": _body(("application/json",), device, "A device without id/dates"),
                 "responses": {
                     "201": _device("Created", "Location"),
-                    **_errors("400", "415", "422"),
+                    **_errors("400", "413", "415", "422"),
                 },
             },
         },
         "/devices/{id}": {
+            "description": _NOT_ALLOWED,
             "get": {
                 "operationId": "getDevice",
                 "summary": "Read a device",
@@ -118,31 +136,33 @@ def _paths() -> dict[str, JSON]:
             "put": {
                 "operationId": "replaceDevice",
                 "summary": "Replace a device (omitted optional members get their defaults)",
-                "parameters": if_match,
+                "parameters": preconditions,
                 "requestBody": _body(("application/json",), device, "A device without id/dates"),
                 "responses": {
                     "200": _device("Replaced"),
-                    **_errors("400", "404", "412", "415", "422"),
+                    **_errors("400", "404", "412", "413", "415", "422"),
                 },
             },
             "patch": {
                 "operationId": "patchDevice",
                 "summary": "Change a device with a JSON merge patch (RFC 7396)",
-                "parameters": if_match,
+                "parameters": preconditions,
                 "requestBody": _body(
                     ("application/merge-patch+json", "application/json"),
-                    {"type": "object"},
+                    _ref("schemas", "DevicePatch"),
                     "A merge patch; `null` removes a member. The result must be a valid device.",
                 ),
                 "responses": {
                     "200": _device("Patched"),
-                    **_errors("400", "404", "412", "415", "422"),
+                    **_errors("400", "404", "412", "413"),
+                    "415": _PATCH_415,
+                    **_errors("422"),
                 },
             },
             "delete": {
                 "operationId": "deleteDevice",
                 "summary": "Delete a device",
-                "parameters": if_match,
+                "parameters": preconditions,
                 "responses": {"204": {"description": "Deleted"}, **_errors("404", "412")},
             },
         },
@@ -179,19 +199,28 @@ def _parameters() -> dict[str, JSON]:
         "Cursor": _query("cursor", {"type": "string"}, "`next_cursor` of the previous page"),
         "IfMatch": _header("If-Match", "Write only if the device still has one of these ETags"),
         "IfNoneMatch": _header("If-None-Match", "Answer 304 if the device still has this ETag"),
+        "IfNoneWrite": _header(
+            "If-None-Match", "`*`, or ETags: answer 412 instead of writing if the device has one"
+        ),
+    }
+
+
+def _client_properties() -> dict[str, JSON]:
+    """The device schema's properties a client may write: all but the readOnly ones."""
+    return {
+        name: sub
+        for name, sub in DEVICE_SCHEMA.document["properties"].items()
+        if name not in DEVICE_SCHEMA.server_owned
     }
 
 
 def _device_input() -> dict[str, JSON]:
     """What a POST or PUT body must be, derived from the device schema like the service does."""
-    document = DEVICE_SCHEMA.document
-    properties = {
-        name: sub
-        for name, sub in document["properties"].items()
-        if name not in DEVICE_SCHEMA.server_owned
-    }
+    properties = _client_properties()
     required = [
-        n for n in document["required"] if n in properties and n not in DEVICE_SCHEMA.defaults
+        n
+        for n in DEVICE_SCHEMA.document["required"]
+        if n in properties and n not in DEVICE_SCHEMA.defaults
     ]
     return {
         "title": "DeviceInput",
@@ -199,6 +228,37 @@ def _device_input() -> dict[str, JSON]:
         "type": "object",
         "additionalProperties": False,
         "required": required,
+        "properties": properties,
+    }
+
+
+def _nullable(schema: dict[str, JSON]) -> dict[str, JSON]:
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {**schema, "type": [kind, "null"]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _device_patch() -> dict[str, JSON]:
+    """What a PATCH body may be (RFC 7396), derived from the device schema like `_device_input`.
+
+    Every client-writable member is optional; no other member is allowed. `null` removes a
+    member, so it is allowed only where the device survives the removal: a member with a
+    default (it returns to the default) or one that is not required.
+    """
+    required = set(_device_input()["required"])
+    properties: dict[str, JSON] = {}
+    for name, sub in _client_properties().items():
+        member = {key: value for key, value in sub.items() if key != "default"}
+        properties[name] = member if name in required else _nullable(member)
+    return {
+        "title": "DevicePatch",
+        "description": (
+            "A JSON merge patch of a device's client-writable members, all optional. Objects"
+            " merge member by member; `null` removes a member (`state` then returns to `{}`)."
+        ),
+        "type": "object",
+        "additionalProperties": False,
         "properties": properties,
     }
 
@@ -227,6 +287,7 @@ def _schemas() -> dict[str, JSON]:
     return {
         "Device": device,
         "DeviceInput": _device_input(),
+        "DevicePatch": _device_patch(),
         "DevicePage": {
             "type": "object",
             "required": ["items", "next_cursor"],
@@ -262,6 +323,17 @@ def openapi_document(server_url: str = "/") -> dict[str, JSON]:
             "headers": {
                 "ETag": {"description": "Strong entity tag", "schema": {"type": "string"}},
                 "Location": {"description": "URL of the new device", "schema": {"type": "string"}},
+                "Allow": {"description": "The methods the path has", "schema": {"type": "string"}},
+                "AcceptPatch": {
+                    "description": "The media types PATCH accepts",
+                    "schema": {"type": "string"},
+                },
+            },
+            "responses": {
+                "MethodNotAllowed": {
+                    **_problem("The path has no such method (any path, any method not listed)"),
+                    "headers": {"Allow": _ref("headers", "Allow")},
+                },
             },
         },
     }

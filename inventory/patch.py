@@ -100,3 +100,19 @@ def if_none_match_passes(header: str | None, current: str) -> bool:
         return True
     tags, any_tag = parsed
     return not (any_tag or any(tag == current for _weak, tag in tags))
+
+
+def if_none_match_allows_write(header: str | None, current: str) -> bool:
+    """RFC 9110 §13.1.2 on a write to an existing resource tagged `current`.
+
+    False (answer 412, write nothing) when the header is `*`, which any existing resource
+    matches, or lists `current` (weak comparison). An unparsable header fails too, as for
+    `If-Match`: a garbled precondition never lets a write through.
+    """
+    if header is None:
+        return True
+    parsed = parse_etags(header)
+    if parsed is None:
+        return False
+    tags, any_tag = parsed
+    return not (any_tag or any(tag == current for _weak, tag in tags))

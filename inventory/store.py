@@ -18,6 +18,12 @@ id counter in one transaction.
 
 The index is the sorted list of ids plus each device's (type, room), rebuilt from the file
 at open. It lets a list request filter and page without unpickling devices it skips.
+
+Unservable records: the handlers refuse values JSON cannot carry, but a file written before
+they did may hold some (an infinite number, a lone surrogate). Open finds them (the file is
+locked from then on, so no new ones can appear), logs each, and from then on the store
+hands out that record's `safe_form`: every read, list, ETag and precondition sees the same
+servable device, and a PUT, PATCH or DELETE works on it like on any other.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from typing import Final, ParamSpec, TypeAlias, TypeVar
 
 from inventory.errors import DeviceNotFound, PreconditionFailed
 from inventory.paging import select_page
-from inventory.patch import etag_of, if_match_passes
-from inventory.schema import JSON
+from inventory.patch import etag_of, if_match_passes, if_none_match_allows_write, representation
+from inventory.schema import JSON, safe_form
 from inventory.sqlitemap import LOCK_TIMEOUT_SECONDS, SqliteMapError, SqliteMapping
 
 logger = logging.getLogger(__name__)
@@ -111,10 +117,20 @@ class _Shelf:
         self._shelf: shelve.Shelf[JSON] = shelve.Shelf(self._db, protocol=pickle.HIGHEST_PROTOCOL)
         self._next_id: int = self._shelf.get(NEXT_ID_KEY, 1)
         self._facets: dict[int, tuple[str, str]] = {}
+        self._unservable: set[int] = set()  # keys whose records JSON cannot carry as stored
         for name in self._shelf:
             if name.startswith(DEVICE_PREFIX):
+                key = int(name.removeprefix(DEVICE_PREFIX))
                 device = self._shelf[name]
-                self._facets[int(name.removeprefix(DEVICE_PREFIX))] = _facets(device)
+                if not _servable(device):
+                    self._unservable.add(key)
+                    device = safe_form(device)
+                    logger.warning(
+                        "device %d holds values JSON cannot carry; it is served in a safe form"
+                        " (null, U+FFFD) until it is replaced or deleted",
+                        key,
+                    )
+                self._facets[key] = _facets(device)
         self._keys: list[int] = sorted(self._facets)
         logger.info("opened %s: %d devices, next id %d", path, len(self._keys), self._next_id)
 
@@ -122,6 +138,8 @@ class _Shelf:
         if key is None or key not in self._facets:
             raise DeviceNotFound("no device with this id")
         device: Device = self._shelf[f"{DEVICE_PREFIX}{key}"]
+        if key in self._unservable:
+            return dict(safe_form(device))
         return device
 
     def _stamp_after(self, previous: str | None) -> str:
@@ -148,26 +166,28 @@ class _Shelf:
         self._keys.append(key)  # the largest key yet: the list stays sorted
         return device
 
-    def update(self, device_id: str, edit: Edit, if_match: str | None) -> Device:
+    def update(
+        self, device_id: str, edit: Edit, if_match: str | None, if_none_match: str | None
+    ) -> Device:
         key = parse_id(device_id)
         current = self._load(key)
-        if not if_match_passes(if_match, etag_of(current)):
-            raise PreconditionFailed("the device has changed since that ETag; fetch it again")
+        _check_preconditions(current, if_match, if_none_match)
         fields = edit(client_fields(current))
         stamp = self._stamp_after(current["updated_at"])
         device = _compose(current["id"], fields, current["created_at"], stamp)
         self._shelf[f"{DEVICE_PREFIX}{key}"] = device
         self._facets[int(current["id"])] = _facets(device)
+        self._unservable.discard(int(current["id"]))  # edits are validated: servable now
         return device
 
-    def delete(self, device_id: str, if_match: str | None) -> None:
+    def delete(self, device_id: str, if_match: str | None, if_none_match: str | None) -> None:
         key = parse_id(device_id)
         current = self._load(key)
-        if not if_match_passes(if_match, etag_of(current)):
-            raise PreconditionFailed("the device has changed since that ETag; fetch it again")
+        _check_preconditions(current, if_match, if_none_match)
         del self._shelf[f"{DEVICE_PREFIX}{key}"]
         del self._facets[int(current["id"])]
         del self._keys[bisect_left(self._keys, int(current["id"]))]
+        self._unservable.discard(int(current["id"]))
 
     def page(self, filters: Filters, after: int | None, limit: int) -> DevicePage:
         def matches(key: int) -> bool:
@@ -179,6 +199,26 @@ class _Shelf:
 
     def close(self) -> None:
         self._shelf.close()  # closes the mapping too
+
+
+def _check_preconditions(current: Device, if_match: str | None, if_none_match: str | None) -> None:
+    """RFC 9110 §13.2.2 order for a write to an existing device: If-Match, then If-None-Match."""
+    if if_match is None and if_none_match is None:
+        return
+    etag = etag_of(current)
+    if not if_match_passes(if_match, etag):
+        raise PreconditionFailed("the device has changed since that ETag; fetch it again")
+    if not if_none_match_allows_write(if_none_match, etag):
+        raise PreconditionFailed("If-None-Match: the device exists and has a listed ETag")
+
+
+def _servable(device: Device) -> bool:
+    """Whether the stored record encodes as JSON as it is (see `safe_form` otherwise)."""
+    try:
+        representation(device)
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
 
 
 def _compose(device_id: str, fields: Fields, created_at: str, updated_at: str) -> Device:
@@ -229,17 +269,27 @@ class DeviceStore:
         """Store a new device from validated client fields; returns it with its id."""
         return await self._run(self._shelf.create, fields)
 
-    async def update(self, device_id: str, edit: Edit, *, if_match: str | None) -> Device:
+    async def update(
+        self,
+        device_id: str,
+        edit: Edit,
+        *,
+        if_match: str | None,
+        if_none_match: str | None = None,
+    ) -> Device:
         """Replace a device's client fields with `edit(current fields)`, atomically.
 
-        Checks, in this order: the device exists (DeviceNotFound), `if_match` holds for its
-        current ETag (PreconditionFailed), `edit` accepts it (whatever `edit` raises).
+        Checks, in this order: the device exists (DeviceNotFound), `if_match` holds and
+        `if_none_match` does not match its current ETag (PreconditionFailed), `edit` accepts
+        it (whatever `edit` raises).
         """
-        return await self._run(self._shelf.update, device_id, edit, if_match)
+        return await self._run(self._shelf.update, device_id, edit, if_match, if_none_match)
 
-    async def delete(self, device_id: str, *, if_match: str | None) -> None:
+    async def delete(
+        self, device_id: str, *, if_match: str | None, if_none_match: str | None = None
+    ) -> None:
         """Delete a device: DeviceNotFound, PreconditionFailed, or done."""
-        await self._run(self._shelf.delete, device_id, if_match)
+        await self._run(self._shelf.delete, device_id, if_match, if_none_match)
 
     async def page(self, filters: Filters, after: int | None, limit: int) -> DevicePage:
         """Up to `limit` devices matching `filters` whose keys come after `after`."""

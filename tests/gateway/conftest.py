@@ -4,6 +4,7 @@ routes.yaml text in which $ECHO and $TOOLS stand for those upstreams' URLs."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
@@ -13,6 +14,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.app import Gateway, create_app
 from gateway.compile import load_text
+from gateway.connection import GatewayRunner
 from gateway.validate import schema_validator
 from tests.upstreams import make_echo_app, make_tools_app
 
@@ -30,6 +32,18 @@ def no_blocking_in_loop() -> Iterator[BlockBuster]:
 
 
 MakeGateway = Callable[..., Awaitable[GatewayClient]]
+
+
+class GatewayTestServer(TestServer):
+    """A test server whose connections are the gateway's own (`GatewayRunner`): its client
+    limits and parser answers apply, as in production."""
+
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(create_app(gateway), **kwargs)
+        self.gateway = gateway
+
+    async def _make_runner(self, **kwargs: Any) -> GatewayRunner:
+        return GatewayRunner(self.app, self.gateway, **kwargs)
 
 
 @pytest.fixture
@@ -62,7 +76,8 @@ def make_gateway(
 
     async def make(routes: str, **upstreams: TestServer) -> GatewayClient:
         gateway = compile_gateway(routes, echo=echo_upstream, tools=tools_upstream, **upstreams)
-        return await aiohttp_client(create_app(gateway))
+        client: object = await aiohttp_client(GatewayTestServer(gateway))
+        return cast(GatewayClient, client)  # typed for a bare server; it serves the app
 
     return make
 

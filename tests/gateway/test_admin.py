@@ -16,6 +16,7 @@ from gateway.admin import AdminState, create_admin_app
 from gateway.app import Gateway, create_app
 from gateway.compile import load_text
 from tests.gateway.conftest import GatewayClient, base_url, compile_gateway
+from tests.polling import poll_until
 from tests.upstreams import make_echo_app
 
 ADMIN_PATHS = ["/healthz", "/readyz", "/metrics", "/routes", "/config"]
@@ -81,15 +82,46 @@ async def test_readyz_is_200_without_reasons_when_every_service_has_a_target(
 
     body = await readiness(admin, 200)
 
-    assert body == {"ready": True, "reasons": [], "version_hash": gateway.config.version_hash}
+    assert body == {
+        "ready": True,
+        "reasons": [],
+        "unavailable_services": [],
+        "version_hash": gateway.config.version_hash,
+    }
 
 
-async def test_readyz_flips_to_503_when_the_only_target_goes_down_and_back_when_it_returns(
+async def readyz_body(admin: GatewayClient) -> tuple[int, dict[str, object]]:
+    resp = await admin.get("/readyz")
+    body: dict[str, object] = await resp.json()
+    return resp.status, body
+
+
+async def test_a_service_with_no_healthy_target_is_listed_but_readyz_stays_200(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    upstream = await aiohttp_server(make_echo_app())
+    _, admin = await serve_both(aiohttp_client, compile_gateway(HEALTH_CHECKED, echo=upstream))
+    await readiness(admin, 200)
+
+    await upstream.close()
+    status, body = await poll_until(
+        lambda: readyz_body(admin), lambda r: r[1]["unavailable_services"] != [], within=2.0
+    )
+
+    assert status == 200
+    assert (body["ready"], body["reasons"]) == (True, [])
+    assert body["unavailable_services"] == [
+        {"service": "echo", "required": False, "targets": "echo#0 fails its health check"}
+    ]
+
+
+async def test_a_required_service_flips_readyz_to_503_and_back_when_it_returns(
     aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
 ) -> None:
     upstream = await aiohttp_server(make_echo_app())
     port = upstream.port
-    _, admin = await serve_both(aiohttp_client, compile_gateway(HEALTH_CHECKED, echo=upstream))
+    routes = HEALTH_CHECKED.replace("version: 1", "version: 1\nadmin_ready_requires: [echo]")
+    _, admin = await serve_both(aiohttp_client, compile_gateway(routes, echo=upstream))
     await readiness(admin, 200)
 
     await upstream.close()
@@ -97,10 +129,14 @@ async def test_readyz_flips_to_503_when_the_only_target_goes_down_and_back_when_
     await aiohttp_server(make_echo_app(), port=port)
     up = await readiness(admin, 200)
 
+    assert down["ready"] is False
     assert down["reasons"] == [
-        "service 'echo' has no healthy target (echo#0 fails its health check)"
+        "required service 'echo' has no healthy target (echo#0 fails its health check)"
     ]
-    assert up["reasons"] == []
+    assert down["unavailable_services"] == [
+        {"service": "echo", "required": True, "targets": "echo#0 fails its health check"}
+    ]
+    assert (up["reasons"], up["unavailable_services"]) == ([], [])
 
 
 async def test_readyz_is_503_while_the_process_drains(

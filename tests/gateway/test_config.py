@@ -254,3 +254,134 @@ def test_header_rules_cannot_touch_framing_headers(rule: str, expected: str) -> 
     result = load_text(HEAD + ROUTE + "    " + rule + "\n", "routes.yaml", environ={})
 
     assert [str(e) for e in result.errors] == [expected]
+
+
+RULE_CASES = [
+    (
+        "crlf_in_a_set_value",
+        '    request_headers: {set: {X-Token: "a\\r\\nX-Admin: 1"}}\n',
+        [
+            "routes.yaml:7:38: routes.0.request_headers.set.X-Token: the value holds a line break (CR); a header value may hold no control character but tab"
+        ],
+    ),
+    (
+        "nul_in_a_response_value",
+        '    response_headers: {set: {X-Nul: "a\\0b"}}\n',
+        [
+            "routes.yaml:7:37: routes.0.response_headers.set.X-Nul: the value holds a NUL character; a header value may hold no control character but tab"
+        ],
+    ),
+    (
+        "other_controls_but_not_tab_or_utf8",
+        '    request_headers: {set: {X-Bell: "a\\x07b", X-Del: "a\\x7fb", X-Tab: "a\\tb", X-Utf: "é€"}}\n',
+        [
+            "routes.yaml:7:37: routes.0.request_headers.set.X-Bell: the value holds the control character U+0007; a header value may hold no control character but tab",
+            "routes.yaml:7:54: routes.0.request_headers.set.X-Del: the value holds the control character U+007F; a header value may hold no control character but tab",
+        ],
+    ),
+    (
+        "block_scalar_keeps_its_final_newline",
+        "    request_headers:\n      set:\n        X-Token: |\n          abc\n",
+        [
+            "routes.yaml:9:18: routes.0.request_headers.set.X-Token: the value holds a line break (LF); a header value may hold no control character but tab"
+        ],
+    ),
+    (
+        "names_that_are_not_tokens",
+        '    request_headers: {set: {"X Bad": v, "X:Bad": v, "": v}, remove: ["X(Bad)"]}\n',
+        [
+            "routes.yaml:7:29: routes.0.request_headers.set.X Bad: name 'X Bad' is not a valid HTTP header name",
+            "routes.yaml:7:41: routes.0.request_headers.set.X:Bad: name 'X:Bad' is not a valid HTTP header name",
+            "routes.yaml:7:53: routes.0.request_headers.set.: name '' is not a valid HTTP header name",
+            "routes.yaml:7:70: routes.0.request_headers.remove.0: is not a valid HTTP header name",
+        ],
+    ),
+    (
+        "value_from_the_environment_is_not_quoted_back",
+        '    request_headers: {set: {X-Token: "${TOKEN}"}}\n',
+        [
+            "routes.yaml:7:38: routes.0.request_headers.set.X-Token: the value from the environment holds a line break (LF); a header value may hold no control character but tab"
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"), [c[1:] for c in RULE_CASES], ids=[c[0] for c in RULE_CASES]
+)
+def test_header_rules_need_token_names_and_values_without_control_characters(
+    rule: str, expected: list[str]
+) -> None:
+    environ = {"TOKEN": "s3cr3t\nX-Admin: 1"}
+
+    result = load_text(HEAD + ROUTE + rule, "routes.yaml", environ=environ)
+
+    assert [str(e) for e in result.errors] == expected
+    assert all("s3cr3t" not in str(e) for e in result.errors)
+
+
+def test_a_header_value_with_tab_and_utf8_compiles() -> None:
+    rule = '    request_headers: {set: {X-Tab: "a\\tb", X-Utf: "é€"}}\n'
+
+    result = load_text(HEAD + ROUTE + rule, "routes.yaml", environ={})
+
+    assert result.config is not None
+    assert result.config.routes[0].request_headers.set == (("X-Tab", "a\tb"), ("X-Utf", "é€"))
+
+
+READY_CASES = [
+    (
+        "unknown_services_suggest_a_close_name_and_hide_env_values",
+        'admin_ready_requires: [inventroy, inventory, "${SVC}", accounts]\n',
+        [
+            "routes.yaml:2:24: admin_ready_requires.0: unknown service 'inventroy'; did you mean 'inventory'?",
+            "routes.yaml:2:46: admin_ready_requires.2: unknown service (the value from the environment)",
+            "routes.yaml:2:56: admin_ready_requires.3: unknown service 'accounts'",
+        ],
+    ),
+    (
+        "a_single_name_is_not_a_list",
+        "admin_ready_requires: inventory\n",
+        ["routes.yaml:2:23: admin_ready_requires: must be a list"],
+    ),
+    (
+        "a_name_listed_twice",
+        "admin_ready_requires: [inventory, inventory]\n",
+        ["routes.yaml:2:23: admin_ready_requires: must not list an item twice"],
+    ),
+    (
+        "underscores_must_be_a_boolean",
+        "underscores_in_headers: 1\n",
+        ["routes.yaml:2:25: underscores_in_headers: must be true or false"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"), [c[1:] for c in READY_CASES], ids=[c[0] for c in READY_CASES]
+)
+def test_top_level_readiness_and_underscore_keys_are_checked(top: str, expected: list[str]) -> None:
+    text = "version: 1\n" + top + HEAD[11:] + ROUTE
+
+    result = load_text(text, "routes.yaml", environ={"SVC": "s3cr3t-svc"})
+
+    assert [str(e) for e in result.errors] == expected
+
+
+def test_underscores_in_headers_is_a_default_that_a_route_may_override() -> None:
+    text = (
+        "version: 1\nunderscores_in_headers: true\nadmin_ready_requires: [inventory]\n"
+        + HEAD[11:]
+        + ROUTE
+        + "  - {prefix: /strict, service: inventory, underscores_in_headers: false}\n"
+        + "  - {prefix: /other, service: inventory}\n"
+    )
+
+    result = load_text(text, "routes.yaml", environ={})
+
+    assert result.config is not None
+    assert [r.underscores_in_headers for r in result.config.routes] == [True, False, True]
+    assert result.config.admin_ready_requires == ("inventory",)
+    default = load_text(HEAD + ROUTE, "routes.yaml", environ={}).config
+    assert default is not None
+    assert (default.routes[0].underscores_in_headers, default.admin_ready_requires) == (False, ())

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 import os
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.types import StartResponse, WSGIEnvironment
 
-import aiohttp
 import pytest
 from yarl import URL
 
@@ -266,47 +269,6 @@ async def test_server_sent_events_arrive_as_produced(make_gateway: MakeGateway) 
     assert done_at - got_first_at > 0.3  # the first event came before the stream ended
 
 
-async def test_websocket_frames_pass_both_ways(make_gateway: MakeGateway) -> None:
-    client = await make_gateway(ECHO_ROUTE)
-
-    async with client.ws_connect("/tools/ws", protocols=["chat"]) as ws:
-        await ws.send_str("hi")
-        text = await ws.receive_str(timeout=5)
-        await ws.send_bytes(b"abc")
-        data = await ws.receive_bytes(timeout=5)
-
-    assert ws.protocol == "chat"
-    assert (text, data) == ("echo:hi", b"cba")
-
-
-async def test_upstream_websocket_close_reaches_the_client_with_its_code(
-    make_gateway: MakeGateway,
-) -> None:
-    client = await make_gateway(ECHO_ROUTE)
-
-    async with client.ws_connect("/tools/ws") as ws:
-        await ws.send_str("close")
-        message = await ws.receive(timeout=5)
-
-    assert message.type == aiohttp.WSMsgType.CLOSE
-    assert ws.close_code == 4000
-
-
-async def test_a_refused_websocket_upgrade_relays_the_status_and_spares_the_circuit(
-    make_gateway: MakeGateway,
-) -> None:
-    client = await make_gateway(ECHO_ROUTE)
-
-    statuses = []
-    for _ in range(6):  # more than the breaker's 5 failures
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await client.ws_connect("/tools/no-such-socket")
-        statuses.append(refused.value.status)
-
-    assert statuses == [404] * 6
-    assert (await client.get("/tools/gzip")).status == 200  # the target was not ejected
-
-
 async def test_a_trusted_proxy_without_forwarded_for_is_still_believed_on_proto(
     make_gateway: MakeGateway,
 ) -> None:
@@ -321,3 +283,97 @@ async def test_a_trusted_proxy_without_forwarded_for_is_still_believed_on_proto(
     assert header(seen, "X-Forwarded-Proto") == ["https"]
     assert header(seen, "X-Forwarded-Host") == ["shop.example"]
     assert header(seen, "X-Forwarded-For") == ["127.0.0.1"]
+
+
+class QuietWSGIHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def wsgi_environ_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """Answers with the HTTP_* variables the WSGI server made of the request's headers."""
+    seen = {key: value for key, value in environ.items() if key.startswith("HTTP_")}
+    body = json.dumps(seen).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+
+
+@pytest.fixture
+def wsgi_upstream() -> Iterator[str]:
+    """A real wsgiref server in a thread (it folds X_Consumer and X-Consumer into one
+    variable, as WSGI and CGI servers do); yields its base URL."""
+    server = make_server("127.0.0.1", 0, wsgi_environ_app, handler_class=QuietWSGIHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+WSGI_ROUTES = """
+version: 1
+underscores_in_headers: {allow}
+services:
+  wsgi: {{targets: ["{url}"]}}
+routes:
+  - prefix: /
+    service: wsgi
+    request_headers: {{remove: [X-Internal, X_Other]}}
+"""
+SPOOFS = {
+    "X_Consumer": "admin",
+    "X_Forwarded_For": "6.6.6.6",
+    "X_Auth_Scopes": "inventory:write",
+    "X_Request_Id": "forged",
+    "Proxy_Authorization": "Basic YWRtaW46YWRtaW4=",
+    "X_Internal": "from the client",
+    "Connection": "X-Secret",
+    "X_Secret": "hop",
+}
+
+
+async def test_underscored_header_names_never_reach_a_wsgi_upstream_by_default(
+    make_gateway: MakeGateway, wsgi_upstream: str
+) -> None:
+    client = await make_gateway(WSGI_ROUTES.format(allow="false", url=wsgi_upstream))
+
+    resp = await client.get("/x", headers={**SPOOFS, "X_Custom": "1", "X-Plain": "2"})
+    environ = await resp.json()
+
+    assert resp.status == 200
+    assert environ["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"  # not "6.6.6.6,127.0.0.1"
+    assert environ["HTTP_X_REQUEST_ID"] == resp.headers["X-Request-ID"]
+    assert environ["HTTP_X_PLAIN"] == "2"
+    assert {"HTTP_X_CONSUMER", "HTTP_X_AUTH_SCOPES", "HTTP_X_CUSTOM"}.isdisjoint(environ)
+
+
+async def test_allowed_underscores_pass_but_never_as_a_gateway_owned_or_hop_by_hop_name(
+    make_gateway: MakeGateway, wsgi_upstream: str
+) -> None:
+    client = await make_gateway(WSGI_ROUTES.format(allow="true", url=wsgi_upstream))
+
+    resp = await client.get("/x", headers={**SPOOFS, "X_Custom": "1", "X-Other": "folded"})
+    environ = await resp.json()
+
+    assert resp.status == 200
+    assert environ["HTTP_X_CUSTOM"] == "1"
+    assert environ["HTTP_X_FORWARDED_FOR"] == "127.0.0.1"
+    assert environ["HTTP_X_REQUEST_ID"] == resp.headers["X-Request-ID"]
+    dropped = {"HTTP_X_CONSUMER", "HTTP_X_AUTH_SCOPES", "HTTP_PROXY_AUTHORIZATION"}
+    assert dropped.isdisjoint(environ)
+    assert {"HTTP_X_INTERNAL", "HTTP_X_OTHER"}.isdisjoint(environ)  # removed by the route
+    assert "HTTP_X_SECRET" not in environ  # listed by Connection
+
+
+async def test_a_route_may_allow_underscores_that_the_top_level_drops(
+    make_gateway: MakeGateway,
+) -> None:
+    routes = ECHO_ROUTE + "  - {prefix: /legacy, service: echo, underscores_in_headers: true}\n"
+    client = await make_gateway(routes)
+
+    strict = await (await client.get("/echo/x", headers={"X_Custom": "1"})).json()
+    legacy = await (await client.get("/legacy/x", headers={"X_Custom": "1"})).json()
+
+    assert header(strict, "X_Custom") == []
+    assert [(k, v) for k, v in legacy["headers"] if k == "X_Custom"] == [("X_Custom", "1")]

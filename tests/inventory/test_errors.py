@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import hdrs, web
 from pytest_aiohttp import AiohttpClient
 
+from inventory.app import MAX_BODY_BYTES
 from inventory.errors import InvalidDevice, problem_middleware
 from inventory.schema import FieldError
 from tests.inventory.conftest import HALL_LIGHT, Client, MakeDevice
@@ -60,6 +62,41 @@ async def test_a_body_over_a_mebibyte_is_a_413_problem(client: Client) -> None:
     async with client.post("/devices", data=big, headers=headers) as resp:
         assert resp.status == 413
         assert resp.content_type == "application/problem+json"
+
+
+async def _chunks(body: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH"])
+async def test_a_body_over_the_limit_is_a_413_problem_on_every_write(
+    client: Client, make_device: MakeDevice, method: str, framing: str
+) -> None:
+    device = await make_device()
+    url = "/devices" if method == "POST" else f"/devices/{device['id']}"
+    body = json.dumps({"name": "x" * MAX_BODY_BYTES}).encode()
+    data = io.BytesIO(body) if framing == "content-length" else _chunks(body)
+
+    async with client.request(
+        method, url, data=data, headers={hdrs.CONTENT_TYPE: "application/json"}
+    ) as resp:
+        assert resp.status == 413
+        assert resp.content_type == "application/problem+json"
+        problem = await resp.json(content_type=None)
+    assert (problem["status"], problem["title"]) == (413, "Request Entity Too Large")
+    async with client.get(f"/devices/{device['id']}") as resp:
+        assert await resp.json() == device
+
+
+async def test_a_body_of_exactly_the_limit_is_read(client: Client) -> None:
+    body = json.dumps({**HALL_LIGHT, "state": {"blob": ""}}).encode()
+    body = body.replace(b'"blob": ""', b'"blob": "' + b"x" * (MAX_BODY_BYTES - len(body)) + b'"')
+    assert len(body) == MAX_BODY_BYTES
+    headers = {hdrs.CONTENT_TYPE: "application/json"}
+    async with client.post("/devices", data=io.BytesIO(body), headers=headers) as resp:
+        assert resp.status == 201
 
 
 @pytest.mark.parametrize(

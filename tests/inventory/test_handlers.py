@@ -258,6 +258,53 @@ async def test_if_match_on_a_missing_device_is_a_404_not_a_412(client: Client) -
         assert resp.status == 404
 
 
+@pytest.mark.parametrize(
+    "if_none_match",
+    ["*", "{etag}", "W/{etag}", '"other", {etag}', "garbage"],
+    ids=["star", "current", "weak-current", "listed", "garbled"],
+)
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE"])
+async def test_if_none_match_that_matches_an_existing_device_is_a_412_and_changes_nothing(
+    client: Client, make_device: MakeDevice, method: str, if_none_match: str
+) -> None:
+    device = await make_device()
+    url = f"/devices/{device['id']}"
+    async with client.get(url) as resp:
+        etag = resp.headers[hdrs.ETAG]
+
+    body = {**HALL_LIGHT, "name": "Mine"} if method != "DELETE" else None
+    headers = {"If-None-Match": if_none_match.format(etag=etag)}
+    async with client.request(method, url, json=body, headers=headers) as resp:
+        assert resp.status == 412  # RFC 9110 §13.1.2: the condition is false
+        assert resp.content_type == "application/problem+json"
+    async with client.get(url) as resp:
+        assert await resp.json() == device
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE"])
+async def test_if_none_match_naming_another_etag_lets_the_write_through(
+    client: Client, make_device: MakeDevice, method: str
+) -> None:
+    device = await make_device()
+    body = {**HALL_LIGHT, "name": "Mine"} if method != "DELETE" else None
+    headers = {"If-None-Match": '"other", W/"older"', "If-Match": "*"}
+    async with client.request(
+        method, f"/devices/{device['id']}", json=body, headers=headers
+    ) as resp:
+        assert resp.status in (200, 204)
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE"])
+async def test_if_none_match_star_on_a_missing_device_is_a_404(client: Client, method: str) -> None:
+    # The condition is true (no current representation), so the request goes on, and a
+    # PUT cannot create a device with a client-chosen id: 404, as without the header.
+    body = HALL_LIGHT if method != "DELETE" else None
+    async with client.request(
+        method, "/devices/42", json=body, headers={"If-None-Match": "*"}
+    ) as resp:
+        assert resp.status == 404
+
+
 async def test_a_stale_if_match_wins_over_an_invalid_body(
     client: Client, make_device: MakeDevice
 ) -> None:
