@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -30,10 +31,11 @@ from gateway.errors import (
 from gateway.exchange import EXCHANGE, apply_exchange, start_exchange
 from gateway.health import HealthChecker
 from gateway.metrics import Metrics
-from gateway.model import GatewayConfig
+from gateway.model import GatewayConfig, ListenerTls
 from gateway.pipeline import Handler
 from gateway.reload import Reloader
 from gateway.routing import RouteTable, normalize_path, split_target
+from gateway.tls import ServerTls
 from gateway.upstream import Service, close_later
 
 if TYPE_CHECKING:
@@ -67,12 +69,14 @@ class Gateway:
         self.metrics = Metrics()
         self.health = HealthChecker()
         self.reloader: Reloader | None = None
+        self.tls: ServerTls | None = None  # the public listener's, when it serves HTTPS
         self.services: dict[str, Service] = {}
         self.metrics.watch(lambda: self.services.values())
         self.config = config
         self.table = RouteTable(())
         self.status = LoadStatus(True, time.time(), config.version_hash, [], list(warnings))
         self._retired: list[Service] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self.swap(config)
 
     def swap(self, config: GatewayConfig) -> list[Service]:
@@ -101,6 +105,7 @@ class Gateway:
         # Listeners are bound once: a reload changes routes and services, not addresses.
         config = replace(result.config, listen=self.config.listen, admin=self.config.admin)
         removed = self.swap(config)
+        self._reload_tls(config)
         self.health.sync(self.services.values())
         self.metrics.reloads.labels("applied").inc()
         self.status = LoadStatus(True, time.time(), result.config.version_hash, [], warnings)
@@ -108,6 +113,21 @@ class Gateway:
         if removed:
             asyncio.get_running_loop().create_task(self._retire(removed, config.shutdown_grace))
         return True
+
+    def _reload_tls(self, config: GatewayConfig) -> None:
+        """New connections get the certificate as it is now (files re-read on every reload)."""
+        if (self.tls is None) != (config.tls is None):
+            config_log.warning("adding or removing tls needs a restart: the listener is bound")
+        if self.tls is not None and config.tls is not None:
+            task = asyncio.get_running_loop().create_task(self._swap_tls(self.tls, config.tls))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _swap_tls(self, tls: ServerTls, files: ListenerTls) -> None:
+        try:
+            await tls.reload(files)
+        except (OSError, ssl.SSLError):
+            config_log.warning("the new certificate did not load; the previous one is served")
 
     def request_reload(self) -> None:
         """SIGHUP: reload now."""

@@ -19,12 +19,16 @@ from gateway.model import (
     DEFAULT_MAX_MESSAGE_BYTES,
     CircuitBreakerConfig,
     ClientLimits,
+    CorsConfig,
+    ForwardAuthConfig,
     GatewayConfig,
     HeaderRules,
     HealthCheckConfig,
+    ListenerTls,
     RetryBudgetConfig,
     RouteConfig,
     ServiceConfig,
+    ServiceTls,
     TargetConfig,
     Timeouts,
 )
@@ -94,6 +98,44 @@ def build_config(doc: Document) -> GatewayConfig:
         client_limits=_client_limits(limits),
         services=services,
         routes=routes,
+        forward_auth=_forward_auth((data.get("auth") or {}).get("forward")),
+        tls=ListenerTls(data["tls"]["cert_file"], data["tls"]["key_file"])
+        if "tls" in data
+        else None,
+    )
+
+
+def _forward_auth(raw: JSON) -> ForwardAuthConfig | None:
+    if raw is None:
+        return None
+    return ForwardAuthConfig(
+        service=raw["service"],
+        path=raw["path"],
+        copy_headers=tuple(istr(name) for name in raw.get("copy_headers", ())),
+        cache=_seconds(raw.get("cache"), None),
+    )
+
+
+def _service_tls(raw: JSON) -> ServiceTls:
+    if not raw:
+        return ServiceTls()
+    ca_file = raw.get("ca_file")
+    pem = Path(ca_file).read_text(encoding="ascii") if ca_file else ""  # checked by validate
+    return ServiceTls(ca_file=ca_file, ca_pem=pem, verify=raw.get("verify", True))
+
+
+def _cors(raw: JSON, methods: frozenset[str]) -> CorsConfig | None:
+    if raw is None:
+        return None
+    origins = frozenset(o if o == "*" else o.lower().rstrip("/") for o in raw["origins"])
+    headers = raw.get("headers")
+    max_age = raw.get("max_age")
+    return CorsConfig(
+        origins=origins,
+        methods=", ".join(sorted(raw.get("methods") or methods)),
+        headers=", ".join(headers) if headers else None,
+        credentials=raw.get("credentials", False),
+        max_age=None if max_age is None else int(parse_duration(max_age)),
     )
 
 
@@ -165,6 +207,7 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
             open_for=_seconds(breaker.get("open_for"), 30.0) or 30.0,
         ),
         max_connections=raw.get("max_connections", 1000),
+        tls=_service_tls(raw.get("tls")),
     )
 
 
@@ -180,17 +223,19 @@ def _route(
     index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig], underscores: bool
 ) -> RouteConfig:
     service = services[raw["service"]]
+    methods = route_methods(raw.get("methods"))
     return RouteConfig(
         prefix=normalize_prefix(raw["prefix"]),
         service=service.name,
         index=index,
-        methods=route_methods(raw.get("methods")),
+        methods=methods,
         strip_prefix=raw.get("strip_prefix", False),
         timeouts=_timeouts(raw.get("timeouts"), service.timeouts),
         request_headers=_headers(raw.get("request_headers")),
         response_headers=_headers(raw.get("response_headers")),
         underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
+        cors=_cors(raw.get("cors"), methods),
     )
 
 

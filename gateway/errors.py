@@ -2,6 +2,7 @@
 
 GatewayError
   RouteNotFound 404 · MethodNotAllowed 405 · Unauthenticated 401 · Forbidden 403
+  AuthUnavailable 503
   PayloadTooLarge 413 · RateLimited 429 · BadRequest 400 · RequestTimeout 408
   MalformedRequest 400 · TargetTooLong 414 · HeadersTooLarge 431 · VersionNotSupported 505
     (these four close the connection: the rest of its bytes cannot be trusted)
@@ -80,6 +81,13 @@ class Forbidden(GatewayError):
     status, title, slug = 403, "Forbidden", "forbidden"
 
 
+class AuthUnavailable(GatewayError):
+    """The auth service gave no decision (an error, a timeout, an answer neither 2xx nor
+    401/403): the request is refused, never admitted."""
+
+    status, title, slug = 503, "Service Unavailable", "auth-unavailable"
+
+
 class RequestTimeout(GatewayError):
     status, title, slug = 408, "Request Timeout", "request-timeout"
 
@@ -135,6 +143,10 @@ def upstream_failure(exc: TimeoutError | aiohttp.ClientError, service: str) -> U
 
 def _describe(exc: aiohttp.ClientError) -> str:
     match exc:
+        case aiohttp.ClientConnectorCertificateError():
+            return "its TLS certificate could not be verified"
+        case aiohttp.ClientConnectorSSLError():
+            return "the TLS handshake failed"
         case aiohttp.ClientConnectorError():
             return "connection refused or unreachable"
         case aiohttp.ServerDisconnectedError():

@@ -51,6 +51,7 @@ class Exchange:
     upstream_set: tuple[tuple[str, str], ...] = ()  # headers to send up
     upstream_remove: frozenset[str] = frozenset()  # lower-case names not to send
     response_headers: tuple[tuple[str, str], ...] = ()  # added to the answer
+    response_remove: frozenset[str] = frozenset()  # dropped from it before those are added
     response_rules: HeaderRules | None = None  # the route's response_headers transform
     from_upstream: bool = False  # the response is a relayed upstream response
     upstream_had_server: bool = False
@@ -111,6 +112,8 @@ async def apply_exchange(request: web.BaseRequest, response: web.StreamResponse)
         headers.popall(hdrs.SERVER, None)  # never advertise aiohttp's name and version
     if exchange.from_upstream and not exchange.upstream_had_type:
         headers.popall(hdrs.CONTENT_TYPE, None)  # aiohttp's default; the upstream sent none
+    for name in exchange.response_remove:
+        headers.popall(name, None)
     for name, value in exchange.response_headers:
         headers.add(name, value)
     rules = exchange.response_rules

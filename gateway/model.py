@@ -59,6 +59,13 @@ class RetryBudgetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceTls:
+    ca_file: str | None = None  # PEM CA bundle that replaces the system's CAs; default none
+    ca_pem: str = field(default="", repr=False)  # that file's text, read at load
+    verify: bool = True  # false: targets' certificates are not checked (warned on every load)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     name: str
     targets: tuple[TargetConfig, ...]
@@ -69,6 +76,7 @@ class ServiceConfig:
     health_check: HealthCheckConfig | None = None  # None: passive health only
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     max_connections: int = 1000  # open connections per service, pooled and kept alive
+    tls: ServiceTls = ServiceTls()  # how https targets are verified; default: system CAs
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,15 @@ class HeaderRules:
 
     def __bool__(self) -> bool:
         return bool(self.set or self.remove)
+
+
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    origins: frozenset[str]  # exact origins ("https://app.example"), or "*" for any
+    methods: str  # Access-Control-Allow-Methods; default: the route's methods
+    headers: str | None = None  # Access-Control-Allow-Headers; None: what a preflight asks
+    credentials: bool = False  # Access-Control-Allow-Credentials: true; never with "*"
+    max_age: int | None = None  # seconds a browser may keep a preflight answer; None: unsent
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +110,7 @@ class RouteConfig:
     underscores_in_headers: bool = False  # pass client header names holding "_"; default:
     # the top-level key's (false: such headers are dropped, as nginx does)
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
+    cors: CorsConfig | None = None  # None: no CORS handling (the upstream's headers pass)
 
     name: str = ""  # "routes.N", how logs, metrics and /routes name it (set in __post_init__)
 
@@ -115,6 +133,20 @@ class ClientLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardAuthConfig:
+    service: str  # asked through its own pools, breakers and timeouts
+    path: str  # GET there, with the request's credential headers and X-Forwarded-Method/-Uri
+    copy_headers: tuple[istr, ...] = ()  # headers of a 2xx answer that go upstream
+    cache: float | None = None  # seconds a decision is reused per credential; None: never
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    cert_file: str  # PEM certificate chain of the public listener; re-read on every reload
+    key_file: str  # PEM private key for it
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     file: str
     version_hash: str  # sha256 of the file bytes
@@ -131,3 +163,5 @@ class GatewayConfig:
     client_limits: ClientLimits = ClientLimits()
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
+    forward_auth: ForwardAuthConfig | None = None  # auth.forward; None: not configured
+    tls: ListenerTls | None = None  # None: the public listener speaks plain HTTP

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from gateway.model import RouteConfig
 from gateway.stages.bodylimit import body_limit_stage
+from gateway.stages.cors import cors_stage
 from gateway.stages.headers import headers_stage
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,6 +32,7 @@ def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:
 def build_chain(route: RouteConfig, forward: Handler, global_body_limit: int | None) -> Chain:
     """The stages of one route around its forwarder. This list *is* the order."""
     stages: list[tuple[str, Stage | None]] = [  # outermost first
+        ("cors", cors_stage(route)),
         ("body_limit", body_limit_stage(body_limit_of(route, global_body_limit))),
         ("headers", headers_stage(route.request_headers, route.response_headers)),
     ]

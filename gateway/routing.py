@@ -91,6 +91,10 @@ class RouteTable:
                 for route in group:
                     if method in route.config.methods:
                         return route
+                if method == "OPTIONS":  # a CORS route answers preflights (stages/cors.py)
+                    for route in group:
+                        if route.config.cors is not None:
+                            return route
                 allow = ", ".join(sorted({m for r in group for m in r.config.methods}))
                 error = MethodNotAllowed(
                     f"{method} is not allowed here; allowed: {allow}", headers={"Allow": allow}

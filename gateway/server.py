@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from gateway.admin import AdminState, create_admin_app
 from gateway.app import Gateway, create_app
 from gateway.connection import GatewayRunner
 from gateway.model import GatewayConfig
+from gateway.tls import ServerTls
 
 logger = logging.getLogger("gateway")
 config_log = logging.getLogger("gateway.config")
@@ -106,10 +108,21 @@ async def _serve(
     admin = web.AppRunner(
         create_admin_app(gateway, state), access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS
     )
+    try:
+        gateway.tls = None if config.tls is None else await asyncio.to_thread(ServerTls, config.tls)
+    except (OSError, ssl.SSLError) as exc:
+        logger.error("cannot load the listener's certificate and key: %s", type(exc).__name__)
+        return 1
     await public.setup()
     await admin.setup()
     try:
-        await web.TCPSite(public, *config.listen, reuse_port=reuse_port, backlog=1024).start()
+        await web.TCPSite(
+            public,
+            *config.listen,
+            reuse_port=reuse_port,
+            backlog=1024,
+            ssl_context=None if gateway.tls is None else gateway.tls.context,
+        ).start()
         await web.TCPSite(admin, *config.admin, reuse_port=reuse_port).start()
     except OSError as exc:
         logger.error("cannot listen: %s", exc.strerror or exc)
@@ -122,7 +135,8 @@ async def _serve(
         config.version_hash[:12],
         len(config.routes),
     )
-    logger.info("listening on %s:%s, admin on %s:%s", *config.listen, *config.admin)
+    scheme = "https" if gateway.tls else "http"
+    logger.info("listening on %s://%s:%s, admin on %s:%s", scheme, *config.listen, *config.admin)
     await _until_stopped(gateway)
     state.draining = True  # /readyz answers 503 from now on
     logger.info("shutting down: draining in-flight requests for up to %ss", config.shutdown_grace)

@@ -45,6 +45,7 @@ from gateway.errors import (
 )
 from gateway.exchange import Exchange
 from gateway.model import IDEMPOTENT_METHODS, ServiceConfig, TargetConfig, Timeouts
+from gateway.tls import client_ssl
 
 upstream_log = logging.getLogger("gateway.upstream")
 
@@ -147,7 +148,10 @@ def make_session(config: ServiceConfig) -> aiohttp.ClientSession:
     """One keep-alive pool per service. Cookies are never stored: clients share the pool."""
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
-            limit=config.max_connections, limit_per_host=0, socket_factory=_upstream_socket
+            limit=config.max_connections,
+            limit_per_host=0,
+            socket_factory=_upstream_socket,
+            ssl=client_ssl(config.tls),
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,

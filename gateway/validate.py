@@ -21,7 +21,8 @@ import jsonschema
 from yarl import URL
 
 from gateway.config import JSON, Document, PathKey
-from gateway.model import ALL_METHODS
+from gateway.model import ALL_METHODS, ListenerTls
+from gateway.tls import ca_problem, file_problem, listener_problem
 
 SOURCE_SCHEMAS: Final = Path(__file__).resolve().parent.parent / "schemas"  # the repository's
 
@@ -60,7 +61,6 @@ UNSUPPORTED: Final = {
     ("routes", "*", "auth"): "authentication",
     ("routes", "*", "rate_limit"): "rate limiting",
     ("routes", "*", "cache"): "response caching",
-    ("routes", "*", "cors"): "CORS",
     ("routes", "*", "aggregate"): "fan-out aggregation",
 }
 
@@ -187,8 +187,16 @@ def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
         for name, service in services.items():
             if isinstance(service, dict):
                 _check_service(doc, ("services", name), service)
-    if "auth" in data:
-        _unsupported(doc, ("auth",), UNSUPPORTED[("auth",)])
+    auth = data.get("auth")
+    if isinstance(auth, dict):
+        for key in (k for k in auth if k != "forward"):
+            _unsupported(doc, ("auth", key), UNSUPPORTED[("auth",)])
+        forward = auth.get("forward")
+        if isinstance(forward, dict):
+            where = ("auth", "forward", "service")
+            _check_service_name(doc, where, forward.get("service"), service_names)
+    if isinstance(data.get("tls"), dict):
+        _check_listener_tls(doc, data["tls"])
     required = data.get("admin_ready_requires")
     for i, name in enumerate(required if isinstance(required, list) else ()):
         _check_service_name(doc, ("admin_ready_requires", i), name, service_names)
@@ -216,7 +224,34 @@ def _check_cidr(doc: Document, path: PathKey, value: JSON) -> None:
         doc.error(path, "must be an IP network such as 10.0.0.0/8 or ::1/128")
 
 
+def _check_listener_tls(doc: Document, tls: dict[str, JSON]) -> None:
+    files = [(key, tls.get(key)) for key in ("cert_file", "key_file")]
+    found = True
+    for key, file in files:
+        problem = file_problem(file) if isinstance(file, str) else None
+        if problem:
+            doc.error(("tls", key), problem)
+        found = found and problem is None and isinstance(file, str)
+    if found:
+        problem = listener_problem(ListenerTls(tls["cert_file"], tls["key_file"]))
+        if problem:
+            doc.error(("tls", "cert_file"), problem)
+
+
+def _check_service_tls(doc: Document, path: PathKey, tls: dict[str, JSON]) -> None:
+    ca_file = tls.get("ca_file")
+    if isinstance(ca_file, str):
+        problem = file_problem(ca_file) or ca_problem(ca_file)
+        if problem:
+            doc.error((*path, "ca_file"), problem)
+    if tls.get("verify") is False:
+        message = "verify: false: the certificates of this service's https targets are not checked"
+        doc.error((*path, "verify"), message, warning=True)
+
+
 def _check_service(doc: Document, path: PathKey, service: dict[str, JSON]) -> None:
+    if isinstance(service.get("tls"), dict):
+        _check_service_tls(doc, (*path, "tls"), service["tls"])
     for i, target in enumerate(service.get("targets") or ()):
         url = target.get("url") if isinstance(target, dict) else target
         where = (*path, "targets", i, "url") if isinstance(target, dict) else (*path, "targets", i)
@@ -275,6 +310,27 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
         for rules in ("request_headers", "response_headers"):
             if isinstance(route.get(rules), dict):
                 _check_header_rules(doc, (*path, rules), route[rules])
+        if isinstance(route.get("cors"), dict):
+            _check_cors(doc, (*path, "cors"), route["cors"])
+
+
+_ORIGIN: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+")
+
+
+def _check_cors(doc: Document, path: PathKey, cors: dict[str, JSON]) -> None:
+    origins = cors.get("origins")
+    for i, origin in enumerate(origins if isinstance(origins, list) else ()):
+        if not isinstance(origin, str):
+            continue
+        if origin == "*":
+            if cors.get("credentials") is True:
+                message = "credentials: true needs explicit origins; '*' is never sent with them"
+                doc.error((*path, "origins", i), message)
+        elif origin != "null" and not _ORIGIN.fullmatch(origin.lower()):
+            doc.error(
+                (*path, "origins", i),
+                "must be '*' or an origin: scheme://host[:port], without a path",
+            )
 
 
 # Headers that frame the message or belong to one connection: a rule that set or removed them
