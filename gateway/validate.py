@@ -245,7 +245,7 @@ def _check_service_tls(doc: Document, path: PathKey, tls: dict[str, JSON]) -> No
         if problem:
             doc.error((*path, "ca_file"), problem)
     if tls.get("verify") is False:
-        message = "verify: false: the certificates of this service's https targets are not checked"
+        message = "the certificates of this service's https targets are not checked"
         doc.error((*path, "verify"), message, warning=True)
 
 
