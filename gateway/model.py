@@ -13,6 +13,7 @@ from typing import Final, Literal
 from multidict import istr
 
 Balance = Literal["round_robin", "least_conn"]
+AuthMethod = Literal["jwt", "api_key", "forward"]
 Network = IPv4Network | IPv6Network
 
 DEFAULT_LISTEN: Final = ("0.0.0.0", 8080)

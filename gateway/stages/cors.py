@@ -102,7 +102,10 @@ def cors_stage(route: RouteConfig) -> Stage | None:
     def wrap(next_handler: Handler) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             exchange = request[EXCHANGE]
-            exchange.response_remove |= ACCESS_CONTROL_HEADERS
+            if exchange.response_remove:
+                exchange.response_remove |= ACCESS_CONTROL_HEADERS
+            else:  # the usual case: no new set per request
+                exchange.response_remove = ACCESS_CONTROL_HEADERS
             headers = request.headers
             origin = headers.get(hdrs.ORIGIN)
             if request.method == hdrs.METH_OPTIONS:
