@@ -35,6 +35,7 @@ from gateway.model import (
 from gateway.pipeline import body_limit_of, build_chain
 from gateway.proxies import ClientAddress
 from gateway.routing import Route, RouteTable
+from gateway.tls import read_ca
 from gateway.upstream import Service
 from gateway.validate import normalize_prefix, parse_duration, route_methods, validate
 
@@ -99,10 +100,12 @@ def build_config(doc: Document) -> GatewayConfig:
         services=services,
         routes=routes,
         forward_auth=_forward_auth((data.get("auth") or {}).get("forward")),
-        tls=ListenerTls(data["tls"]["cert_file"], data["tls"]["key_file"])
-        if "tls" in data
-        else None,
+        tls=_listener_tls(data.get("tls")),
     )
+
+
+def _listener_tls(raw: JSON) -> ListenerTls | None:
+    return None if raw is None else ListenerTls(raw["cert_file"], raw["key_file"])
 
 
 def _forward_auth(raw: JSON) -> ForwardAuthConfig | None:
@@ -120,7 +123,7 @@ def _service_tls(raw: JSON) -> ServiceTls:
     if not raw:
         return ServiceTls()
     ca_file = raw.get("ca_file")
-    pem = Path(ca_file).read_text(encoding="ascii") if ca_file else ""  # checked by validate
+    pem = read_ca(ca_file) if ca_file else ""  # checked by validate
     return ServiceTls(ca_file=ca_file, ca_pem=pem, verify=raw.get("verify", True))
 
 

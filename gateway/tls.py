@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
+from pathlib import Path
+from typing import Final
 
 from gateway.model import ListenerTls, ServiceTls
 
@@ -75,10 +78,22 @@ def listener_problem(tls: ListenerTls) -> str | None:
     return None
 
 
+_PEM_CERTIFICATE: Final = re.compile(
+    r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----"
+)
+
+
+def read_ca(path: str) -> str:
+    """The PEM certificates of a CA file, without anything around them (reads the file)."""
+    return "\n".join(_PEM_CERTIFICATE.findall(Path(path).read_text(errors="replace")))
+
+
 def ca_problem(path: str) -> str | None:
     """Why a CA file holds no usable certificate, or None."""
     try:
-        ssl.create_default_context(cafile=path)
+        pem = read_ca(path)
+        if pem:
+            ssl.create_default_context(cadata=pem)
     except (ssl.SSLError, OSError):
-        return "holds no PEM CA certificate"
-    return None
+        pem = ""
+    return None if pem else "holds no PEM CA certificate"

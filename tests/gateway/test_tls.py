@@ -29,6 +29,13 @@ def authority(tmp_path: Path) -> Authority:
     return Authority(tmp_path)
 
 
+def commented_bundle(authority: Authority) -> Path:
+    """The CA file as bundles come: with text around the PEM, not all of it ASCII."""
+    bundle = authority.directory / "bundle.pem"
+    bundle.write_text(f"# Internal CA – ops\n{authority.file.read_text()}\n", encoding="utf-8")
+    return bundle
+
+
 async def hello(request: web.Request) -> web.Response:
     return web.Response(text=f"hello over {request.scheme}")
 
@@ -86,7 +93,8 @@ async def test_an_https_target_verified_with_the_services_ca_file_is_served(
     authority: Authority, tls_upstream: TestServer, serve: Serve
 ) -> None:
     url = str(tls_upstream.make_url("")).rstrip("/")
-    result = await load(routes(url, f"    tls: {{ca_file: {authority.file}}}\n"))
+    bundle = await asyncio.to_thread(commented_bundle, authority)
+    result = await load(routes(url, f"    tls: {{ca_file: {bundle}}}\n"))
     assert result.config is not None
     assert result.problems == []
 
