@@ -32,7 +32,7 @@ def authority(tmp_path: Path) -> Authority:
 def commented_bundle(authority: Authority) -> Path:
     """The CA file as bundles come: with text around the PEM, not all of it ASCII."""
     bundle = authority.directory / "bundle.pem"
-    bundle.write_text(f"# Internal CA (ops, Zürich)\n{authority.file.read_text()}\n", encoding="utf-8")
+    bundle.write_text(f"# CA (Zürich)\n{authority.file.read_text()}\n", encoding="utf-8")
     return bundle
 
 
