@@ -25,6 +25,8 @@ from gateway.model import (
     HeaderRules,
     HealthCheckConfig,
     ListenerTls,
+    RateLimitPolicy,
+    RateLimitStoreConfig,
     RetryBudgetConfig,
     RouteConfig,
     ServiceConfig,
@@ -34,6 +36,8 @@ from gateway.model import (
 )
 from gateway.pipeline import body_limit_of, build_chain
 from gateway.proxies import ClientAddress
+from gateway.ratelimit.memory import MemoryStore
+from gateway.ratelimit.store import RateLimitStore
 from gateway.routing import Route, RouteTable
 from gateway.tls import read_ca
 from gateway.upstream import Service
@@ -82,7 +86,10 @@ def build_config(doc: Document) -> GatewayConfig:
     limits = data.get("limits") or {}
     services = {name: _service(name, raw) for name, raw in data["services"].items()}
     underscores = data.get("underscores_in_headers", False)
-    routes = tuple(_route(i, raw, services, underscores) for i, raw in enumerate(data["routes"]))
+    rate = limits.get("min_body_rate", 500)
+    routes = tuple(
+        _route(i, raw, services, underscores, rate) for i, raw in enumerate(data["routes"])
+    )
     return GatewayConfig(
         file=doc.file,
         version_hash=doc.version_hash,
@@ -97,6 +104,8 @@ def build_config(doc: Document) -> GatewayConfig:
         max_message_bytes=limits.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
         client_limits=_client_limits(limits),
+        rate_limit_store=_rate_limit_store(data.get("store") or {}),
+        drain_timeout=_seconds(limits.get("drain_timeout"), 600.0) or 600.0,
         services=services,
         routes=routes,
         forward_auth=_forward_auth((data.get("auth") or {}).get("forward")),
@@ -155,6 +164,21 @@ def _client_limits(raw: dict[str, JSON]) -> ClientLimits:
     )
 
 
+def _rate_limit_store(raw: dict[str, JSON]) -> RateLimitStoreConfig:
+    return RateLimitStoreConfig(
+        redis=raw.get("redis") or None,  # "" (an unset ${REDIS_URL:-}): memory
+        timeout=_seconds(raw.get("timeout"), 0.05) or 0.05,
+        on_store_error=raw.get("on_store_error", "allow"),
+    )
+
+
+def _rate_limit(raw: JSON) -> RateLimitPolicy | None:
+    if raw is None:
+        return None
+    per = parse_duration(raw["per"])
+    return RateLimitPolicy(raw["limit"], per, raw.get("key", "ip"), raw.get("burst", 0))
+
+
 def _hostport(text: str | None, default: tuple[str, int]) -> tuple[str, int]:
     if not text:
         return default
@@ -183,7 +207,7 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
         for t in raw["targets"]
     )
     health = raw.get("health_check")
-    breaker = raw.get("circuit_breaker") or {}
+    breaker = raw.get("circuit_breaker")
     budget = raw.get("retry_budget") or {}
     return ServiceConfig(
         name=name,
@@ -205,9 +229,11 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
             healthy_threshold=health.get("healthy_threshold", 2),
             unhealthy_threshold=health.get("unhealthy_threshold", 3),
         ),
-        circuit_breaker=CircuitBreakerConfig(
-            failures=breaker.get("failures", 5),
-            open_for=_seconds(breaker.get("open_for"), 30.0) or 30.0,
+        circuit_breaker=None  # the default never ejects a service's only target
+        if breaker is None and len(targets) == 1
+        else CircuitBreakerConfig(
+            failures=(breaker or {}).get("failures", 5),
+            open_for=_seconds((breaker or {}).get("open_for"), 30.0) or 30.0,
         ),
         max_connections=raw.get("max_connections", 1000),
         tls=_service_tls(raw.get("tls")),
@@ -223,7 +249,11 @@ def _headers(raw: JSON) -> HeaderRules:
 
 
 def _route(
-    index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig], underscores: bool
+    index: int,
+    raw: dict[str, JSON],
+    services: dict[str, ServiceConfig],
+    underscores: bool,
+    min_body_rate: int,
 ) -> RouteConfig:
     service = services[raw["service"]]
     methods = route_methods(raw.get("methods"))
@@ -239,15 +269,23 @@ def _route(
         underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
         cors=_cors(raw.get("cors"), methods),
+        rate_limit=_rate_limit(raw.get("rate_limit")),
+        min_body_rate=min_body_rate,
     )
 
 
-def build_table(config: GatewayConfig, services: Mapping[str, Service]) -> RouteTable:
-    """Compose every route's chain once; requests only look the result up."""
+def build_table(
+    config: GatewayConfig,
+    services: Mapping[str, Service],
+    rate_limits: RateLimitStore | None = None,
+) -> RouteTable:
+    """Compose every route's chain once; requests only look the result up. `rate_limits` is
+    the process's store (kept across reloads); None: a fresh one in memory."""
+    rate_limits = MemoryStore() if rate_limits is None else rate_limits
     routes = []
     for route in config.routes:
         forward = forward_handler(route, services[route.service], config.max_message_bytes)
-        chain = build_chain(route, forward, config.max_body_bytes)
+        chain = build_chain(route, forward, config.max_body_bytes, rate_limits)
         limit = body_limit_of(route, config.max_body_bytes)
         routes.append(Route(route, chain.handler, chain.stages, limit))
     return RouteTable(routes, ClientAddress(config.trusted_proxies))

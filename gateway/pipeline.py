@@ -12,9 +12,11 @@ from typing import NamedTuple
 from aiohttp import web
 
 from gateway.model import RouteConfig
+from gateway.ratelimit.store import RateLimitStore
 from gateway.stages.bodylimit import body_limit_stage
 from gateway.stages.cors import cors_stage
 from gateway.stages.headers import headers_stage
+from gateway.stages.ratelimit import rate_limit_stage
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Stage = Callable[[Handler], Handler]
@@ -29,10 +31,17 @@ def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:
     return handler
 
 
-def build_chain(route: RouteConfig, forward: Handler, global_body_limit: int | None) -> Chain:
+def build_chain(
+    route: RouteConfig,
+    forward: Handler,
+    global_body_limit: int | None,
+    rate_limits: RateLimitStore | None = None,
+) -> Chain:
     """The stages of one route around its forwarder. This list *is* the order."""
     stages: list[tuple[str, Stage | None]] = [  # outermost first
         ("cors", cors_stage(route)),
+        # auth goes here (it sets exchange.consumer, which rate_limit may key on)
+        ("rate_limit", None if rate_limits is None else rate_limit_stage(route, rate_limits)),
         ("body_limit", body_limit_stage(body_limit_of(route, global_body_limit))),
         ("headers", headers_stage(route.request_headers, route.response_headers)),
     ]

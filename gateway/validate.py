@@ -22,6 +22,7 @@ from yarl import URL
 
 from gateway.config import JSON, Document, PathKey
 from gateway.model import ALL_METHODS, ListenerTls
+from gateway.redisurl import redis_url_problem
 from gateway.tls import ca_problem, file_problem, listener_problem
 
 SOURCE_SCHEMAS: Final = Path(__file__).resolve().parent.parent / "schemas"  # the repository's
@@ -45,6 +46,7 @@ _PATTERN_MESSAGES: Final = {
     "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$": "is not a valid HTTP header name",
     "^[A-Za-z][A-Za-z0-9_-]{0,62}$": "must be a letter then letters, digits, _ or -",
     "^[0-9a-f]{64}$": "must be 64 lowercase hex digits (a SHA-256)",
+    "^(ip|consumer|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$": "must be ip, consumer or header:NAME",
 }
 _TYPE_NAMES: Final = {
     "object": "a mapping",
@@ -59,7 +61,6 @@ _TYPE_NAMES: Final = {
 UNSUPPORTED: Final = {
     ("auth",): "authentication",
     ("routes", "*", "auth"): "authentication",
-    ("routes", "*", "rate_limit"): "rate limiting",
     ("routes", "*", "cache"): "response caching",
     ("routes", "*", "aggregate"): "fan-out aggregation",
 }
@@ -181,8 +182,10 @@ def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
     for i, cidr in enumerate(data.get("trusted_proxies") or ()):
         _check_cidr(doc, ("trusted_proxies", i), cidr)
     redis = (data.get("store") or {}).get("redis") if isinstance(data.get("store"), dict) else None
-    if redis:
-        doc.error(("store", "redis"), "a Redis store is not supported yet; leave it empty")
+    if isinstance(redis, str) and redis:
+        problem = redis_url_problem(redis)
+        if problem:
+            doc.error(("store", "redis"), problem)
     if isinstance(services, dict):
         for name, service in services.items():
             if isinstance(service, dict):
