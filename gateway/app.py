@@ -18,6 +18,7 @@ from aiohttp import HttpVersion11, hdrs, web
 from yarl import URL
 
 from gateway.accesslog import AccessLog
+from gateway.auth.jwks import JwksStore
 from gateway.compile import LoadResult, build_table
 from gateway.errors import (
     CLIENT_GONE,
@@ -68,6 +69,7 @@ class Gateway:
         self.health = HealthChecker()
         self.reloader: Reloader | None = None
         self.services: dict[str, Service] = {}
+        self.jwks = JwksStore()  # JWKS key sets by URL, kept across reloads
         self.metrics.watch(lambda: self.services.values())
         self.config = config
         self.table = RouteTable(())
@@ -84,7 +86,7 @@ class Gateway:
                 old if old is not None and old.config == service_config else Service(service_config)
             )
         removed = [s for name, s in self.services.items() if kept.get(name) is not s]
-        table = build_table(config, kept)
+        table = build_table(config, kept, self.jwks)
         self.services, self.table, self.config = kept, table, config  # the swap
         return removed
 
@@ -126,6 +128,7 @@ class Gateway:
         await self.health.stop()
         for service in [*self.services.values(), *self._retired]:
             await service.close()
+        await self.jwks.close()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

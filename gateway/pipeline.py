@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 from aiohttp import web
 
+from gateway.auth.policy import RoutePolicy
 from gateway.model import RouteConfig
+from gateway.stages.auth import auth_stage
 from gateway.stages.bodylimit import body_limit_stage
 from gateway.stages.headers import headers_stage
 
@@ -28,9 +30,15 @@ def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:
     return handler
 
 
-def build_chain(route: RouteConfig, forward: Handler, global_body_limit: int | None) -> Chain:
+def build_chain(
+    route: RouteConfig,
+    forward: Handler,
+    global_body_limit: int | None,
+    auth: RoutePolicy | None = None,
+) -> Chain:
     """The stages of one route around its forwarder. This list *is* the order."""
     stages: list[tuple[str, Stage | None]] = [  # outermost first
+        ("auth", auth_stage(auth)),  # before any body byte is read
         ("body_limit", body_limit_stage(body_limit_of(route, global_body_limit))),
         ("headers", headers_stage(route.request_headers, route.response_headers)),
     ]

@@ -10,11 +10,13 @@ tries the route's methods in turn; a `GatewayError` raised by a method (a relaye
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from multidict import CIMultiDictProxy
 
-Method = Literal["jwt", "api_key", "forward"]
+from gateway.model import AuthMethod
+
+Method = AuthMethod  # jwt | api_key | forward
 
 
 @dataclass(frozen=True, slots=True)
