@@ -132,12 +132,16 @@ class _Verdict(NamedTuple):
 class JwtAuthenticator:
     """`Authorization: Bearer <jwt>` -> Identity, or CredentialRejected with the reason."""
 
-    __slots__ = ("_cache", "_clock", "_keys", "_options", "_rules")
+    __slots__ = ("_cache", "_clock", "_keys", "_options", "_rules", "_size")
 
     def __init__(
-        self, rules: JwtRules, keys: KeySource, clock: Callable[[], float] = time.time
+        self,
+        rules: JwtRules,
+        keys: KeySource,
+        clock: Callable[[], float] = time.time,
+        cache_size: int = CACHE_SIZE,
     ) -> None:
-        self._rules, self._keys, self._clock = rules, keys, clock
+        self._rules, self._keys, self._clock, self._size = rules, keys, clock, cache_size
         self._cache: OrderedDict[str, _Verdict] = OrderedDict()
         self._options: Any = {  # PyJWT's Options TypedDict; only these differ from its defaults
             "verify_aud": rules.audience is not None,
@@ -191,7 +195,7 @@ class JwtAuthenticator:
 
     def _remember(self, token: str, verdict: _Verdict) -> None:
         self._cache[token] = verdict
-        if len(self._cache) > CACHE_SIZE:
+        if len(self._cache) > self._size:
             self._cache.popitem(last=False)
 
 
