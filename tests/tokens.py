@@ -70,6 +70,7 @@ def forge_hs256(
 
 
 def sign_rs256_raw(header_segment: str, payload_segment: str, key: PrivateKey) -> str:
+    assert isinstance(key, rsa.RSAPrivateKey)
     """A correctly RS256-signed token over segments as given (a UTF-16 header, stray
     characters): only the gateway's strict parsing stands between it and admission."""
     signing_input = f"{header_segment}.{payload_segment}"

@@ -285,7 +285,7 @@ def facts(token: str) -> RequestFacts:
 def cached_authenticator(
     key: PrivateKey, clock: list[float], size: int = CACHE_SIZE
 ) -> tuple[JwtAuthenticator, CountingKey]:
-    source = CountingKey(VerifyKey(key.public_key(), ("RS256",)))  # type: ignore[arg-type]
+    source = CountingKey(VerifyKey(key.public_key(), ("RS256",)))
     rules = JwtRules(frozenset({"RS256"}))
     return JwtAuthenticator(rules, source, clock=lambda: clock[0], cache_size=size), source
 
