@@ -48,6 +48,7 @@ from types import FrameType
 from typing import Any, Final, TypeVar
 
 import aiohttp
+import ratelimit_phase
 from hostile import RCVBUF, STREAM_BYTES, TRICKLE_BYTES, TRICKLE_EVERY, Hostile, Report
 from hostile import TICK as HOSTILE_TICK
 
@@ -625,6 +626,7 @@ class Results:
     auth_cells: dict[str, list[Cell]] = field(default_factory=dict)  # "none" | "jwt" | "api_key"
     hostile_slowloris: int = 0
     hostile_non_readers: int = 0
+    rate_limits: list[ratelimit_phase.StoreRun] = field(default_factory=list)
     access_lines: int = 0
     revision: str = "unknown"
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -741,6 +743,21 @@ def bench(args: argparse.Namespace) -> Results:
                         flush=True,
                     )
         auth_phase(results, loadgen, bases["gateway"], auth_headers, list(pids.values()), args)
+        results.rate_limits = ratelimit_phase.measure(
+            start=processes.start,
+            pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+            pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
+            wait_ready=wait_ready,
+            run_load=loadgen.run,
+            free_ports=free_ports,
+            env=env,
+            upstream_url=upstream_url,
+            out=OUT,
+            rounds=args.rounds,
+            duration=args.duration,
+            warmup=args.warmup,
+            startup_deadline=STARTUP_DEADLINE,
+        )
         rss_pids = {**pids, "direct": None}  # RSS is the proxy's; direct has none
         for round_index in range(args.transfer_rounds):
             for direction in ("upload", "download"):
@@ -933,6 +950,7 @@ def verdicts(results: Results) -> list[Verdict]:
                 peak < HOSTILE_RSS_BUDGET_MIB,
             )
         )
+    out += [Verdict(*v) for v in ratelimit_phase.verdicts(results.rate_limits)]
     return out
 
 
@@ -1060,6 +1078,7 @@ def render(results: Results, command: str) -> str:
                 f"{best.server_cpu_s:.2f} | {rounds} |"
             )
     lines += hostile_section(results)
+    lines += ["", *ratelimit_phase.section(results.rate_limits)]
     lines += ["", "## Budgets", "", "| budget | measured | verdict |", "| --- | --- | --- |"]
     lines += [
         f"| {v.budget} | {v.measured} | {verdict_text(v.passed)} |" for v in verdicts(results)

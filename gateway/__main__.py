@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["hash-key"]:
         return hash_key_main()
     args = _serve_parser().parse_args(args_list)
+    if not args.check:
+        from gateway.server import defer_signals
+
+        defer_signals()  # a SIGHUP or SIGUSR1 from now on waits for the loop, not kills
     from gateway.compile import load
 
     result = load(args.config)

@@ -33,6 +33,7 @@ from gateway.health import HealthChecker
 from gateway.metrics import Metrics
 from gateway.model import GatewayConfig
 from gateway.pipeline import Handler
+from gateway.ratelimit.store import RateLimits
 from gateway.reload import Reloader
 from gateway.routing import RouteTable, normalize_path, split_target
 from gateway.upstream import Service, close_later
@@ -70,23 +71,31 @@ class Gateway:
         self.reloader: Reloader | None = None
         self.services: dict[str, Service] = {}
         self.jwks = JwksStore()  # JWKS key sets by URL, kept across reloads
+        self.rate_limits = RateLimits(self.metrics.rate_limit_store_errors.inc)
         self.metrics.watch(lambda: self.services.values())
         self.config = config
         self.table = RouteTable(())
         self.status = LoadStatus(True, time.time(), config.version_hash, [], list(warnings))
-        self._retired: list[Service] = []
+        self._retired: list[Service] = []  # replaced by a reload, still draining
+        self._retiring: set[asyncio.Task[None]] = set()  # their `_retire` tasks, kept alive
         self.swap(config)
 
     def swap(self, config: GatewayConfig) -> list[Service]:
-        """Install `config`: keep services whose config is unchanged, build the new table."""
+        """Install `config`: keep services whose config is unchanged, build the new table. A
+        changed service is a new `Service` whose unchanged targets keep their health and
+        circuit state; the old one is returned with the removed ones, to drain."""
         kept: dict[str, Service] = {}
         for name, service_config in config.services.items():
             old = self.services.get(name)
             kept[name] = (
-                old if old is not None and old.config == service_config else Service(service_config)
+                old
+                if old is not None and old.config == service_config
+                else Service(service_config, previous=old)
             )
         removed = [s for name, s in self.services.items() if kept.get(name) is not s]
-        table = build_table(config, kept, self.jwks)
+        table = build_table(
+            config, kept, self.rate_limits.store_for(config.rate_limit_store), self.jwks
+        )
         self.services, self.table, self.config = kept, table, config  # the swap
         return removed
 
@@ -108,7 +117,11 @@ class Gateway:
         self.status = LoadStatus(True, time.time(), result.config.version_hash, [], warnings)
         config_log.info("reload applied: version %s", result.config.version_hash[:12])
         if removed:
-            asyncio.get_running_loop().create_task(self._retire(removed, config.shutdown_grace))
+            task = asyncio.get_running_loop().create_task(
+                self._retire(removed, config.drain_timeout), name="retire services"
+            )
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         return True
 
     def request_reload(self) -> None:
@@ -116,19 +129,25 @@ class Gateway:
         if self.reloader is not None:
             self.reloader.trigger()
 
-    async def _retire(self, removed: list[Service], grace: float) -> None:
-        """Close the pools of services a reload removed, once their requests are done."""
+    async def _retire(self, removed: list[Service], drain_timeout: float) -> None:
+        """Close the pools of services a reload removed or replaced, once their requests
+        (streams and WebSockets included) are done, or after `drain_timeout`."""
         self._retired.extend(removed)
-        try:
-            await close_later(removed, grace)
-        finally:
-            self._retired = [s for s in self._retired if s not in removed]
+        await close_later(removed, drain_timeout)
+        self._retired = [s for s in self._retired if s not in removed]
 
     async def close(self) -> None:
+        """Shutdown: stop the probes and the draining, close every pool."""
         await self.health.stop()
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         for service in [*self.services.values(), *self._retired]:
             await service.close()
         await self.jwks.close()
+        await self.rate_limits.close()
+        self._retired = []
 
 
 GATEWAY = web.AppKey("gateway", Gateway)

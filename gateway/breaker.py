@@ -8,9 +8,16 @@ A failure is a connect error, a reset or timeout before the response, or a 502/5
 While half-open exactly one request (the trial) is let through; its verdict decides. A trial
 that ends without a verdict (the client left, the gateway cut the request body) hands the
 trial to the next request, and so does one still undecided after another `open_for` (a
-caller that never reported back must not keep the target out for good). Answers to requests
-sent before the circuit opened are ignored while it is open: only a trial closes it. Both
-classes take a `Clock`, so tests step time instead of sleeping.
+caller that never reported back must not keep the target out for good).
+
+Only answers about the current state count: `claim()` hands each request a ticket (the
+breaker's epoch, which every state change and every trial moves on), and `success()` and
+`failure()` take it back. A late answer to a request sent before the circuit opened is
+ignored while it is open, and while half-open only the trial's ticket decides, so a late
+failure cannot re-open a half-open circuit and a late success cannot close it. `AlwaysClosed`
+is the default breaker of a service with one target: it never ejects its only target (as
+nginx never marks a lone server down). Both classes take a `Clock`, so tests step time
+instead of sleeping.
 """
 
 from __future__ import annotations
@@ -33,11 +40,16 @@ class Circuit(Enum):
     HALF_OPEN = 2
 
 
+Ticket = int  # what `claim()` hands a request and its verdict hands back (see module docstring)
+_NO_VERDICT: Final = -1  # the ticket of a request the breaker did not let through (epochs >= 0)
+
+
 class CircuitBreaker:
     """The circuit state of one target; `state` and `consecutive_failures` are observable."""
 
     __slots__ = (
         "_clock",
+        "_epoch",
         "_failures",
         "_opened_at",
         "_trial",
@@ -54,9 +66,10 @@ class CircuitBreaker:
         self.config = config
         self.state = Circuit.CLOSED
         self._clock = clock
+        self._epoch = 0  # moves on at every state change and every trial: tickets are epochs
         self._failures = 0  # consecutive failures while closed
         self._opened_at = 0.0
-        self._trial = False  # the half-open trial request is in flight
+        self._trial = False  # the half-open trial request is in flight (its ticket: _epoch)
         self._trial_at = 0.0  # when it was claimed
 
     @property
@@ -71,35 +84,47 @@ class CircuitBreaker:
             return self._clock() - self._opened_at >= self.config.open_for
         return not self._trial or self._clock() - self._trial_at >= self.config.open_for
 
-    def claim(self) -> bool:
-        """The balancer chose this target. True when this request is the half-open trial."""
+    def claim(self) -> Ticket:
+        """The balancer chose this target: the request's ticket for `success()`, `failure()`
+        or `abandon()`. `is_trial(ticket)` says whether it is the half-open trial."""
+        if self.state is Circuit.CLOSED:
+            return self._epoch
         if self.state is Circuit.OPEN and self.allows():
             self._move(Circuit.HALF_OPEN)
         if self.state is Circuit.HALF_OPEN and self.allows():
+            self._epoch += 1  # a trial passed on after open_for can no longer decide
             self._trial, self._trial_at = True, self._clock()
-            return True
-        return False
+            return self._epoch
+        return _NO_VERDICT  # not let through: nothing it says counts
 
-    def success(self) -> None:
-        """The target answered with something other than 502/503/504."""
+    def is_trial(self, ticket: Ticket) -> bool:
+        return self._trial and ticket == self._epoch and self.state is Circuit.HALF_OPEN
+
+    def success(self, ticket: Ticket | None = None) -> None:
+        """The target answered with something other than 502/503/504. Without a ticket the
+        answer is taken as current (a caller that does not keep one)."""
+        if ticket is not None and ticket != self._epoch:
+            return  # sent before the last change: the state it speaks of is gone
         if self.state is Circuit.CLOSED:
             self._failures = 0
-        elif self.state is Circuit.HALF_OPEN:
+        elif self.state is Circuit.HALF_OPEN and (self._trial or ticket is None):
             self._move(Circuit.CLOSED)
         # OPEN: a late answer to a request sent before the circuit opened; the trial decides.
 
-    def failure(self) -> None:
+    def failure(self, ticket: Ticket | None = None) -> None:
         """The target failed (see module docstring)."""
+        if ticket is not None and ticket != self._epoch:
+            return
         if self.state is Circuit.CLOSED:
             self._failures += 1
             if self._failures >= self.config.failures:
                 self._open()
-        elif self.state is Circuit.HALF_OPEN:
+        elif self.state is Circuit.HALF_OPEN and (self._trial or ticket is None):
             self._open()
 
-    def abandon(self, trial: bool) -> None:
+    def abandon(self, ticket: Ticket) -> None:
         """A request ended with no verdict on the target; a trial passes to the next request."""
-        if trial and self.state is Circuit.HALF_OPEN:
+        if self.is_trial(ticket):
             self._trial = False
 
     def reopens_in(self) -> float:
@@ -116,8 +141,36 @@ class CircuitBreaker:
         level = logging.WARNING if state is Circuit.OPEN else logging.INFO
         upstream_log.log(level, "circuit %s: %s -> %s", self.name, self.state.name, state.name)
         self.state = state
+        self._epoch += 1
         self._failures = 0
         self._trial = False
+
+
+class AlwaysClosed(CircuitBreaker):
+    """The default breaker of a single-target service: failures are counted (observable) but
+    never eject the only target, which would turn every route of the service into a 503
+    for `open_for` while the target may well be answering again. An explicit
+    `circuit_breaker:` on the service gets a real `CircuitBreaker`."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str, clock: Clock = time.monotonic) -> None:
+        super().__init__(name, CircuitBreakerConfig(), clock)
+
+    def allows(self) -> bool:
+        return True
+
+    def claim(self) -> Ticket:
+        return 0
+
+    def success(self, ticket: Ticket | None = None) -> None:
+        self._failures = 0
+
+    def failure(self, ticket: Ticket | None = None) -> None:
+        self._failures += 1
+
+    def abandon(self, ticket: Ticket) -> None:
+        pass
 
 
 _BUCKETS: Final = 10

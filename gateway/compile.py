@@ -31,6 +31,8 @@ from gateway.model import (
     HeaderRules,
     HealthCheckConfig,
     JwtConfig,
+    RateLimitPolicy,
+    RateLimitStoreConfig,
     RetryBudgetConfig,
     RouteAuthConfig,
     RouteConfig,
@@ -40,6 +42,8 @@ from gateway.model import (
 )
 from gateway.pipeline import body_limit_of, build_chain
 from gateway.proxies import ClientAddress
+from gateway.ratelimit.memory import MemoryStore
+from gateway.ratelimit.store import RateLimitStore
 from gateway.routing import Route, RouteTable
 from gateway.upstream import Service
 from gateway.validate import key_file, normalize_prefix, parse_duration, route_methods, validate
@@ -87,7 +91,10 @@ def build_config(doc: Document) -> GatewayConfig:
     limits = data.get("limits") or {}
     services = {name: _service(name, raw) for name, raw in data["services"].items()}
     underscores = data.get("underscores_in_headers", False)
-    routes = tuple(_route(i, raw, services, underscores) for i, raw in enumerate(data["routes"]))
+    rate = limits.get("min_body_rate", 500)
+    routes = tuple(
+        _route(i, raw, services, underscores, rate) for i, raw in enumerate(data["routes"])
+    )
     return GatewayConfig(
         file=doc.file,
         version_hash=doc.version_hash,
@@ -103,6 +110,8 @@ def build_config(doc: Document) -> GatewayConfig:
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
         client_limits=_client_limits(limits),
         auth=_auth(data.get("auth") or {}, doc.file),
+        rate_limit_store=_rate_limit_store(data.get("store") or {}),
+        drain_timeout=_seconds(limits.get("drain_timeout"), 600.0) or 600.0,
         services=services,
         routes=routes,
     )
@@ -119,6 +128,21 @@ def _client_limits(raw: dict[str, JSON]) -> ClientLimits:
         max_headers=raw.get("max_headers", base.max_headers),
         max_request_target_bytes=raw.get("max_request_target_bytes", base.max_request_target_bytes),
     )
+
+
+def _rate_limit_store(raw: dict[str, JSON]) -> RateLimitStoreConfig:
+    return RateLimitStoreConfig(
+        redis=raw.get("redis") or None,  # "" (an unset ${REDIS_URL:-}): memory
+        timeout=_seconds(raw.get("timeout"), 0.05) or 0.05,
+        on_store_error=raw.get("on_store_error", "allow"),
+    )
+
+
+def _rate_limit(raw: JSON) -> RateLimitPolicy | None:
+    if raw is None:
+        return None
+    per = parse_duration(raw["per"])
+    return RateLimitPolicy(raw["limit"], per, raw.get("key", "ip"), raw.get("burst", 0))
 
 
 def _hostport(text: str | None, default: tuple[str, int]) -> tuple[str, int]:
@@ -149,7 +173,7 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
         for t in raw["targets"]
     )
     health = raw.get("health_check")
-    breaker = raw.get("circuit_breaker") or {}
+    breaker = raw.get("circuit_breaker")
     budget = raw.get("retry_budget") or {}
     return ServiceConfig(
         name=name,
@@ -171,9 +195,11 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
             healthy_threshold=health.get("healthy_threshold", 2),
             unhealthy_threshold=health.get("unhealthy_threshold", 3),
         ),
-        circuit_breaker=CircuitBreakerConfig(
-            failures=breaker.get("failures", 5),
-            open_for=_seconds(breaker.get("open_for"), 30.0) or 30.0,
+        circuit_breaker=None  # the default never ejects a service's only target
+        if breaker is None and len(targets) == 1
+        else CircuitBreakerConfig(
+            failures=(breaker or {}).get("failures", 5),
+            open_for=_seconds((breaker or {}).get("open_for"), 30.0) or 30.0,
         ),
         max_connections=raw.get("max_connections", 1000),
     )
@@ -188,7 +214,11 @@ def _headers(raw: JSON) -> HeaderRules:
 
 
 def _route(
-    index: int, raw: dict[str, JSON], services: dict[str, ServiceConfig], underscores: bool
+    index: int,
+    raw: dict[str, JSON],
+    services: dict[str, ServiceConfig],
+    underscores: bool,
+    min_body_rate: int,
 ) -> RouteConfig:
     service = services[raw["service"]]
     return RouteConfig(
@@ -203,6 +233,8 @@ def _route(
         underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
         auth=_route_auth(raw.get("auth")),
+        rate_limit=_rate_limit(raw.get("rate_limit")),
+        min_body_rate=min_body_rate,
     )
 
 
@@ -276,9 +308,14 @@ def _jwt_authenticator(config: JwtConfig, jwks: JwksStore) -> JwtAuthenticator:
 
 
 def build_table(
-    config: GatewayConfig, services: Mapping[str, Service], jwks: JwksStore | None = None
+    config: GatewayConfig,
+    services: Mapping[str, Service],
+    rate_limits: RateLimitStore | None = None,
+    jwks: JwksStore | None = None,
 ) -> RouteTable:
-    """Compose every route's chain once; requests only look the result up."""
+    """Compose every route's chain once; requests only look the result up. `rate_limits` is
+    the process's store and `jwks` its key sets (both kept across reloads); None: fresh ones."""
+    rate_limits = MemoryStore() if rate_limits is None else rate_limits
     routes = []
     methods = authenticators(config.auth, jwks or JwksStore())
     for route in config.routes:
@@ -289,7 +326,7 @@ def build_table(
             policy = RoutePolicy(
                 auth.any_of, methods, auth.scopes, auth.consumers, auth.strip_credentials
             )
-        chain = build_chain(route, forward, config.max_body_bytes, policy)
+        chain = build_chain(route, forward, config.max_body_bytes, rate_limits, policy)
         limit = body_limit_of(route, config.max_body_bytes)
         routes.append(Route(route, chain.handler, chain.stages, limit))
     return RouteTable(routes, ClientAddress(config.trusted_proxies))

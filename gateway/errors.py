@@ -3,6 +3,7 @@
 GatewayError
   RouteNotFound 404 · MethodNotAllowed 405 · Unauthenticated 401 · Forbidden 403
   PayloadTooLarge 413 · RateLimited 429 · BadRequest 400 · RequestTimeout 408
+  RateLimitUnavailable 503 (the Redis store failed and on_store_error is deny)
   MalformedRequest 400 · TargetTooLong 414 · HeadersTooLarge 431 · VersionNotSupported 505
     (these four close the connection: the rest of its bytes cannot be trusted)
   UpstreamError
@@ -90,6 +91,10 @@ class PayloadTooLarge(GatewayError):
 
 class RateLimited(GatewayError):
     status, title, slug = 429, "Too Many Requests", "rate-limited"
+
+
+class RateLimitUnavailable(GatewayError):
+    status, title, slug = 503, "Service Unavailable", "rate-limit-unavailable"
 
 
 class UpstreamError(GatewayError):

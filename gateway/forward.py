@@ -7,15 +7,15 @@ never decompressed or re-encoded. Target choice and retries belong to `upstream.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Final
 
 import aiohttp
-from aiohttp import StreamReader, hdrs, web
+from aiohttp import hdrs, web
 from multidict import CIMultiDictProxy, istr
 
-from gateway.errors import RequestTimeout, ResponseAborted, UpstreamUnavailable
+from gateway.bodywatch import BodyWatch
+from gateway.errors import ResponseAborted, UpstreamUnavailable
 from gateway.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
 from gateway.model import DEFAULT_MAX_MESSAGE_BYTES, RouteConfig
 from gateway.pipeline import Handler
@@ -128,7 +128,11 @@ def forward_handler(
         body = exchange.body
         if body is None and request.body_exists:
             body = request.content
-        watch = None if body is None or idle is None else BodyWatch(request.content, idle, exchange)
+        watch = (
+            None
+            if body is None or idle is None
+            else BodyWatch(request.content, idle, exchange, route.min_body_rate)
+        )
         started = time.perf_counter()
         try:
             reply = await service.send(request.method, path_qs, headers, body, exchange, timeout)
@@ -164,34 +168,6 @@ def forward_handler(
             reply.release()
 
     return handle
-
-
-class BodyWatch:
-    """Cuts a request body off with a 408 when the client sends nothing for `idle` seconds
-    (nginx's client_body_timeout), so a stalled upload cannot hold an upstream connection.
-    One timer per request, re-armed while bytes keep coming: nothing is done per chunk."""
-
-    __slots__ = ("_content", "_exchange", "_handle", "_idle", "_seen")
-
-    def __init__(self, content: StreamReader, idle: float, exchange: Exchange) -> None:
-        self._content, self._idle, self._exchange = content, idle, exchange
-        self._seen = content.total_bytes
-        self._handle = asyncio.get_running_loop().call_later(idle, self._check)
-
-    def _check(self) -> None:
-        content = self._content
-        if content.is_eof():
-            return  # the whole body arrived: a slow upstream is the read timeout's business
-        if content.total_bytes == self._seen:
-            error = RequestTimeout(f"no request body bytes arrived for {self._idle:g}s")
-            self._exchange.body_error = error
-            content.set_exception(error)  # the upstream request fails, and is not blamed
-            return
-        self._seen = content.total_bytes
-        self._handle = asyncio.get_running_loop().call_later(self._idle, self._check)
-
-    def cancel(self) -> None:
-        self._handle.cancel()
 
 
 def relayed(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:

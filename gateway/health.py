@@ -4,7 +4,13 @@ A target goes down after `unhealthy_threshold` failed probes in a row and comes 
 `healthy_threshold` good ones (2xx or 3xx within `timeout`); while down it gets no traffic.
 A probe is independent of the circuit breaker: either one can keep a target out. Tasks stop
 on shutdown (`stop()`) and when a reload removes the service or changes its config
-(`sync()` with the new services: a changed service is a new `Service`, with a fresh task).
+(`sync()` with the new services: a changed service is a new `Service`, with a fresh task; its
+targets that kept their URL keep their verdict, see `upstream._targets`).
+
+Probes never wait for a slot in the traffic pool (whose `max_connections` long streams may
+fill): each task has its own small keep-alive pool, one connection per target, opened on the
+loop when the task starts and closed when it stops. A bug in a round of probes is logged
+with its traceback and the next round runs as usual.
 """
 
 from __future__ import annotations
@@ -67,15 +73,29 @@ class HealthChecker:
         task.add_done_callback(self._stopping.discard)
 
 
+def probe_session(targets: int) -> aiohttp.ClientSession:
+    """The probes' own pool: a round probes each target once, so one connection a target is
+    all it takes, and it is kept alive from one round to the next."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=targets, limit_per_host=0),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+    )
+
+
 async def _probe_forever(service: Service) -> None:
     check = service.config.health_check
     assert check is not None  # sync() starts tasks only for services that have one
     streaks = [0] * len(service.targets)  # >0: successes in a row, <0: failures in a row
-    while True:
-        results = await asyncio.gather(*(probe(service, t, check) for t in service.targets))
-        for i, (target, ok) in enumerate(zip(service.targets, results, strict=True)):
-            streaks[i] = judge(target, check, ok, streaks[i])
-        await asyncio.sleep(check.interval)
+    async with probe_session(len(service.targets)) as session:
+        while True:
+            try:
+                results = await asyncio.gather(*(probe(session, t, check) for t in service.targets))
+                for i, (target, ok) in enumerate(zip(service.targets, results, strict=True)):
+                    streaks[i] = judge(target, check, ok, streaks[i])
+            except Exception:  # a bug: say so, and keep probing (asyncio would stay silent)
+                upstream_log.exception("health check of service %r failed", service.name)
+            await asyncio.sleep(check.interval)
 
 
 def judge(target: Target, check: HealthCheckConfig, ok: bool, streak: int) -> int:
@@ -90,11 +110,11 @@ def judge(target: Target, check: HealthCheckConfig, ok: bool, streak: int) -> in
     return streak
 
 
-async def probe(service: Service, target: Target, check: HealthCheckConfig) -> bool:
+async def probe(session: aiohttp.ClientSession, target: Target, check: HealthCheckConfig) -> bool:
     """One GET of the check path: True for 2xx or 3xx within the check's timeout."""
     timeout = aiohttp.ClientTimeout(total=check.timeout)
     try:
-        async with service.session.get(
+        async with session.get(
             URL(target.url + check.path, encoded=True), timeout=timeout, allow_redirects=False
         ) as response:
             await response.content.read(_PROBE_READ_LIMIT)

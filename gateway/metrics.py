@@ -2,9 +2,10 @@
 sets PROMETHEUS_MULTIPROC_DIR and /metrics sums every worker's files.
 
 Per request, `observe()` adds to plain per-label sums (no lock); `flush()` hands them to
-prometheus-client before every scrape and once a second. Target health, circuit state and the
-last reload's verdict are read at scrape time by collectors of this process (in multiprocess
-mode: of the worker that was scraped). Label values are bounded: routes are `routes.N` or
+prometheus-client before every scrape and once a second, with the counts of log lines dropped
+(`accesslog.drops`). Target health, circuit state and the last reload's verdict are read at
+scrape time by collectors of this process (in multiprocess mode: of the worker that was
+scraped). Label values are bounded: routes are `routes.N` or
 `none`, methods outside the known set are `OTHER`, statuses are classes.
 """
 
@@ -30,6 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.accesslog import STREAMS, drops
 from gateway.breaker import Circuit
 from gateway.exchange import Exchange
 from gateway.model import ALL_METHODS
@@ -111,6 +113,11 @@ class Metrics:
             ["route"],
             registry=reg,
         )
+        self.rate_limit_store_errors = Counter(
+            "gateway_rate_limit_store_errors",
+            "Rate-limit checks the shared store did not answer in time (on_store_error decided)",
+            registry=reg,
+        )
         self.cache = Counter(
             "gateway_cache_lookups",
             "Cache lookups on routes that cache, by result (hit, miss)",
@@ -129,6 +136,15 @@ class Metrics:
         )
         for result in ("applied", "rejected"):  # both series exist from the start, at 0
             self.reloads.labels(result)
+        self.log_drops = Counter(
+            "gateway_log_lines_dropped",
+            "Log lines dropped because their writer fell behind, by stream (access, event)",
+            ["stream"],
+            registry=reg,
+        )
+        self._drops_seen = {stream: 0 for stream in STREAMS}  # accesslog.drops moved so far
+        for stream in STREAMS:
+            self.log_drops.labels(stream)
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
             "Requests being handled",
@@ -192,6 +208,10 @@ class Metrics:
                 child = self.upstream_latency.labels(stats.service)
                 _add_buckets(child, stats.upstream_buckets, stats.upstream_seconds)
         self.in_flight.set(self.active)
+        for stream, seen in self._drops_seen.items():
+            if (total := drops.total(stream)) > seen:
+                self.log_drops.labels(stream).inc(total - seen)
+                self._drops_seen[stream] = total
 
     async def flush_forever(self, interval: float = 1.0) -> None:
         """Keep the shared (multiprocess) values at most `interval` seconds behind."""

@@ -14,6 +14,7 @@ from multidict import istr
 
 Balance = Literal["round_robin", "least_conn"]
 AuthMethod = Literal["jwt", "api_key", "forward"]
+OnStoreError = Literal["allow", "deny"]
 Network = IPv4Network | IPv6Network
 
 DEFAULT_LISTEN: Final = ("0.0.0.0", 8080)
@@ -68,7 +69,8 @@ class ServiceConfig:
     retries: int = 0  # extra attempts for idempotent requests; default 0
     retry_budget: RetryBudgetConfig = RetryBudgetConfig()
     health_check: HealthCheckConfig | None = None  # None: passive health only
-    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    circuit_breaker: CircuitBreakerConfig | None = CircuitBreakerConfig()  # None: never eject
+    # (the default of a single-target service; an explicit circuit_breaker key sets one)
     max_connections: int = 1000  # open connections per service, pooled and kept alive
 
 
@@ -90,6 +92,32 @@ class RouteAuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """A token bucket: `burst` tokens at most, one back every `per / limit` seconds."""
+
+    limit: int  # tokens that come back per `per`
+    per: float  # seconds, parsed from "1m"
+    key: str = "ip"  # "ip" | "consumer" | "header:NAME"
+    burst: int = 0  # tokens a full bucket holds; default (0): `limit`
+    interval_us: int = field(init=False)  # microseconds per token, at least 1 (set below)
+    capacity_us: int = field(init=False)  # burst * interval_us: how far ahead a bucket may run
+
+    def __post_init__(self) -> None:
+        if self.burst <= 0:
+            object.__setattr__(self, "burst", self.limit)
+        interval = max(1, round(self.per * 1_000_000 / self.limit))
+        object.__setattr__(self, "interval_us", interval)
+        object.__setattr__(self, "capacity_us", interval * self.burst)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitStoreConfig:
+    redis: str | None = None  # redis://, rediss://, unix://, redis+sentinel://; None: memory
+    timeout: float = 0.05  # seconds one check may take before on_store_error; default 50 ms
+    on_store_error: OnStoreError = "allow"  # Redis slow or down: admit, or refuse with 503
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     prefix: str  # normalized, no trailing slash except "/" itself
     service: str
@@ -103,6 +131,9 @@ class RouteConfig:
     # the top-level key's (false: such headers are dropped, as nginx does)
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
     auth: RouteAuthConfig | None = None  # None: no authentication on this route
+    rate_limit: RateLimitPolicy | None = None  # None: the route is not limited
+    min_body_rate: int = 500  # bytes/s a request body must average per `read` interval
+    # (limits.min_body_rate; 0: only silence is cut off); default 500
 
     name: str = ""  # "routes.N", how logs, metrics and /routes name it (set in __post_init__)
 
@@ -167,5 +198,8 @@ class GatewayConfig:
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     client_limits: ClientLimits = ClientLimits()
     auth: AuthConfig = AuthConfig()
+    rate_limit_store: RateLimitStoreConfig = RateLimitStoreConfig()  # store.redis and friends
+    drain_timeout: float = 600.0  # seconds a service a reload replaced keeps its open
+    # requests, streams and WebSockets before its pool is closed; default 10 min
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()

@@ -13,9 +13,11 @@ from aiohttp import web
 
 from gateway.auth.policy import RoutePolicy
 from gateway.model import RouteConfig
+from gateway.ratelimit.store import RateLimitStore
 from gateway.stages.auth import auth_stage
 from gateway.stages.bodylimit import body_limit_stage
 from gateway.stages.headers import headers_stage
+from gateway.stages.ratelimit import rate_limit_stage
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Stage = Callable[[Handler], Handler]
@@ -34,11 +36,14 @@ def build_chain(
     route: RouteConfig,
     forward: Handler,
     global_body_limit: int | None,
+    rate_limits: RateLimitStore | None = None,
     auth: RoutePolicy | None = None,
 ) -> Chain:
     """The stages of one route around its forwarder. This list *is* the order."""
     stages: list[tuple[str, Stage | None]] = [  # outermost first
-        ("auth", auth_stage(auth)),  # before any body byte is read
+        # cors goes first
+        ("auth", auth_stage(auth)),  # before any body byte is read; sets the consumer
+        ("rate_limit", None if rate_limits is None else rate_limit_stage(route, rate_limits)),
         ("body_limit", body_limit_stage(body_limit_of(route, global_body_limit))),
         ("headers", headers_stage(route.request_headers, route.response_headers)),
     ]

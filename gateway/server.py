@@ -1,11 +1,13 @@
 """Running the gateway: listeners, signals, graceful shutdown, and N worker processes.
 
-One process serves the public and admin listeners. SIGHUP reloads the config file. SIGTERM
-(or SIGINT) marks the process not ready, stops accepting, lets in-flight requests finish (up
-to limits.shutdown_grace), flushes the logs and exits 0.
+One process serves the public and admin listeners. SIGHUP reloads the config file. SIGUSR1
+reopens the access-log file (for logrotate). SIGTERM (or SIGINT) marks the process not ready,
+stops accepting, lets in-flight requests finish (up to limits.shutdown_grace), flushes the logs
+and exits 0. A SIGHUP or SIGUSR1 that arrives while the process starts waits for the loop
+(`defer_signals`): their default action would end it.
 
 With --workers N, a supervisor starts N such processes that share both ports through
-SO_REUSEPORT, relays SIGTERM/SIGINT/SIGHUP to them, and points prometheus-client at one
+SO_REUSEPORT, relays SIGTERM/SIGINT/SIGHUP/SIGUSR1 to them, and points prometheus-client at one
 directory (PROMETHEUS_MULTIPROC_DIR) so /metrics sums every worker. If a worker dies on its
 own, the supervisor stops the others and exits non-zero, for systemd or Kubernetes to restart.
 """
@@ -38,6 +40,7 @@ from gateway.model import GatewayConfig
 logger = logging.getLogger("gateway")
 config_log = logging.getLogger("gateway.config")
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+DEFERRED_SIGNALS: Final = (signal.SIGHUP, signal.SIGUSR1)  # reload, reopen the access log
 ADMIN_SHUTDOWN_SECONDS: Final = 1.0
 
 
@@ -132,14 +135,37 @@ async def _serve(
     return 0
 
 
+_deferred: set[int] = set()  # SIGHUP and SIGUSR1 that came before the loop's handlers
+
+
+def defer_signals() -> None:
+    """Called first thing (gateway/__main__.py): until `_until_stopped` installs the loop's
+    handlers, a SIGHUP or SIGUSR1 is remembered, then acted on once, instead of ending the
+    process (their default action). The supervisor starts workers with both blocked (see
+    `_Supervisor.spawn`), so a relayed signal waits in the kernel until this unblocks it."""
+    for sig in DEFERRED_SIGNALS:
+        signal.signal(sig, _remember)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRED_SIGNALS)
+
+
+def _remember(signum: int, _frame: FrameType | None) -> None:
+    _deferred.add(signum)
+
+
 async def _until_stopped(gateway: Gateway) -> None:
     """Wait for SIGTERM or SIGINT. The handlers stay installed: a second signal while
-    draining (Ctrl-C reaches both the supervisor and its workers) changes nothing."""
+    draining (Ctrl-C reaches both the supervisor and its workers) changes nothing. SIGHUP
+    reloads and SIGUSR1 reopens the access log, also if one came while starting."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
+    actions = {signal.SIGHUP: gateway.request_reload, signal.SIGUSR1: gateway.access_log.reopen}
+    for sig, action in actions.items():
+        loop.add_signal_handler(sig, action)
+        if sig in _deferred:
+            _deferred.discard(sig)
+            action()
     await stop.wait()
 
 
@@ -175,23 +201,34 @@ class _Supervisor:
         self.stopping = False
 
     def relay(self, signum: int, _frame: FrameType | None) -> None:
-        if signum != signal.SIGHUP:
+        if signum not in DEFERRED_SIGNALS:
             self.stopping = True
         for child in self.children.values():
             if child.returncode is None:
                 child.send_signal(signum)
 
     def run(self) -> int:
-        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+        for sig in (*STOP_SIGNALS, *DEFERRED_SIGNALS):
             signal.signal(sig, self.relay)
+        _deferred.clear()  # workers not started yet read the file and open the log themselves
         args = [sys.executable, "-m", "gateway", *_worker_args(sys.argv[1:])]
         for _ in range(self.workers):
             if self.stopping:
                 break
-            child = subprocess.Popen(args, env=self.env)
-            self.children[child.pid] = child
+            self.spawn(args)
         logger.info("supervising %d workers: pids %s", len(self.children), sorted(self.children))
         return self._wait()
+
+    def spawn(self, args: list[str]) -> None:
+        """Start one worker with SIGHUP and SIGUSR1 blocked: a blocked signal stays blocked
+        across fork and exec, so one relayed while the worker starts waits until its
+        `defer_signals` is ready for it, instead of killing it (and with it the group)."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
+        try:
+            child = subprocess.Popen(args, env=self.env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        self.children[child.pid] = child
 
     def _wait(self) -> int:
         first_failure = 0

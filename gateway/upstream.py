@@ -12,7 +12,9 @@ What is retried (up to `retries` times, each retry spending from the budget):
     into memory first when the service has retries (as Envoy and nginx buffer it); a bigger
     or chunked body streams through once and is not retried;
   - never a read timeout (the target may still be working), and never once the response has
-    been handed back: from then on bytes may have reached the client.
+    been handed back: from then on bytes may have reached the client;
+  - never a full pool: with `max_connections` requests in flight the answer is a 503 at once
+    (waiting for a connection would only make the client wait, and then retry, twice).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.balance import make_balancer
-from gateway.breaker import Circuit, CircuitBreaker, Clock, RetryBudget
+from gateway.breaker import AlwaysClosed, Circuit, CircuitBreaker, Clock, RetryBudget, Ticket
 from gateway.errors import (
     BadRequest,
     NoHealthyTarget,
@@ -102,6 +104,32 @@ class Target:
         return self.healthy and self.breaker.allows()
 
 
+def _targets(config: ServiceConfig, clock: Clock, previous: Service | None) -> tuple[Target, ...]:
+    """The service's targets. A target whose URL the `previous` version of the service also
+    had keeps that one's health verdict and circuit breaker (a reload that changes another
+    setting must not bring a target the checks took out back, nor forget an open circuit)."""
+    left = list(previous.targets) if previous is not None else []
+    targets = []
+    for i, target_config in enumerate(config.targets):
+        label = f"{config.name}#{i}"
+        breaker = (
+            CircuitBreaker(label, config.circuit_breaker, clock)
+            if config.circuit_breaker is not None
+            else AlwaysClosed(label, clock)
+        )
+        target = Target(target_config, label, breaker)
+        old = next((t for t in left if t.url == target_config.url), None)
+        if old is not None:
+            left.remove(old)
+            if type(old.breaker) is type(breaker):  # the same kind: keep its state
+                old.breaker.name, old.breaker.config = label, breaker.config
+                target.breaker = old.breaker
+            if config.health_check is not None:  # else nothing would ever bring it back
+                target.healthy = old.healthy
+        targets.append(target)
+    return tuple(targets)
+
+
 class Reply:
     """An upstream response and the target it holds; `release()` when done (twice is safe)."""
 
@@ -165,15 +193,17 @@ def make_session(config: ServiceConfig) -> aiohttp.ClientSession:
 class Service:
     """Runtime side of a ServiceConfig: targets, balancer, breakers, pool and retry budget."""
 
-    def __init__(self, config: ServiceConfig, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, config: ServiceConfig, clock: Clock = time.monotonic, previous: Service | None = None
+    ) -> None:
+        """`previous`: the service this one replaces on a reload (see `_targets`)."""
         self.config = config
         self.name = config.name
-        self.targets = tuple(
-            Target(t, label, CircuitBreaker(label, config.circuit_breaker, clock))
-            for label, t in ((f"{config.name}#{i}", t) for i, t in enumerate(config.targets))
-        )
+        self.targets = _targets(config, clock, previous)
         self.balancer = make_balancer(config.balance)
         self._single = self.targets[0] if len(self.targets) == 1 else None
+        self._max_connections = config.max_connections
+        self._reading = 0  # requests reading their body into memory before the first attempt
         self.budget = RetryBudget(config.retry_budget, clock)
         self.timeout = client_timeout(config.timeouts)
         self._clock = clock
@@ -197,21 +227,28 @@ class Service:
         """True once `close()` ran: a reload removed the service, or shutdown."""
         return self._closed
 
+    @property
+    def busy(self) -> bool:
+        """A request is using the service: sent and not released, or reading its body."""
+        return self._reading > 0 or any(t.in_flight for t in self.targets)
+
     async def close(self) -> None:
         self._closed = True
         if self._session is not None:
             await self._session.close()
 
     def _pool_full(self) -> bool:
-        return sum(t.in_flight for t in self.targets) >= self.config.max_connections
+        if self._single is not None:
+            return self._single.in_flight >= self._max_connections
+        return sum(t.in_flight for t in self.targets) >= self._max_connections
 
     def has_available_target(self) -> bool:
         return any(t.available() for t in self.targets)
 
-    def choose(self, tried: Sequence[Target] = ()) -> tuple[Target, bool]:
-        """Choose and claim a target: (target, is this request its half-open trial). A caller
-        that connects itself (WebSocket) reports `breaker.success()`, `failure()` or
-        `abandon(trial)`. A retry avoids the targets in `tried` when it can."""
+    def choose(self, tried: Sequence[Target] = ()) -> tuple[Target, Ticket]:
+        """Choose and claim a target: (target, the breaker's ticket for this request). A
+        caller that connects itself (WebSocket) reports `breaker.success()`, `failure()` or
+        `abandon(ticket)`. A retry avoids the targets in `tried` when it can."""
         if self._single is not None and not tried:  # one target: nothing to balance
             if self._single.available():
                 return self._single, self._single.breaker.claim()
@@ -255,7 +292,11 @@ class Service:
         safe (see the module docstring) and the budget and the total deadline allow."""
         timeout = timeout or self.timeout
         deadline = None if timeout.total is None else self._clock() + timeout.total
-        body, replayable = await self._replayable(method, headers, body)
+        self._reading += 1  # a reload must not close the pool under it (see `busy`)
+        try:
+            body, replayable = await self._replayable(method, headers, body)
+        finally:
+            self._reading -= 1
         self.budget.record_request()
         tried: list[Target] = []
         while True:
@@ -317,7 +358,12 @@ class Service:
         *is* `send`: one coroutine frame less on every request's await chain."""
         if self._closed:  # a request that matched a table a reload replaced long ago
             raise UpstreamUnavailable(f"service {self.name!r} was removed")
-        target, trial = self.choose(tried or ())
+        if self._pool_full():  # at once: never queue for a connection, never retried
+            raise PoolExhausted(
+                f"service {self.name!r} has no free connection (max_connections)",
+                headers={"Retry-After": "1"},
+            )
+        target, ticket = self.choose(tried or ())
         if tried is not None:
             tried.append(target)
         exchange.target = target.label
@@ -335,27 +381,19 @@ class Service:
             error = upstream_failure(exc, self.name)
             target.in_flight -= 1
             if exchange.body_error is not None:  # our side cut the body: not the target's fault
-                target.breaker.abandon(trial)
+                target.breaker.abandon(ticket)
                 raise exchange.body_error from error
-            if isinstance(exc, aiohttp.ConnectionTimeoutError) and self._pool_full():
-                # The connect timeout also covers the wait for a free pooled connection: with
-                # every connection busy, this is the pool's limit, not the target failing.
-                target.breaker.abandon(trial)
-                raise PoolExhausted(
-                    f"service {self.name!r} has no free connection (max_connections)",
-                    headers={"Retry-After": "1"},
-                ) from exc
-            target.breaker.failure()
+            target.breaker.failure(ticket)
             upstream_log.warning("%s: %s", target.label, error.detail)
             raise error from exc
         except BaseException:  # cancelled by a client disconnect: not the target's fault
             target.in_flight -= 1
-            target.breaker.abandon(trial)
+            target.breaker.abandon(ticket)
             raise
         if response.status in RETRY_STATUSES:
-            target.breaker.failure()
+            target.breaker.failure(ticket)
         else:
-            target.breaker.success()
+            target.breaker.success(ticket)
         return Reply(response, target)
 
 
@@ -368,7 +406,10 @@ def _content_length(headers: Headers) -> int | None:
 
 def _retryable(error: UpstreamError, replayable: bool) -> bool:
     """Nothing reached the target when the connection failed: even a POST may go elsewhere.
-    A read timeout is not retried: the target may still be working on the request."""
+    A read timeout is not retried: the target may still be working on the request. A full
+    pool is not retried either: another attempt would find it just as full."""
+    if isinstance(error, PoolExhausted):
+        return False
     if isinstance(error.__cause__, _CONNECT_ERRORS):
         return True
     return replayable and not isinstance(error, UpstreamTimeout)
@@ -388,12 +429,16 @@ def _until(
     )
 
 
-async def close_later(services: list[Service], grace: float) -> None:
-    """Close the pools of services a reload removed, once their requests are done."""
-    deadline = time.monotonic() + grace
-    busy = True
-    while busy and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-        busy = any(t.in_flight for s in services for t in s.targets)
+_DRAIN_POLL: Final = 0.1  # seconds between two looks at a retired service's requests
+
+
+async def close_later(services: list[Service], drain_timeout: float) -> None:
+    """Close the pools of services a reload removed or replaced once their requests are done
+    (uploads, streams and WebSockets included), or after `drain_timeout` at the latest."""
+    deadline = time.monotonic() + drain_timeout
+    while time.monotonic() < deadline:
+        if not any(s.busy for s in services):
+            break
+        await asyncio.sleep(_DRAIN_POLL)
     for service in services:
         await service.close()

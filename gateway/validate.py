@@ -23,6 +23,7 @@ from yarl import URL
 from gateway.auth.jwt import ALGORITHM_KEYS, HMAC_MIN_BYTES, public_key_problem
 from gateway.config import JSON, Document, PathKey
 from gateway.model import ALL_METHODS
+from gateway.redisurl import redis_url_problem
 
 SOURCE_SCHEMAS: Final = Path(__file__).resolve().parent.parent / "schemas"  # the repository's
 
@@ -46,6 +47,7 @@ _PATTERN_MESSAGES: Final = {
     "^[A-Za-z][A-Za-z0-9_-]{0,62}$": "must be a letter then letters, digits, _ or -",
     "^[0-9a-f]{64}$": "must be 64 lowercase hex digits (a SHA-256)",
     "^[!#-\\[\\]-~]{1,256}$": "must be a scope name: visible ASCII, no space, quote or backslash",
+    "^(ip|consumer|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$": "must be ip, consumer or header:NAME",
 }
 _TYPE_NAMES: Final = {
     "object": "a mapping",
@@ -58,7 +60,6 @@ _TYPE_NAMES: Final = {
 }
 # Keys the schema accepts (so operators see one shape) whose feature this build lacks.
 UNSUPPORTED: Final = {
-    ("routes", "*", "rate_limit"): "rate limiting",
     ("routes", "*", "cache"): "response caching",
     ("routes", "*", "cors"): "CORS",
     ("routes", "*", "aggregate"): "fan-out aggregation",
@@ -181,8 +182,10 @@ def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
     for i, cidr in enumerate(data.get("trusted_proxies") or ()):
         _check_cidr(doc, ("trusted_proxies", i), cidr)
     redis = (data.get("store") or {}).get("redis") if isinstance(data.get("store"), dict) else None
-    if redis:
-        doc.error(("store", "redis"), "a Redis store is not supported yet; leave it empty")
+    if isinstance(redis, str) and redis:
+        problem = redis_url_problem(redis)
+        if problem:
+            doc.error(("store", "redis"), problem)
     if isinstance(services, dict):
         for name, service in services.items():
             if isinstance(service, dict):

@@ -4,22 +4,39 @@ event loop, and nothing queued is lost when the writer stops."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import itertools
 import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any, TextIO
 
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
-from gateway.accesslog import JsonFormatter, access_line, access_logger, configure_logging
+from gateway.accesslog import (
+    AccessLog,
+    JsonFormatter,
+    LogOutput,
+    access_line,
+    access_logger,
+    configure_logging,
+    drops,
+)
+from gateway.admin import create_admin_app
 from gateway.app import create_app
 from tests.gateway.conftest import compile_gateway
+from tests.polling import eventually
 
 ROUTES = """
 version: 1
@@ -242,3 +259,189 @@ def test_a_malformed_request_is_not_logged_as_an_error_with_a_traceback() -> Non
 
     assert not kept  # dropped unless aiohttp.server is at DEBUG
     assert (record.levelname, record.exc_info) == ("DEBUG", None)
+
+
+@contextlib.asynccontextmanager
+async def installed_logging(
+    stdout: TextIO, access_log: str | None = None, **options: Any
+) -> AsyncIterator[LogOutput]:
+    """configure_logging() with `stdout` as standard output (opened and stopped on a thread:
+    that is blocking I/O); the test's own logging comes back afterwards."""
+    root, aiohttp_access = logging.getLogger(), logging.getLogger("aiohttp.access")
+    saved = (sys.stdout, root.handlers[:], root.level, access_logger.handlers[:])
+    saved_flags = (access_logger.propagate, aiohttp_access.disabled)
+    sys.stdout = stdout
+    try:
+        output = await asyncio.to_thread(configure_logging, access_log, **options)
+        try:
+            yield output
+        finally:
+            await asyncio.to_thread(output.stop)
+    finally:
+        sys.stdout, root.handlers[:], access_logger.handlers[:] = saved[0], saved[1], saved[3]
+        root.setLevel(saved[2])
+        access_logger.propagate, aiohttp_access.disabled = saved_flags
+
+
+def paused_fifo(path: Path) -> int:
+    """A named pipe with a reader that reads nothing until told: once the pipe buffer (64 KiB)
+    is full, whoever writes to it blocks. Returns the reader's descriptor."""
+    os.mkfifo(path)
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it to write succeeds
+
+
+def read_to_end(fd: int) -> str:
+    """Resume a paused reader: read everything until the last writer closes its end."""
+    os.set_blocking(fd, True)
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode()
+
+
+DROPPED = re.compile(r"dropped (\d+) access and (\d+) event lines")
+
+
+def drop_warnings(text: str) -> list[tuple[datetime, int, int]]:
+    """(time, access lines, event lines) of each "lines dropped" warning in `text`."""
+    found = []
+    for line in text.splitlines():
+        event = json.loads(line)
+        if event.get("level") == "warning" and (match := DROPPED.search(event["message"])):
+            at = datetime.fromisoformat(event["time"])
+            found.append((at, int(match[1]), int(match[2])))
+    return found
+
+
+async def test_a_stuck_access_log_drops_and_counts_lines_while_the_loop_keeps_answering(
+    tmp_path: Path, aiohttp_client: AiohttpClient, echo_upstream: TestServer
+) -> None:
+    fifo, stdout, interval, backlog = tmp_path / "access.fifo", io.StringIO(), 0.3, 50
+    reader = await asyncio.to_thread(paused_fifo, fifo)
+    dropped_before = drops.total("access")
+    slowest, backlogs, sent = 0.0, [], 0
+    gateway = compile_gateway(ROUTES, echo=echo_upstream)
+    gateway.access_log = AccessLog(backlog=backlog)
+    async with installed_logging(stdout, str(fifo), report_interval=interval):
+        try:
+            client = await aiohttp_client(create_app(gateway))
+            admin = await aiohttp_client(create_admin_app(gateway))
+            started = time.monotonic()
+
+            async def client_loop() -> None:
+                nonlocal slowest, sent
+                # Until three warnings (three intervals at least), or a deadline.
+                while len(drop_warnings(stdout.getvalue())) < 3 and time.monotonic() < started + 10:
+                    asked = time.monotonic()
+                    assert (await client.get("/api/inventory/x")).status == 200
+                    slowest = max(slowest, time.monotonic() - asked)
+                    backlogs.append(gateway.access_log.backlog)
+                    sent += 1
+
+            await asyncio.gather(*(client_loop() for _ in range(4)))
+            elapsed = time.monotonic() - started
+            serving = drop_warnings(stdout.getvalue())
+            scrape = await (await admin.get("/metrics")).text()
+        finally:  # read the pipe again, or stopping would wait for the stuck writer forever
+            drained = asyncio.ensure_future(asyncio.to_thread(read_to_end, reader))
+            await asyncio.to_thread(gateway.access_log.stop)
+    written = len((await drained).splitlines())  # the output was stopped: the writer closed
+
+    assert slowest < 2.0  # each request answered at once while the writer was stuck
+    assert max(backlogs) <= backlog  # memory bounded: never more lines waiting than that
+    dropped = drops.total("access") - dropped_before
+    assert dropped > 0
+    assert written + dropped == sent  # every line was either written or counted as dropped
+    assert metric(scrape, "gateway_log_lines_dropped_total", stream="access") > 0
+    assert 3 <= len(serving) <= elapsed / interval + 1
+    gaps = [(b[0] - a[0]).total_seconds() for a, b in itertools.pairwise(serving)]
+    assert min(gaps) >= interval - 0.002, gaps  # the times have millisecond resolution
+    warnings = drop_warnings(stdout.getvalue())  # one more when the output stopped
+    assert sum(access for _, access, _ in warnings) == dropped  # the warnings say it all
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+async def test_event_logs_to_a_stuck_stdout_drop_beyond_the_bound_and_are_reported() -> None:
+    read_end, write_end = os.pipe()
+    stdout = os.fdopen(write_end, "w")
+    dropped_before, count, limit = drops.total("event"), 5000, 50
+    backlogs = []
+    async with installed_logging(stdout, event_backlog=limit, report_interval=0.2) as output:
+        try:
+            events = logging.getLogger("gateway.test")
+            for i in range(count):  # ~100 bytes a line: the pipe fills after some 600 of them
+                events.info("event %d", i)
+                backlogs.append(output.backlog)
+            dropped = drops.total("event") - dropped_before
+        finally:  # read the pipe again, or stopping would wait for the stuck writer forever
+            drained = asyncio.ensure_future(asyncio.to_thread(read_to_end, read_end))
+    await asyncio.to_thread(stdout.close)  # the StreamHandler leaves its stream open
+    text = await drained
+
+    assert max(backlogs) <= limit
+    assert dropped > 0
+    written = [line for line in text.splitlines() if '"logger":"gateway.test"' in line]
+    assert len(written) + dropped == count
+    warnings = drop_warnings(text)  # written once the pipe was read again, none lost
+    assert warnings
+    assert sum(event for _, _, event in warnings) == dropped
+
+
+async def read(path: Path) -> str:
+    return await asyncio.to_thread(path.read_text)
+
+
+async def holds_text(path: Path, text: str) -> bool:
+    return text in await read(path)
+
+
+async def test_reopen_moves_the_access_log_to_a_new_file_at_the_same_path(
+    tmp_path: Path, aiohttp_client: AiohttpClient, echo_upstream: TestServer
+) -> None:
+    path, rotated, stdout = tmp_path / "access.log", tmp_path / "access.log.1", io.StringIO()
+    async with installed_logging(stdout, str(path)):
+        gateway = compile_gateway(ROUTES, echo=echo_upstream)
+        client = await aiohttp_client(create_app(gateway))
+        assert (await client.get("/api/inventory/before")).status == 200
+        await eventually(lambda: holds_text(path, "before"), within=2)
+        await asyncio.to_thread(path.rename, rotated)  # what logrotate does
+        gateway.access_log.reopen()
+        gateway.access_log.reopen()  # asked twice before the writer got to it: one reopen
+        await eventually(lambda: "access log reopened" in stdout.getvalue(), within=2)
+        assert (await client.get("/api/inventory/after")).status == 200
+        await asyncio.to_thread(gateway.access_log.stop)
+
+    old = [json.loads(line)["path"] for line in (await read(rotated)).splitlines()]
+    new = [json.loads(line)["path"] for line in (await read(path)).splitlines()]
+    assert (old, new) == (["/api/inventory/before"], ["/api/inventory/after"])
+    assert stdout.getvalue().count("access log reopened") == 1
+
+
+async def test_an_access_log_that_cannot_be_reopened_keeps_writing_to_the_old_file(
+    tmp_path: Path, aiohttp_client: AiohttpClient, echo_upstream: TestServer
+) -> None:
+    logs, stdout = tmp_path / "logs", io.StringIO()
+    await asyncio.to_thread(logs.mkdir)
+    async with installed_logging(stdout, str(logs / "access.log")):
+        gateway = compile_gateway(ROUTES, echo=echo_upstream)
+        client = await aiohttp_client(create_app(gateway))
+        await asyncio.to_thread(logs.rename, tmp_path / "moved")  # the directory is gone
+        gateway.access_log.reopen()
+        await eventually(lambda: "cannot reopen" in stdout.getvalue(), within=2)
+        assert (await client.get("/api/inventory/after")).status == 200
+        await asyncio.to_thread(gateway.access_log.stop)
+
+    [line] = (await read(tmp_path / "moved" / "access.log")).splitlines()
+    assert json.loads(line)["path"] == "/api/inventory/after"
+    [error] = [json.loads(e) for e in stdout.getvalue().splitlines() if "cannot reopen" in e]
+    assert error["level"] == "error"
+    assert "still writing to the old file" in error["message"]

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from gateway.breaker import Circuit, CircuitBreaker, RetryBudget
+from gateway.breaker import AlwaysClosed, Circuit, CircuitBreaker, RetryBudget
 from gateway.model import CircuitBreakerConfig, RetryBudgetConfig
 from tests.gateway.conftest import MakeGateway
 from tests.resilience_upstreams import Target, gateway_of, one_service, serve, status
@@ -68,19 +68,19 @@ def test_an_open_circuit_lets_one_trial_through_after_open_for(clock: FakeClock)
     assert not circuit.allows()
     clock.now += 0.1
     assert circuit.allows()
-    assert circuit.claim() is True  # this request is the trial
+    assert circuit.is_trial(circuit.claim())  # this request is the trial
 
     assert circuit.state is Circuit.HALF_OPEN
     assert not circuit.allows()  # nobody else while it runs
-    assert circuit.claim() is False
+    assert not circuit.is_trial(circuit.claim())
 
 
 def test_a_successful_trial_closes_the_circuit(clock: FakeClock) -> None:
     circuit = tripped(clock)
     clock.now += 30
-    circuit.claim()
+    trial = circuit.claim()
 
-    circuit.success()
+    circuit.success(trial)
 
     assert (circuit.state, circuit.allows()) == (Circuit.CLOSED, True)
 
@@ -88,9 +88,9 @@ def test_a_successful_trial_closes_the_circuit(clock: FakeClock) -> None:
 def test_a_failed_trial_opens_the_circuit_for_another_open_for(clock: FakeClock) -> None:
     circuit = tripped(clock)
     clock.now += 30
-    circuit.claim()
+    trial = circuit.claim()
 
-    circuit.failure()
+    circuit.failure(trial)
 
     assert (circuit.state, circuit.reopens_in()) == (Circuit.OPEN, 30.0)
     clock.now += 29
@@ -104,15 +104,17 @@ def test_an_abandoned_trial_passes_to_the_next_request(clock: FakeClock) -> None
 
     circuit.abandon(trial)
 
-    assert (circuit.state, circuit.allows(), circuit.claim()) == (Circuit.HALF_OPEN, True, True)
+    assert (circuit.state, circuit.allows()) == (Circuit.HALF_OPEN, True)
+    assert circuit.is_trial(circuit.claim())
 
 
 def test_an_abandoned_request_that_was_not_the_trial_changes_nothing(clock: FakeClock) -> None:
     circuit = tripped(clock)
+    sent_while_closed = breaker(clock).claim()
     clock.now += 30
     circuit.claim()
 
-    circuit.abandon(False)
+    circuit.abandon(sent_while_closed)
 
     assert not circuit.allows()
 
@@ -126,17 +128,93 @@ def test_a_trial_that_never_reports_back_passes_on_after_open_for(clock: FakeClo
     assert not circuit.allows()
     clock.now += 1
 
-    assert (circuit.allows(), circuit.claim()) == (True, True)
+    assert circuit.allows()
+    assert circuit.is_trial(circuit.claim())
 
 
 def test_late_answers_do_not_close_an_open_circuit(clock: FakeClock) -> None:
-    circuit = tripped(clock)
+    circuit = breaker(clock)
+    early = [circuit.claim() for _ in range(5)]
+    for ticket in early[:3]:
+        circuit.failure(ticket)
+    assert circuit.state is Circuit.OPEN
 
-    circuit.success()  # a request sent before the circuit opened answers now
+    circuit.success(early[3])  # a request sent before the circuit opened answers now
     clock.now += 10
-    circuit.failure()
+    circuit.failure(early[4])
 
     assert (circuit.state, circuit.reopens_in()) == (Circuit.OPEN, 20.0)
+
+
+def test_a_late_failure_while_half_open_does_not_reopen_the_circuit(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    late = circuit.claim()  # sent while closed, and slow
+    for _ in range(3):
+        circuit.failure(circuit.claim())
+    clock.now += 30
+    trial = circuit.claim()
+
+    circuit.failure(late)  # arrives while the trial is deciding
+
+    assert (circuit.state, circuit.allows()) == (Circuit.HALF_OPEN, False)
+    circuit.success(trial)
+    assert circuit.state is Circuit.CLOSED
+
+
+def test_a_late_success_while_half_open_does_not_close_the_circuit(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    late = circuit.claim()
+    for _ in range(3):
+        circuit.failure(circuit.claim())
+    clock.now += 30
+    trial = circuit.claim()
+
+    circuit.success(late)
+
+    assert circuit.state is Circuit.HALF_OPEN
+    circuit.failure(trial)
+    assert (circuit.state, circuit.reopens_in()) == (Circuit.OPEN, 30.0)
+
+
+def test_a_trial_that_was_passed_on_no_longer_decides(clock: FakeClock) -> None:
+    circuit = tripped(clock)
+    clock.now += 30
+    forgotten = circuit.claim()
+    clock.now += 30  # undecided for another open_for: the next request is the trial
+    trial = circuit.claim()
+
+    circuit.success(forgotten)
+    assert circuit.state is Circuit.HALF_OPEN
+    circuit.success(trial)
+    assert state_of(circuit) is Circuit.CLOSED  # a call: mypy keeps no narrowing across it
+
+
+def test_answers_from_before_the_circuit_closed_again_do_not_count(clock: FakeClock) -> None:
+    circuit = breaker(clock)
+    stale = [circuit.claim() for _ in range(3)]  # sent while closed, answered very late
+    for _ in range(3):
+        circuit.failure(circuit.claim())
+    clock.now += 30
+    circuit.success(circuit.claim())
+    assert circuit.state is Circuit.CLOSED
+
+    for ticket in stale:
+        circuit.failure(ticket)
+
+    assert (circuit.state, circuit.consecutive_failures) == (Circuit.CLOSED, 0)
+
+
+def test_the_default_breaker_of_a_single_target_never_opens(clock: FakeClock) -> None:
+    circuit = AlwaysClosed("svc#0", clock)
+
+    for _ in range(100):
+        circuit.failure(circuit.claim())
+
+    assert (circuit.state, circuit.allows(), circuit.consecutive_failures) == (
+        Circuit.CLOSED,
+        True,
+        100,
+    )
 
 
 def budget(clock: FakeClock, ratio: float = 0.2, min_retries: int = 3) -> RetryBudget:
@@ -223,3 +301,31 @@ async def test_every_circuit_open_is_a_503_problem_with_retry_after(
     assert "svc" in problem["detail"]
     assert "127.0.0.1" not in problem["detail"]  # a problem never names an address
     assert (a.total, b.total) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("breaker_setting", "expected"),
+    [({}, [502] * 8), ({"circuit_breaker": "{failures: 5}"}, [502] * 5 + [503] * 3)],
+    ids=["default-never-ejects", "explicit-fails-fast"],
+)
+async def test_a_single_target_is_ejected_only_by_an_explicit_circuit_breaker(
+    breaker_setting: dict[str, str],
+    expected: list[int],
+    make_gateway: MakeGateway,
+    aiohttp_server: AiohttpServer,
+) -> None:
+    target = Target("a", "reset")
+    (url,) = await serve(aiohttp_server, target)
+    client = await make_gateway(one_service(f"[{url}]", **breaker_setting))
+
+    statuses = [await status(client, "GET", "/svc/x") for _ in range(8)]
+
+    assert statuses == expected
+    assert target.total == expected.count(502)  # a 503 never reached the target
+    target.mode = "ok"
+    if not breaker_setting:  # the target answers again: so does the route, at once
+        assert await status(client, "GET", "/svc/x") == 200
+
+
+def state_of(circuit: CircuitBreaker) -> Circuit:
+    return circuit.state

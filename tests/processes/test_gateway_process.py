@@ -4,6 +4,7 @@ draining a slow response, --workers 2 with summed metrics, and --check."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpServer
 
-from tests.polling import eventually, poll_until
+from tests.polling import POLL, eventually, free_port, poll_until
 from tests.processes.inventory_process import REPO_ROOT
 from tests.processes.procs import EXIT_TIMEOUT_SECONDS, GatewayProcess
 from tests.upstreams import make_echo_app, make_slow
@@ -231,6 +232,108 @@ async def requests_total(session: aiohttp.ClientSession, gateway: GatewayProcess
         for sample in family.samples
         if sample.name == "gateway_requests_total" and sample.labels["route"] == "routes.0"
     )
+
+
+def access_paths(path: Path) -> list[str]:
+    """The paths of the access lines in the file at `path` (none while it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line)["path"] for line in path.read_text().splitlines()]
+
+
+async def test_sigusr1_reopens_the_access_log_that_logrotate_renamed(
+    tmp_path: Path, echo: TestServer
+) -> None:
+    config, log, rotated = tmp_path / "routes.yaml", tmp_path / "access.log", tmp_path / "old.log"
+    write_routes(config, f"{ROUTES}access_log: {log}\n", echo)
+    gateway = await GatewayProcess.start(config)
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert await status(session, f"{gateway.url}/echo/before") == 200
+            await eventually(lambda: access_paths(log) == ["/echo/before"], within=2)
+            log.rename(rotated)  # what logrotate does, without copytruncate
+            gateway.send_signal(signal.SIGUSR1)
+            await eventually(lambda: log.exists(), within=2)  # reopened on the writer thread
+            assert await status(session, f"{gateway.url}/echo/after") == 200
+            await eventually(lambda: access_paths(log) == ["/echo/after"], within=2)
+        code = await gateway.stop()
+    finally:
+        await gateway.kill()
+
+    assert access_paths(rotated) == ["/echo/before"], gateway.output()
+    assert access_paths(log) == ["/echo/after"]
+    assert code == 0
+
+
+async def test_the_supervisor_relays_sigusr1_and_every_worker_reopens_its_access_log(
+    tmp_path: Path, echo: TestServer
+) -> None:
+    config, log, rotated = tmp_path / "routes.yaml", tmp_path / "access.log", tmp_path / "old.log"
+    write_routes(config, f"{ROUTES}access_log: {log}\n", echo)
+    gateway = await GatewayProcess.start(config, workers=2)
+    try:
+        connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
+        async with aiohttp.ClientSession(connector=connector) as session:
+            assert await status(session, f"{gateway.url}/echo/before") == 200
+            await eventually(lambda: access_paths(log) == ["/echo/before"], within=2)
+            log.rename(rotated)
+            gateway.send_signal(signal.SIGUSR1)
+            await eventually(lambda: gateway.output().count("access log reopened") == 2, within=5)
+            codes = [await status(session, f"{gateway.url}/echo/{i}") for i in range(20)]
+            await eventually(lambda: len(access_paths(log)) == 20, within=2)
+        code = await gateway.stop()
+    finally:
+        await gateway.kill()
+
+    assert set(codes) == {200}
+    assert access_paths(rotated) == ["/echo/before"], gateway.output()
+    assert sorted(access_paths(log)) == sorted(f"/echo/{i}" for i in range(20))
+    assert code == 0
+
+
+async def launch(config: Path, workers: int) -> GatewayProcess:
+    """Like GatewayProcess.start, without waiting for it to be ready."""
+    port, admin_port = free_port(), free_port()
+    log = config.with_name(f"gateway.{port}.log")
+    args = ["--config", str(config), "--listen", f"127.0.0.1:{port}"]
+    args += ["--admin", f"127.0.0.1:{admin_port}", "--workers", str(workers)]
+    with log.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", *args,
+            stdout=sink, stderr=sink, cwd=REPO_ROOT, start_new_session=True,
+        )  # fmt: skip
+    return GatewayProcess(process, port, admin_port, log)
+
+
+async def test_sighup_while_workers_start_kills_no_worker_and_the_group_stays_up(
+    tmp_path: Path, echo: TestServer
+) -> None:
+    config = tmp_path / "routes.yaml"
+    write_routes(config, ROUTES, echo)
+    gateway = await launch(config, workers=2)
+    try:
+        # The supervisor handles SIGHUP once it says it supervises; its workers are starting.
+        await eventually(lambda: "supervising 2 workers" in gateway.output(), within=15)
+        sent, deadline = 0, time.monotonic() + 15
+        while gateway.listening() < 2 and gateway.process.returncode is None:
+            assert time.monotonic() < deadline, gateway.output()
+            gateway.send_signal(signal.SIGHUP)  # relayed to workers that are still starting
+            sent += 1
+            await asyncio.sleep(POLL)
+        await gateway.wait_ready(workers=2)
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            codes = [await status(session, f"{gateway.url}/echo/{i}") for i in range(20)]
+        running = gateway.process.returncode is None
+        code = await gateway.stop()
+    finally:
+        await gateway.kill()
+
+    assert sent > 0
+    assert running, gateway.output()
+    assert set(codes) == {200}
+    assert "exited with" not in gateway.output()  # no worker died
+    assert code == 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,74 @@
+"""The per-process store: every bucket in a dict, bounded however many keys clients send.
+
+Buckets live in one ordered table per bucket shape (interval, capacity), least recently used
+first. A bucket untouched for `capacity` is full again, and a full bucket is as good as absent,
+so each new key first drops the full buckets at the front of every table: what stays is only
+what was used within the last `burst` intervals. A hard cap (`max_keys`, default 100 000)
+bounds even a client that sprays fresh keys faster than buckets refill; at the cap the least
+recently used bucket goes (that key starts again full: the cap errs towards admitting).
+Exact under concurrency: a take runs to completion on the event loop, with no await inside.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Final
+
+from gateway.model import RateLimitPolicy
+from gateway.ratelimit.bucket import Clock, Decision, monotonic_us, take
+
+DEFAULT_MAX_KEYS: Final = 100_000
+
+
+class MemoryStore:
+    def __init__(self, clock: Clock = monotonic_us, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        self._clock = clock
+        self._max_keys = max_keys
+        self._tables: dict[tuple[int, int], OrderedDict[str, int]] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    async def hit(self, key: str, policy: RateLimitPolicy) -> Decision:
+        return self.take(key, policy)
+
+    def take(self, key: str, policy: RateLimitPolicy) -> Decision:
+        now = self._clock()
+        shape = (policy.interval_us, policy.capacity_us)
+        table = self._tables.get(shape)
+        if table is None:
+            table = self._tables[shape] = OrderedDict()
+        tat = table.get(key)
+        if tat is None:
+            self._make_room(table, now)
+            self._size += 1
+        else:
+            table.move_to_end(key)
+        table[key], decision = take(tat, now, policy)
+        return decision
+
+    def evict_idle(self) -> None:
+        """Drop every bucket that is full again (new keys do this as they come)."""
+        now = self._clock()
+        for table in self._tables.values():
+            self._drop_full(table, now)
+
+    def _make_room(self, table: OrderedDict[str, int], now: int) -> None:
+        for each in self._tables.values():
+            self._drop_full(each, now)
+        if self._size >= self._max_keys:
+            victim = table if table else max(self._tables.values(), key=len)
+            victim.popitem(last=False)
+            self._size -= 1
+
+    def _drop_full(self, table: OrderedDict[str, int], now: int) -> None:
+        while table:
+            key = next(iter(table))
+            if table[key] > now:
+                return
+            del table[key]
+            self._size -= 1
+
+    async def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,101 @@
+"""The store protocol, the guard every shared store runs behind, and the process's holder.
+
+The guard bounds a check by `store.timeout` (asyncio.timeout, on top of the client's own
+socket timeouts), and when the store is slow or down it decides by `on_store_error`: admit
+without checking (allow, the default) or refuse with 503 (deny). Each failed check is counted;
+the change from answering to failing is logged once, and the first answer after that once.
+Recovery needs nothing: every check asks the store again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.errors import RateLimitUnavailable
+from gateway.model import RateLimitPolicy, RateLimitStoreConfig
+from gateway.ratelimit.bucket import UNCHECKED, Decision
+from gateway.ratelimit.memory import MemoryStore
+
+logger = logging.getLogger("gateway.ratelimit")
+
+
+class RateLimitStore(Protocol):
+    async def hit(self, key: str, policy: RateLimitPolicy) -> Decision:
+        """Take one token from bucket `key` and say whether the request may go on."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class GuardedStore:
+    """A store that may fail, made to answer within `timeout` whatever it does."""
+
+    def __init__(
+        self, store: RateLimitStore, config: RateLimitStoreConfig, on_error: Callable[[], None]
+    ) -> None:
+        self.store = store
+        self._timeout = config.timeout
+        self._deny = config.on_store_error == "deny"
+        self._on_error = on_error
+        self.failing = False
+
+    async def hit(self, key: str, policy: RateLimitPolicy) -> Decision:
+        try:
+            async with asyncio.timeout(self._timeout):
+                decision = await self.store.hit(key, policy)
+        except Exception as exc:  # any failure of the store is an outage
+            return self._failed(exc)
+        if self.failing:
+            self.failing = False
+            logger.info("rate-limit store answers again; limits are enforced")
+        return decision
+
+    def _failed(self, exc: Exception) -> Decision:
+        self._on_error()
+        if not self.failing:
+            self.failing = True
+            what = "did not answer in time" if isinstance(exc, TimeoutError) else "failed"
+            verdict = "refused with 503" if self._deny else "admitted unchecked"
+            logger.warning(
+                "rate-limit store %s (%s); requests on limited routes are %s until it answers",
+                what, type(exc).__name__, verdict,
+            )  # fmt: skip
+        if self._deny:
+            raise RateLimitUnavailable("the rate-limit store is unavailable; try again shortly")
+        return UNCHECKED
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+class RateLimits:
+    """The process's stores: the memory store, and the Redis one while the config names it.
+    A reload with the same store config keeps the same store, so buckets survive reloads."""
+
+    def __init__(self, on_error: Callable[[], None] = lambda: None) -> None:
+        self.memory = MemoryStore()
+        self._on_error = on_error
+        self._config: RateLimitStoreConfig | None = None
+        self._shared: GuardedStore | None = None
+        self._retired: list[RateLimitStore] = []
+
+    def store_for(self, config: RateLimitStoreConfig) -> RateLimitStore:
+        if config.redis is None:
+            return self.memory
+        if self._shared is None or config != self._config:
+            from gateway.ratelimit.redisstore import RedisStore  # redis-py only when named
+
+            if self._shared is not None:
+                self._retired.append(self._shared)
+            self._shared = GuardedStore(RedisStore(config), config, self._on_error)
+            self._config = config
+        return self._shared
+
+    async def close(self) -> None:
+        stores = [*self._retired, *([self._shared] if self._shared else [])]
+        self._retired, self._shared, self._config = [], None, None
+        for store in stores:
+            await store.close()
