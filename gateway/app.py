@@ -19,6 +19,7 @@ from aiohttp import HttpVersion11, hdrs, web
 from yarl import URL
 
 from gateway.accesslog import AccessLog
+from gateway.auth.jwks import JwksStore
 from gateway.compile import LoadResult, build_table
 from gateway.errors import (
     CLIENT_GONE,
@@ -72,6 +73,7 @@ class Gateway:
         self.reloader: Reloader | None = None
         self.tls: ServerTls | None = None  # the public listener's, when it serves HTTPS
         self.services: dict[str, Service] = {}
+        self.jwks = JwksStore()  # JWKS key sets by URL, kept across reloads
         self.rate_limits = RateLimits(self.metrics.rate_limit_store_errors.inc)
         self.metrics.watch(lambda: self.services.values())
         self.config = config
@@ -95,7 +97,9 @@ class Gateway:
                 else Service(service_config, previous=old)
             )
         removed = [s for name, s in self.services.items() if kept.get(name) is not s]
-        table = build_table(config, kept, self.rate_limits.store_for(config.rate_limit_store))
+        table = build_table(
+            config, kept, self.rate_limits.store_for(config.rate_limit_store), self.jwks
+        )
         self.services, self.table, self.config = kept, table, config  # the swap
         return removed
 
@@ -161,6 +165,7 @@ class Gateway:
         await asyncio.gather(*retiring, return_exceptions=True)
         for service in [*self.services.values(), *self._retired]:
             await service.close()
+        await self.jwks.close()
         await self.rate_limits.close()
         self._retired = []
 

@@ -11,12 +11,21 @@ from pathlib import Path
 
 from multidict import istr
 
+from gateway.auth.apikeys import ApiKeyAuthenticator
+from gateway.auth.forward import forward_authenticator
+from gateway.auth.identity import Authenticator, Method
+from gateway.auth.jwks import JwksStore
+from gateway.auth.jwt import ALGORITHM_KEYS, JwtAuthenticator, JwtRules, StaticKey, VerifyKey
+from gateway.auth.jwt import load_public_key as _public_key
+from gateway.auth.policy import RoutePolicy
 from gateway.config import JSON, ConfigError, Document, parse_text, read_file
 from gateway.forward import forward_handler
 from gateway.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
     DEFAULT_MAX_MESSAGE_BYTES,
+    ApiKeyConfig,
+    AuthConfig,
     CircuitBreakerConfig,
     ClientLimits,
     CorsConfig,
@@ -24,10 +33,12 @@ from gateway.model import (
     GatewayConfig,
     HeaderRules,
     HealthCheckConfig,
+    JwtConfig,
     ListenerTls,
     RateLimitPolicy,
     RateLimitStoreConfig,
     RetryBudgetConfig,
+    RouteAuthConfig,
     RouteConfig,
     ServiceConfig,
     ServiceTls,
@@ -41,7 +52,7 @@ from gateway.ratelimit.store import RateLimitStore
 from gateway.routing import Route, RouteTable
 from gateway.tls import read_ca
 from gateway.upstream import Service
-from gateway.validate import normalize_prefix, parse_duration, route_methods, validate
+from gateway.validate import key_file, normalize_prefix, parse_duration, route_methods, validate
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadResult:
@@ -104,6 +115,7 @@ def build_config(doc: Document) -> GatewayConfig:
         max_message_bytes=limits.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         shutdown_grace=_seconds(limits.get("shutdown_grace"), 30.0) or 30.0,
         client_limits=_client_limits(limits),
+        auth=_auth(data.get("auth") or {}, doc.file),
         rate_limit_store=_rate_limit_store(data.get("store") or {}),
         drain_timeout=_seconds(limits.get("drain_timeout"), 600.0) or 600.0,
         services=services,
@@ -269,23 +281,107 @@ def _route(
         underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
         cors=_cors(raw.get("cors"), methods),
+        auth=_route_auth(raw.get("auth")),
         rate_limit=_rate_limit(raw.get("rate_limit")),
         min_body_rate=min_body_rate,
     )
+
+
+def _auth(raw: dict[str, JSON], file: str) -> AuthConfig:
+    jwt, keys = raw.get("jwt"), raw.get("api_keys")
+    return AuthConfig(
+        jwt=None if jwt is None else _jwt(jwt, file),
+        api_keys=None
+        if keys is None
+        else tuple(
+            ApiKeyConfig(k["consumer"], k["key_sha256"], frozenset(k.get("scopes", ())))
+            for k in keys
+        ),
+    )
+
+
+def _jwt(raw: dict[str, JSON], file: str) -> JwtConfig:
+    key_name = raw.get("public_key_file")
+    secret = raw.get("secret")
+    return JwtConfig(
+        algorithms=frozenset(raw["algorithms"]),
+        secret=None if secret is None else secret.encode(),
+        public_key_file=key_name,
+        public_key_pem=None if key_name is None else key_file(file, key_name).read_bytes(),
+        jwks_url=raw.get("jwks_url"),
+        jwks_refresh=_seconds(raw.get("jwks_refresh"), 300.0) or 300.0,
+        issuer=raw.get("issuer"),
+        audience=raw.get("audience"),
+        leeway=_seconds(raw.get("leeway"), 0.0) or 0.0,
+        consumer_claim=raw.get("consumer_claim", "sub"),
+    )
+
+
+def _route_auth(raw: JSON) -> RouteAuthConfig | None:
+    if raw is None:
+        return None
+    consumers = raw.get("consumers")
+    return RouteAuthConfig(
+        any_of=tuple(raw["any_of"]),
+        scopes={m: frozenset(s) for m, s in (raw.get("scopes") or {}).items()},
+        consumers=None if consumers is None else frozenset(consumers),
+        strip_credentials=raw.get("strip_credentials", False),
+    )
+
+
+def authenticators(
+    config: GatewayConfig, services: Mapping[str, Service], jwks: JwksStore
+) -> dict[Method, Authenticator]:
+    """One authenticator per method configured at the top level, shared by its routes."""
+    auth = config.auth
+    found: dict[Method, Authenticator] = {}
+    forward = forward_authenticator(config.forward_auth, services)
+    if forward is not None:
+        found["forward"] = forward
+    if auth.jwt is not None:
+        found["jwt"] = _jwt_authenticator(auth.jwt, jwks)
+    if auth.api_keys is not None:
+        found["api_key"] = ApiKeyAuthenticator(
+            (k.key_sha256, k.consumer, k.scopes) for k in auth.api_keys
+        )
+    return found
+
+
+def _jwt_authenticator(config: JwtConfig, jwks: JwksStore) -> JwtAuthenticator:
+    rules = JwtRules(
+        config.algorithms, config.issuer, config.audience, config.leeway, config.consumer_claim
+    )
+    pinned = tuple(sorted(config.algorithms))
+    if config.jwks_url is not None:
+        return JwtAuthenticator(rules, jwks.keys(config.jwks_url, config.jwks_refresh))
+    if config.secret is not None:
+        return JwtAuthenticator(rules, StaticKey(VerifyKey(config.secret, pinned)))
+    assert config.public_key_pem is not None
+    key = _public_key(config.public_key_pem)
+    assert all(ALGORITHM_KEYS[a] != "hmac" for a in pinned)  # validated: never a secret
+    return JwtAuthenticator(rules, StaticKey(VerifyKey(key, pinned)))
 
 
 def build_table(
     config: GatewayConfig,
     services: Mapping[str, Service],
     rate_limits: RateLimitStore | None = None,
+    jwks: JwksStore | None = None,
 ) -> RouteTable:
     """Compose every route's chain once; requests only look the result up. `rate_limits` is
-    the process's store (kept across reloads); None: a fresh one in memory."""
+    the process's store and `jwks` its key sets (both kept across reloads); None: fresh ones."""
     rate_limits = MemoryStore() if rate_limits is None else rate_limits
     routes = []
+    methods = authenticators(config, services, jwks or JwksStore())
     for route in config.routes:
         forward = forward_handler(route, services[route.service], config.max_message_bytes)
-        chain = build_chain(route, forward, config.max_body_bytes, rate_limits)
+        auth = route.auth
+        policy = None
+        if auth is not None:
+            policy = RoutePolicy(
+                auth.any_of, methods, auth.scopes, auth.consumers, auth.strip_credentials
+            )
+        chain = build_chain(route, forward, config.max_body_bytes, rate_limits, policy)
         limit = body_limit_of(route, config.max_body_bytes)
         routes.append(Route(route, chain.handler, chain.stages, limit))
     return RouteTable(routes, ClientAddress(config.trusted_proxies))

@@ -101,6 +101,14 @@ class CorsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteAuthConfig:
+    any_of: tuple[AuthMethod, ...]  # methods tried in this order; the first identity wins
+    scopes: dict[str, frozenset[str]] = field(default_factory=dict)  # METHOD or "*" -> needed
+    consumers: frozenset[str] | None = None  # None: any authenticated consumer
+    strip_credentials: bool = False  # drop Authorization and X-API-Key going up; default false
+
+
+@dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
     """A token bucket: `burst` tokens at most, one back every `per / limit` seconds."""
 
@@ -140,6 +148,7 @@ class RouteConfig:
     # the top-level key's (false: such headers are dropped, as nginx does)
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
     cors: CorsConfig | None = None  # None: no CORS handling (the upstream's headers pass)
+    auth: RouteAuthConfig | None = None  # None: no authentication on this route
     rate_limit: RateLimitPolicy | None = None  # None: the route is not limited
     min_body_rate: int = 500  # bytes/s a request body must average per `read` interval
     # (limits.min_body_rate; 0: only silence is cut off); default 500
@@ -149,6 +158,33 @@ class RouteConfig:
     def __post_init__(self) -> None:
         if not self.name:
             object.__setattr__(self, "name", f"routes.{self.index}")
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    algorithms: frozenset[str]  # the `alg` values accepted; all fit the one key; never "none"
+    secret: bytes | None = field(default=None, repr=False)  # HS* key from ${VAR}; never shown
+    public_key_file: str | None = None  # PEM public key or certificate (RS*, PS*, ES*, EdDSA)
+    public_key_pem: bytes | None = field(default=None, repr=False)  # that file, read at load
+    jwks_url: str | None = None  # a JWK Set URL, fetched with aiohttp
+    jwks_refresh: float = 300.0  # seconds between background JWKS refreshes; default 5 min
+    issuer: str | None = None  # the `iss` required; None: not checked
+    audience: str | None = None  # a value `aud` must hold; None: not checked
+    leeway: float = 0.0  # seconds of clock skew allowed on exp, nbf and iat; default 0
+    consumer_claim: str = "sub"  # the claim naming the consumer; default sub
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyConfig:
+    consumer: str
+    key_sha256: str  # lowercase hex SHA-256 of the key (python -m gateway hash-key)
+    scopes: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    jwt: JwtConfig | None = None  # None: no route may use jwt
+    api_keys: tuple[ApiKeyConfig, ...] | None = None  # None: no route may use api_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +229,7 @@ class GatewayConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # one WebSocket message, bytes; 1 MiB
     shutdown_grace: float = 30.0  # seconds in-flight requests get after SIGTERM
     client_limits: ClientLimits = ClientLimits()
+    auth: AuthConfig = AuthConfig()
     rate_limit_store: RateLimitStoreConfig = RateLimitStoreConfig()  # store.redis and friends
     drain_timeout: float = 600.0  # seconds a service a reload replaced keeps its open
     # requests, streams and WebSockets before its pool is closed; default 10 min

@@ -11,8 +11,10 @@ from typing import NamedTuple
 
 from aiohttp import web
 
+from gateway.auth.policy import RoutePolicy
 from gateway.model import RouteConfig
 from gateway.ratelimit.store import RateLimitStore
+from gateway.stages.auth import auth_stage
 from gateway.stages.bodylimit import body_limit_stage
 from gateway.stages.cors import cors_stage
 from gateway.stages.headers import headers_stage
@@ -36,11 +38,12 @@ def build_chain(
     forward: Handler,
     global_body_limit: int | None,
     rate_limits: RateLimitStore | None = None,
+    auth: RoutePolicy | None = None,
 ) -> Chain:
     """The stages of one route around its forwarder. This list *is* the order."""
     stages: list[tuple[str, Stage | None]] = [  # outermost first
-        ("cors", cors_stage(route)),
-        # auth goes here (it sets exchange.consumer, which rate_limit may key on)
+        ("cors", cors_stage(route)),  # preflights are answered before auth
+        ("auth", auth_stage(auth)),  # before any body byte is read; sets the consumer
         ("rate_limit", None if rate_limits is None else rate_limit_stage(route, rate_limits)),
         ("body_limit", body_limit_stage(body_limit_of(route, global_body_limit))),
         ("headers", headers_stage(route.request_headers, route.response_headers)),

@@ -20,6 +20,7 @@ from typing import Final
 import jsonschema
 from yarl import URL
 
+from gateway.auth.jwt import ALGORITHM_KEYS, HMAC_MIN_BYTES, public_key_problem
 from gateway.config import JSON, Document, PathKey
 from gateway.model import ALL_METHODS, ListenerTls
 from gateway.redisurl import redis_url_problem
@@ -46,6 +47,7 @@ _PATTERN_MESSAGES: Final = {
     "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$": "is not a valid HTTP header name",
     "^[A-Za-z][A-Za-z0-9_-]{0,62}$": "must be a letter then letters, digits, _ or -",
     "^[0-9a-f]{64}$": "must be 64 lowercase hex digits (a SHA-256)",
+    "^[!#-\\[\\]-~]{1,256}$": "must be a scope name: visible ASCII, no space, quote or backslash",
     "^(ip|consumer|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$": "must be ip, consumer or header:NAME",
 }
 _TYPE_NAMES: Final = {
@@ -59,8 +61,6 @@ _TYPE_NAMES: Final = {
 }
 # Keys the schema accepts (so operators see one shape) whose feature this build lacks.
 UNSUPPORTED: Final = {
-    ("auth",): "authentication",
-    ("routes", "*", "auth"): "authentication",
     ("routes", "*", "cache"): "response caching",
     ("routes", "*", "aggregate"): "fan-out aggregation",
 }
@@ -190,14 +190,12 @@ def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
         for name, service in services.items():
             if isinstance(service, dict):
                 _check_service(doc, ("services", name), service)
+    if isinstance(data.get("auth"), dict):
+        _check_auth(doc, data["auth"])
     auth = data.get("auth")
-    if isinstance(auth, dict):
-        for key in (k for k in auth if k != "forward"):
-            _unsupported(doc, ("auth", key), UNSUPPORTED[("auth",)])
-        forward = auth.get("forward")
-        if isinstance(forward, dict):
-            where = ("auth", "forward", "service")
-            _check_service_name(doc, where, forward.get("service"), service_names)
+    if isinstance(auth, dict) and isinstance(auth.get("forward"), dict):
+        where = ("auth", "forward", "service")
+        _check_service_name(doc, where, auth["forward"].get("service"), service_names)
     if isinstance(data.get("tls"), dict):
         _check_listener_tls(doc, data["tls"])
     required = data.get("admin_ready_requires")
@@ -315,6 +313,8 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
                 _check_header_rules(doc, (*path, rules), route[rules])
         if isinstance(route.get("cors"), dict):
             _check_cors(doc, (*path, "cors"), route["cors"])
+        if isinstance(route.get("auth"), dict):
+            _check_route_auth(doc, (*path, "auth"), route["auth"])
 
 
 _ORIGIN: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+")
@@ -333,6 +333,109 @@ def _check_cors(doc: Document, path: PathKey, cors: dict[str, JSON]) -> None:
             doc.error(
                 (*path, "origins", i),
                 "must be '*' or an origin: scheme://host[:port], without a path",
+            )
+
+
+# --- auth: keys that fit their algorithms, methods that exist -----------------------------
+
+AUTH_SECTIONS: Final = {"jwt": "jwt", "api_key": "api_keys", "forward": "forward"}
+
+
+def _check_auth(doc: Document, auth: dict[str, JSON]) -> None:
+    if isinstance(auth.get("jwt"), dict):
+        _check_jwt(doc, ("auth", "jwt"), auth["jwt"])
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(auth.get("api_keys") or ()):
+        digest = entry.get("key_sha256") if isinstance(entry, dict) else None
+        if isinstance(digest, str) and digest in seen:
+            where = ("auth", "api_keys", i, "key_sha256")
+            doc.error(where, f"the same key is listed at auth.api_keys.{seen[digest]}")
+        elif isinstance(digest, str):
+            seen[digest] = i
+
+
+def _check_jwt(doc: Document, path: PathKey, jwt: dict[str, JSON]) -> None:
+    sources = [k for k in ("secret", "public_key_file", "jwks_url") if k in jwt]
+    if len(sources) != 1:
+        doc.error(path, "give exactly one key: secret, public_key_file or jwks_url")
+        return
+    algorithms = jwt.get("algorithms")
+    algs = (
+        frozenset(a for a in algorithms if a in ALGORITHM_KEYS)
+        if isinstance(algorithms, list)
+        else frozenset()
+    )
+    value, where = jwt[sources[0]], (*path, sources[0])
+    if not isinstance(value, str) or not algs:
+        return
+    hmac = sorted(a for a in algs if ALGORITHM_KEYS[a] == "hmac")
+    if sources[0] != "secret" and hmac:
+        doc.error(
+            (*path, "algorithms"),
+            f"{', '.join(hmac)} need a secret; {sources[0]} holds public keys",
+        )
+        return
+    match sources[0]:
+        case "secret":
+            _check_secret(doc, where, value, algs, hmac)
+        case "public_key_file":
+            try:
+                pem = key_file(doc.file, value).read_bytes()
+            except OSError as exc:
+                doc.error(
+                    where, f"cannot read public_key_file: {exc.strerror or type(exc).__name__}"
+                )
+                return
+            problem = public_key_problem(pem, algs)
+            if problem:
+                doc.error(where, problem)
+        case _:
+            problem = target_url_problem(value)
+            if problem:
+                doc.error(where, problem.replace("target URL", "jwks_url"))
+
+
+def _check_secret(
+    doc: Document, path: PathKey, secret: str, algs: frozenset[str], hmac: list[str]
+) -> None:
+    """Never quotes the secret, nor says how long it is."""
+    if path not in doc.expanded:
+        doc.error(path, "write the secret as ${VAR}: a secret in the file would show in /config")
+    others = sorted(algs - set(hmac))
+    if others:
+        doc.error(
+            path, f"a secret cannot verify {', '.join(others)}: use public_key_file or jwks_url"
+        )
+    need = max((HMAC_MIN_BYTES[a], a) for a in hmac) if hmac else None
+    if need is not None and len(secret.encode()) < need[0]:
+        doc.error(
+            path,
+            f"the secret is shorter than {need[0]} bytes, the least {need[1]} allows (RFC 7518)",
+        )
+
+
+def key_file(config_file: str, name: str) -> Path:
+    """A key file named in the config: relative names are relative to the config's folder."""
+    path = Path(name)
+    return (
+        path
+        if path.is_absolute() or config_file.startswith("<")
+        else Path(config_file).parent / path
+    )
+
+
+def _check_route_auth(doc: Document, path: PathKey, auth: dict[str, JSON]) -> None:
+    methods = auth.get("any_of")
+    if methods is None:
+        doc.error(path, "auth needs any_of: scopes and consumers mean nothing without a method")
+        return
+    configured = doc.data.get("auth") if isinstance(doc.data.get("auth"), dict) else {}
+    for i, method in enumerate(methods if isinstance(methods, list) else ()):
+        section = AUTH_SECTIONS.get(method) if isinstance(method, str) else None
+        if section is not None and section not in configured:
+            doc.error(
+                (*path, "any_of", i),
+                f"{method} is not configured: add auth.{section} at the top level",
             )
 
 

@@ -22,7 +22,7 @@ from gateway.auth.forward import ForwardAuth, forward_authenticator
 from gateway.auth.identity import Identity, RequestFacts
 from gateway.compile import load_text
 from gateway.errors import AuthUnavailable, Forbidden, Unauthenticated
-from tests.gateway.conftest import base_url, compile_gateway
+from tests.gateway.conftest import MakeGateway, base_url, compile_gateway
 from tests.polling import free_port
 
 SECRET = "Bearer s3cret-token-value"
@@ -321,3 +321,38 @@ def test_a_forward_path_must_be_absolute() -> None:
     assert [str(e) for e in result.errors] == [
         "routes.yaml:12:11: auth.forward.path: must start with '/'"
     ]
+
+
+ROUTED = """
+version: 1
+auth:
+  forward: {service: accounts, path: /verify, copy_headers: [X-User-Email]}
+services:
+  accounts: {targets: [$ACCOUNTS], timeouts: {read: 1s}}
+  echo: {targets: [$ECHO]}
+routes:
+  - prefix: /api
+    service: echo
+    auth: {any_of: [forward], scopes: {GET: [inventory:read]}}
+"""
+
+
+async def test_a_route_guarded_by_forward_auth_admits_refuses_and_copies_headers(
+    make_gateway: MakeGateway, auth_service: tuple[AuthService, TestServer]
+) -> None:
+    service, server = auth_service
+    client = await make_gateway(ROUTED, accounts=server)
+
+    admitted = await client.get(
+        "/api/x", headers={"Authorization": SECRET, "X-User-Email": "spoof@evil.example"}
+    )
+    seen = dict((await admitted.json())["headers"])
+    service.mode = "refuse"
+    refused = await client.get("/api/x", headers={"Authorization": "Bearer other"})
+
+    assert admitted.status == 200
+    assert seen["X-Consumer"] == "alice"
+    assert seen["X-User-Email"] == "alice@example.com"  # the auth service's, not the client's
+    assert refused.status == 401
+    assert "accounts" in refused.headers["WWW-Authenticate"]
+    assert [path for _, path, _, _ in service.seen] == ["/verify", "/verify"]

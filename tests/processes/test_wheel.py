@@ -197,10 +197,11 @@ async def test_installed_gateway_serves_the_installed_inventory_from_outside_the
         )  # fmt: skip
         devices = f"http://127.0.0.1:{public}/api/inventory/devices"
         device = {"name": "Hall light", "type": "light", "room": "hall"}
-        async with session.post(devices, json=device) as resp:
+        key = {"X-API-Key": "dev-inventory-key"}  # routes.yaml's development key (README)
+        async with session.post(devices, json=device, headers=key) as resp:
             assert resp.status == 201, await resp.text()
             created = await resp.json()
-        async with session.get(f"{devices}/{created['id']}") as resp:
+        async with session.get(f"{devices}/{created['id']}", headers=key) as resp:
             assert resp.status == 200, await resp.text()
             fetched = await resp.json()
     assert fetched["name"] == "Hall light"
