@@ -1,24 +1,43 @@
-"""The request pipeline: what a handler and a stage are, and the order stages run in.
+"""The model to a RouteTable: each route's chain is built here, once per load.
 
-`build_chain` is the only place the order is written. A stage factory returns None when its
-route does not configure the feature, so an unconfigured feature costs nothing per request.
+`build_chain` is the only place the order of stages is written. A stage factory returns None
+when its route does not configure the feature, so an unconfigured feature costs nothing per
+request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from aiohttp import web
-
-from gateway.model import RouteConfig
+from gateway.actions.forward import forward_handler
+from gateway.config.model import GatewayConfig, RouteConfig
+from gateway.http.pipeline import Handler, Stage
+from gateway.http.proxies import ClientAddress
+from gateway.http.routing import Route, RouteTable
+from gateway.ratelimit.memory import MemoryStore
 from gateway.ratelimit.store import RateLimitStore
 from gateway.stages.bodylimit import body_limit_stage
 from gateway.stages.headers import headers_stage
 from gateway.stages.ratelimit import rate_limit_stage
+from gateway.upstream.service import Service
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Stage = Callable[[Handler], Handler]
+
+def build_table(
+    config: GatewayConfig,
+    services: Mapping[str, Service],
+    rate_limits: RateLimitStore | None = None,
+) -> RouteTable:
+    """Compose every route's chain once; requests only look the result up. `rate_limits` is
+    the process's store (kept across reloads); None: a fresh one in memory."""
+    rate_limits = MemoryStore() if rate_limits is None else rate_limits
+    routes = []
+    for route in config.routes:
+        forward = forward_handler(route, services[route.service], config.max_message_bytes)
+        chain = build_chain(route, forward, config.max_body_bytes, rate_limits)
+        limit = body_limit_of(route, config.max_body_bytes)
+        routes.append(Route(route, chain.handler, chain.stages, limit))
+    return RouteTable(routes, ClientAddress(config.trusted_proxies))
 
 
 def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:

@@ -1,6 +1,7 @@
 """From validated data to the frozen model: `load()` is the one loader for --check, startup
 and reload. Units are applied here (durations to seconds, CIDRs to networks, header names
-to istr) so request handling only looks things up.
+to istr) so request handling only looks things up. `runtime/assemble.py` turns the model
+into a route table.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from pathlib import Path
 
 from multidict import istr
 
-from gateway.config import JSON, ConfigError, Document, parse_text, read_file
-from gateway.forward import forward_handler
-from gateway.model import (
+from gateway.config.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -30,13 +29,8 @@ from gateway.model import (
     TargetConfig,
     Timeouts,
 )
-from gateway.pipeline import body_limit_of, build_chain
-from gateway.proxies import ClientAddress
-from gateway.ratelimit.memory import MemoryStore
-from gateway.ratelimit.store import RateLimitStore
-from gateway.routing import Route, RouteTable
-from gateway.upstream import Service
-from gateway.validate import normalize_prefix, parse_duration, route_methods, validate
+from gateway.config.read import JSON, ConfigError, Document, parse_text, read_file
+from gateway.config.validate import normalize_prefix, parse_duration, route_methods, validate
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadResult:
@@ -224,20 +218,3 @@ def _route(
         rate_limit=_rate_limit(raw.get("rate_limit")),
         min_body_rate=min_body_rate,
     )
-
-
-def build_table(
-    config: GatewayConfig,
-    services: Mapping[str, Service],
-    rate_limits: RateLimitStore | None = None,
-) -> RouteTable:
-    """Compose every route's chain once; requests only look the result up. `rate_limits` is
-    the process's store (kept across reloads); None: a fresh one in memory."""
-    rate_limits = MemoryStore() if rate_limits is None else rate_limits
-    routes = []
-    for route in config.routes:
-        forward = forward_handler(route, services[route.service], config.max_message_bytes)
-        chain = build_chain(route, forward, config.max_body_bytes, rate_limits)
-        limit = body_limit_of(route, config.max_body_bytes)
-        routes.append(Route(route, chain.handler, chain.stages, limit))
-    return RouteTable(routes, ClientAddress(config.trusted_proxies))

@@ -20,11 +20,11 @@ from typing import Final
 import jsonschema
 from yarl import URL
 
-from gateway.config import JSON, Document, PathKey
-from gateway.model import ALL_METHODS
-from gateway.redisurl import redis_url_problem
+from gateway.config.model import ALL_METHODS
+from gateway.config.read import JSON, Document, PathKey
+from gateway.config.redisurl import redis_url_problem
 
-SOURCE_SCHEMAS: Final = Path(__file__).resolve().parent.parent / "schemas"  # the repository's
+SOURCE_SCHEMAS: Final = Path(__file__).resolve().parents[2] / "schemas"  # the repository's
 
 
 def schema_file(name: str) -> Traversable:
