@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from gateway import explain
-from gateway.model import GatewayConfig
+from gateway.config.model import GatewayConfig
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.server import defer_signals
 
         defer_signals()  # a SIGHUP or SIGUSR1 from now on waits for the loop, not kills
-    from gateway.compile import load
+    from gateway.config.build import load
 
     result = load(args.config)
     for problem in result.problems:

@@ -32,12 +32,13 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway.accesslog import configure_logging
-from gateway.admin import AdminState, create_admin_app
-from gateway.app import Gateway, create_app
-from gateway.connection import GatewayRunner
-from gateway.model import GatewayConfig
-from gateway.tls import ServerTls
+from gateway.config.model import GatewayConfig
+from gateway.config.tls import ServerTls
+from gateway.ops.accesslog import configure_logging
+from gateway.runtime.state import Gateway
+from gateway.servers.admin import AdminState, create_admin_app
+from gateway.servers.connection import GatewayRunner
+from gateway.servers.public import create_app
 
 logger = logging.getLogger("gateway")
 config_log = logging.getLogger("gateway.config")

@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.app import Gateway
-from gateway.compile import load_text
+from gateway.config.build import load_text
+from gateway.runtime.state import Gateway
 from tests.upstreams import make_echo_app
 
 SECRET = "s3cr3t-" + "k" * 57  # 64 bytes: long enough for HS512

@@ -30,11 +30,17 @@ from aiohttp import hdrs
 from multidict import CIMultiDictProxy, istr
 
 from gateway.auth.identity import Identity, RequestFacts
-from gateway.breaker import Clock
-from gateway.errors import AuthUnavailable, Forbidden, GatewayError, Unauthenticated, UpstreamError
-from gateway.exchange import Exchange
-from gateway.model import ForwardAuthConfig
-from gateway.upstream import Headers, Service
+from gateway.config.model import ForwardAuthConfig
+from gateway.http.errors import (
+    AuthUnavailable,
+    Forbidden,
+    GatewayError,
+    Unauthenticated,
+    UpstreamError,
+)
+from gateway.http.exchange import Exchange
+from gateway.upstream.breaker import Clock
+from gateway.upstream.service import Headers, Service
 
 X_API_KEY: Final = istr("X-API-Key")
 CREDENTIAL_HEADERS: Final = (hdrs.AUTHORIZATION, hdrs.COOKIE, X_API_KEY)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from multidict import CIMultiDictProxy
 
-from gateway.model import AuthMethod
+from gateway.config.model import AuthMethod
 
 Method = AuthMethod  # jwt | api_key | forward
 

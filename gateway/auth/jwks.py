@@ -22,7 +22,8 @@ import aiohttp
 import jwt
 from yarl import URL
 
-from gateway.auth.jwt import ALGORITHM_KEYS, PublicKey, VerifyKey, key_kind
+from gateway.auth.jwt import VerifyKey
+from gateway.config.jwtkeys import ALGORITHM_KEYS, PublicKey, key_kind
 
 logger = logging.getLogger("gateway.upstream")
 

@@ -22,72 +22,18 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol, TypeGuard
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from multidict import CIMultiDictProxy
 
 from gateway.auth.identity import CredentialRejected, Identity, RequestFacts
+from gateway.config.jwtkeys import PublicKey
 
 MAX_TOKEN_BYTES: Final = 8192  # a larger bearer token is refused unparsed
 MAX_CACHE_SECONDS: Final = 300.0  # a verdict is reused at most this long (tokens without exp)
 CACHE_SIZE: Final = 10_000  # verified tokens kept per auth.jwt config (LRU)
 MAX_NAME_CHARS: Final = 256  # a consumer, subject or scope longer than this is refused
-HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 §3.2
-MIN_RSA_BITS: Final = 2048
 
 _COMPACT: Final = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _SANE_NAME: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")  # visible ASCII
-
-# The key type each algorithm verifies with (RFC 7518 §3.1, RFC 8037 §3.1).
-ALGORITHM_KEYS: Final = {
-    "HS256": "hmac", "HS384": "hmac", "HS512": "hmac",
-    "RS256": "rsa", "RS384": "rsa", "RS512": "rsa", "PS256": "rsa",
-    "ES256": "ec-p256", "ES384": "ec-p384",
-    "EdDSA": "okp",
-}  # fmt: skip
-
-PublicKey = (
-    rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
-)
-
-
-def key_kind(key: PublicKey) -> str:
-    """The ALGORITHM_KEYS value a public key can verify, or "" for one no algorithm fits."""
-    match key:
-        case rsa.RSAPublicKey():
-            return "rsa"
-        case ec.EllipticCurvePublicKey():
-            return {"secp256r1": "ec-p256", "secp384r1": "ec-p384"}.get(key.curve.name, "")
-        case ed25519.Ed25519PublicKey() | ed448.Ed448PublicKey():
-            return "okp"
-    return ""
-
-
-def load_public_key(pem: bytes) -> PublicKey:
-    """A PEM public key or certificate; ValueError when it is neither (a private key, say)."""
-    if b"-----BEGIN CERTIFICATE-----" in pem:
-        key: object = x509.load_pem_x509_certificate(pem).public_key()
-    else:
-        key = load_pem_public_key(pem)
-    if not isinstance(key, PublicKey):
-        raise ValueError("unsupported key type")
-    return key
-
-
-def public_key_problem(pem: bytes, algorithms: frozenset[str]) -> str | None:
-    """Why a public_key_file cannot verify `algorithms`, or None. Never quotes the key."""
-    try:
-        key = load_public_key(pem)
-    except ValueError:
-        return "public_key_file is not a PEM public key or certificate"
-    kind = key_kind(key)
-    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        return f"public_key_file holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS}"
-    misfits = sorted(a for a in algorithms if ALGORITHM_KEYS[a] != kind)
-    if misfits:
-        return f"public_key_file holds a key that cannot verify {', '.join(misfits)}"
-    return None
 
 
 class VerifyKey(NamedTuple):

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from typing import Final
 
 from gateway.auth.identity import Authenticator, CredentialRejected, Identity, Method, RequestFacts
-from gateway.errors import Forbidden, Unauthenticated
-from gateway.model import ALL_METHODS
+from gateway.config.model import ALL_METHODS
+from gateway.http.errors import Forbidden, Unauthenticated
 
 REALM: Final = 'realm="gateway"'
 CREDENTIAL_HEADERS: Final = frozenset({"authorization", "x-api-key"})  # strip_credentials

@@ -9,10 +9,10 @@ from aiohttp import web
 
 from gateway.auth.identity import RequestFacts
 from gateway.auth.policy import RoutePolicy
-from gateway.exchange import EXCHANGE
+from gateway.http.exchange import EXCHANGE
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Stage
+    from gateway.http.pipeline import Handler, Stage
 
 
 def auth_stage(policy: RoutePolicy | None) -> Stage | None:

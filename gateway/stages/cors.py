@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import hdrs, web
 from multidict import istr
 
-from gateway.errors import MethodNotAllowed
-from gateway.exchange import EXCHANGE
-from gateway.model import CorsConfig, RouteConfig
+from gateway.config.model import CorsConfig, RouteConfig
+from gateway.http.errors import MethodNotAllowed
+from gateway.http.exchange import EXCHANGE
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Stage
+    from gateway.http.pipeline import Handler, Stage
 
 ALLOW_ORIGIN: Final = hdrs.ACCESS_CONTROL_ALLOW_ORIGIN
 ALLOW_CREDENTIALS: Final = hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS

@@ -17,11 +17,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.app import Gateway
 from gateway.auth.forward import ForwardAuth, forward_authenticator
 from gateway.auth.identity import Identity, RequestFacts
-from gateway.compile import load_text
-from gateway.errors import AuthUnavailable, Forbidden, Unauthenticated
+from gateway.config.build import load_text
+from gateway.http.errors import AuthUnavailable, Forbidden, Unauthenticated
+from gateway.runtime.state import Gateway
 from tests.gateway.conftest import MakeGateway, base_url, compile_gateway
 from tests.polling import free_port
 

@@ -14,9 +14,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.accesslog import access_logger
-from gateway.admin import create_admin_app
-from gateway.compile import load_text
+from gateway.config.build import load_text
+from gateway.ops.accesslog import access_logger
+from gateway.servers.admin import create_admin_app
 from tests.gateway.conftest import GatewayTestServer
 from tests.gateway.test_accesslog import Lines
 from tests.tokens import (

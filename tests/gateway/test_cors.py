@@ -7,7 +7,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.compile import load_text
+from gateway.config.build import load_text
 from tests.gateway.conftest import GatewayClient, MakeGateway
 from tests.polling import free_port
 

@@ -16,9 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from gateway.app import Gateway
-from gateway.compile import LoadResult, load_text
-from gateway.tls import ServerTls
+from gateway.config.build import LoadResult, load_text
+from gateway.config.tls import ServerTls
+from gateway.runtime.state import Gateway
 from tests.certs import Authority
 from tests.gateway.conftest import GatewayTestServer
 from tests.polling import eventually

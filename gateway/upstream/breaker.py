@@ -28,7 +28,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import Final
 
-from gateway.model import CircuitBreakerConfig, RetryBudgetConfig
+from gateway.config.model import CircuitBreakerConfig, RetryBudgetConfig
 
 Clock = Callable[[], float]  # seconds, monotonic
 upstream_log = logging.getLogger("gateway.upstream")

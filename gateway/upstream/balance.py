@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, assert_never
 
-from gateway.model import Balance
+from gateway.config.model import Balance
 
 if TYPE_CHECKING:
-    from gateway.upstream import Target
+    from gateway.upstream.service import Target
 
 
 class Balancer(Protocol):

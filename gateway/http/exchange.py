@@ -14,7 +14,7 @@ from typing import Final
 from aiohttp import hdrs, web
 from multidict import istr
 
-from gateway.model import HeaderRules
+from gateway.config.model import HeaderRules
 
 X_REQUEST_ID: Final = istr("X-Request-ID")
 TRACEPARENT: Final = istr("traceparent")

@@ -22,7 +22,7 @@ from typing import ClassVar, Final
 import aiohttp
 from aiohttp import hdrs, web
 
-from gateway.exchange import EXCHANGE
+from gateway.http.exchange import EXCHANGE
 
 logger = logging.getLogger(__name__)
 upstream_log = logging.getLogger("gateway.upstream")

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from gateway.compile import LoadResult, load
-from gateway.config import file_hash
+from gateway.config.build import LoadResult, load
+from gateway.config.read import file_hash
 
 config_log = logging.getLogger("gateway.config")
 POLL_INTERVAL: Final = 0.5  # seconds; an edit is live well within the promised 2 s

@@ -1,6 +1,7 @@
 """From validated data to the frozen model: `load()` is the one loader for --check, startup
 and reload. Units are applied here (durations to seconds, CIDRs to networks, header names
-to istr) so request handling only looks things up.
+to istr) so request handling only looks things up. `runtime/assemble.py` turns the model
+into a route table.
 """
 
 from __future__ import annotations
@@ -11,16 +12,7 @@ from pathlib import Path
 
 from multidict import istr
 
-from gateway.auth.apikeys import ApiKeyAuthenticator
-from gateway.auth.forward import forward_authenticator
-from gateway.auth.identity import Authenticator, Method
-from gateway.auth.jwks import JwksStore
-from gateway.auth.jwt import ALGORITHM_KEYS, JwtAuthenticator, JwtRules, StaticKey, VerifyKey
-from gateway.auth.jwt import load_public_key as _public_key
-from gateway.auth.policy import RoutePolicy
-from gateway.config import JSON, ConfigError, Document, parse_text, read_file
-from gateway.forward import forward_handler
-from gateway.model import (
+from gateway.config.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -45,14 +37,15 @@ from gateway.model import (
     TargetConfig,
     Timeouts,
 )
-from gateway.pipeline import body_limit_of, build_chain
-from gateway.proxies import ClientAddress
-from gateway.ratelimit.memory import MemoryStore
-from gateway.ratelimit.store import RateLimitStore
-from gateway.routing import Route, RouteTable
-from gateway.tls import read_ca
-from gateway.upstream import Service
-from gateway.validate import key_file, normalize_prefix, parse_duration, route_methods, validate
+from gateway.config.read import JSON, ConfigError, Document, parse_text, read_file
+from gateway.config.tls import read_ca
+from gateway.config.validate import (
+    key_file,
+    normalize_prefix,
+    parse_duration,
+    route_methods,
+    validate,
+)
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadResult:
@@ -327,61 +320,3 @@ def _route_auth(raw: JSON) -> RouteAuthConfig | None:
         consumers=None if consumers is None else frozenset(consumers),
         strip_credentials=raw.get("strip_credentials", False),
     )
-
-
-def authenticators(
-    config: GatewayConfig, services: Mapping[str, Service], jwks: JwksStore
-) -> dict[Method, Authenticator]:
-    """One authenticator per method configured at the top level, shared by its routes."""
-    auth = config.auth
-    found: dict[Method, Authenticator] = {}
-    forward = forward_authenticator(config.forward_auth, services)
-    if forward is not None:
-        found["forward"] = forward
-    if auth.jwt is not None:
-        found["jwt"] = _jwt_authenticator(auth.jwt, jwks)
-    if auth.api_keys is not None:
-        found["api_key"] = ApiKeyAuthenticator(
-            (k.key_sha256, k.consumer, k.scopes) for k in auth.api_keys
-        )
-    return found
-
-
-def _jwt_authenticator(config: JwtConfig, jwks: JwksStore) -> JwtAuthenticator:
-    rules = JwtRules(
-        config.algorithms, config.issuer, config.audience, config.leeway, config.consumer_claim
-    )
-    pinned = tuple(sorted(config.algorithms))
-    if config.jwks_url is not None:
-        return JwtAuthenticator(rules, jwks.keys(config.jwks_url, config.jwks_refresh))
-    if config.secret is not None:
-        return JwtAuthenticator(rules, StaticKey(VerifyKey(config.secret, pinned)))
-    assert config.public_key_pem is not None
-    key = _public_key(config.public_key_pem)
-    assert all(ALGORITHM_KEYS[a] != "hmac" for a in pinned)  # validated: never a secret
-    return JwtAuthenticator(rules, StaticKey(VerifyKey(key, pinned)))
-
-
-def build_table(
-    config: GatewayConfig,
-    services: Mapping[str, Service],
-    rate_limits: RateLimitStore | None = None,
-    jwks: JwksStore | None = None,
-) -> RouteTable:
-    """Compose every route's chain once; requests only look the result up. `rate_limits` is
-    the process's store and `jwks` its key sets (both kept across reloads); None: fresh ones."""
-    rate_limits = MemoryStore() if rate_limits is None else rate_limits
-    routes = []
-    methods = authenticators(config, services, jwks or JwksStore())
-    for route in config.routes:
-        forward = forward_handler(route, services[route.service], config.max_message_bytes)
-        auth = route.auth
-        policy = None
-        if auth is not None:
-            policy = RoutePolicy(
-                auth.any_of, methods, auth.scopes, auth.consumers, auth.strip_credentials
-            )
-        chain = build_chain(route, forward, config.max_body_bytes, rate_limits, policy)
-        limit = body_limit_of(route, config.max_body_bytes)
-        routes.append(Route(route, chain.handler, chain.stages, limit))
-    return RouteTable(routes, ClientAddress(config.trusted_proxies))

@@ -33,7 +33,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.exchange import Exchange
+from gateway.http.exchange import Exchange
 
 access_logger = logging.getLogger("gateway.access")
 logger = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.balance import make_balancer
-from gateway.breaker import AlwaysClosed, Circuit, CircuitBreaker, Clock, RetryBudget, Ticket
-from gateway.errors import (
+from gateway.config.model import IDEMPOTENT_METHODS, ServiceConfig, TargetConfig, Timeouts
+from gateway.config.tls import client_ssl
+from gateway.http.errors import (
     BadRequest,
     NoHealthyTarget,
     PoolExhausted,
@@ -45,9 +45,16 @@ from gateway.errors import (
     UpstreamUnavailable,
     upstream_failure,
 )
-from gateway.exchange import Exchange
-from gateway.model import IDEMPOTENT_METHODS, ServiceConfig, TargetConfig, Timeouts
-from gateway.tls import client_ssl
+from gateway.http.exchange import Exchange
+from gateway.upstream.balance import make_balancer
+from gateway.upstream.breaker import (
+    AlwaysClosed,
+    Circuit,
+    CircuitBreaker,
+    Clock,
+    RetryBudget,
+    Ticket,
+)
 
 upstream_log = logging.getLogger("gateway.upstream")
 

@@ -12,61 +12,22 @@ from typing import Final
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDictProxy, istr
+from multidict import istr
 
-from gateway.bodywatch import BodyWatch
-from gateway.errors import ResponseAborted, UpstreamUnavailable
-from gateway.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
-from gateway.model import DEFAULT_MAX_MESSAGE_BYTES, RouteConfig
-from gateway.pipeline import Handler
-from gateway.proxies import X_FORWARDED_FOR
-from gateway.routing import strip
-from gateway.upstream import Headers, Service, client_timeout
-from gateway.websocket import is_websocket, proxy_websocket
+from gateway.actions.websocket import is_websocket, proxy_websocket
+from gateway.config.model import DEFAULT_MAX_MESSAGE_BYTES, RouteConfig
+from gateway.http.bodywatch import BodyWatch
+from gateway.http.errors import ResponseAborted, UpstreamUnavailable
+from gateway.http.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
+from gateway.http.hopbyhop import REQUEST_DROP, connection_listed, relayed
+from gateway.http.pipeline import Handler
+from gateway.http.proxies import X_FORWARDED_FOR
+from gateway.http.routing import strip
+from gateway.upstream.service import Headers, Service, client_timeout
 
-# RFC 9110 §7.6.1 (and Proxy-Connection, a non-standard relative): never forwarded.
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# Set by the gateway, never taken from the client as sent.
-GATEWAY_OWNED: Final = frozenset(
-    {
-        "host",
-        "expect",
-        "x-request-id",
-        "traceparent",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-prefix",
-        "forwarded",
-        "x-consumer",
-        "x-auth-subject",
-        "x-auth-scopes",
-    }
-)
-REQUEST_DROP: Final = HOP_BY_HOP | GATEWAY_OWNED
 X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
 X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
 X_FORWARDED_PREFIX: Final = istr("X-Forwarded-Prefix")
-
-
-def connection_listed(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> frozenset[str]:
-    """`drop` plus the names a Connection header lists (RFC 9110 §7.6.1)."""
-    listed = headers.getall(hdrs.CONNECTION, ())
-    if not listed:
-        return drop
-    return drop | {name.strip().lower() for value in listed for name in value.split(",")}
 
 
 def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteConfig) -> Headers:
@@ -168,9 +129,3 @@ def forward_handler(
             reply.release()
 
     return handle
-
-
-def relayed(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
-    """An upstream response's headers minus hop-by-hop ones (RFC 9110 §7.6.1)."""
-    drop = connection_listed(headers, HOP_BY_HOP)
-    return [(name, value) for name, value in headers.items() if name.lower() not in drop]

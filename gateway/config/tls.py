@@ -19,7 +19,7 @@ import ssl
 from pathlib import Path
 from typing import Final
 
-from gateway.model import ListenerTls, ServiceTls
+from gateway.config.model import ListenerTls, ServiceTls
 
 
 def server_context(tls: ListenerTls) -> ssl.SSLContext:

@@ -31,11 +31,11 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.accesslog import STREAMS, drops
-from gateway.breaker import Circuit
-from gateway.exchange import Exchange
-from gateway.model import ALL_METHODS
-from gateway.upstream import Service
+from gateway.config.model import ALL_METHODS
+from gateway.http.exchange import Exchange
+from gateway.ops.accesslog import STREAMS, drops
+from gateway.upstream.breaker import Circuit
+from gateway.upstream.service import Service
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS: Final = (

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from gateway.app import GATEWAY, Gateway
-from gateway.metrics import CONTENT_TYPE
-from gateway.routing import Route
-from gateway.upstream import Service, Target
+from gateway.http.routing import Route
+from gateway.ops.metrics import CONTENT_TYPE
+from gateway.runtime.state import GATEWAY, Gateway
+from gateway.upstream.service import Service, Target
 
 
 @dataclass(slots=True)

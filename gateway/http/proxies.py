@@ -11,7 +11,7 @@ from typing import Final
 from aiohttp import web
 from multidict import istr
 
-from gateway.model import Network
+from gateway.config.model import Network
 
 X_FORWARDED_FOR: Final = istr("X-Forwarded-For")
 

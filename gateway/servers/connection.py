@@ -34,18 +34,18 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from gateway.errors import (
+from gateway.config.model import ClientLimits
+from gateway.http.errors import (
     GatewayError,
     HeadersTooLarge,
     MalformedRequest,
     TargetTooLong,
     problem_response,
 )
-from gateway.exchange import EXCHANGE, start_exchange
-from gateway.model import ClientLimits
+from gateway.http.exchange import EXCHANGE, start_exchange
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.runtime.state import Gateway
 
 logger = logging.getLogger("gateway.connection")
 _REQUEST_LINE_EXTRA: Final = 64  # method, version, spaces and CRLFs beside the target

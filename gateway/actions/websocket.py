@@ -22,9 +22,10 @@ import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs, web
 from yarl import URL
 
-from gateway.errors import ResponseAborted, UpstreamUnavailable, upstream_failure
-from gateway.exchange import Exchange
-from gateway.upstream import RETRY_STATUSES, Headers, ProxyRequest, Service
+from gateway.http.errors import ResponseAborted, UpstreamUnavailable, upstream_failure
+from gateway.http.exchange import Exchange
+from gateway.http.hopbyhop import relayed
+from gateway.upstream.service import RETRY_STATUSES, Headers, ProxyRequest, Service
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ async def _relay_refusal(
     request: web.Request, refused: ClientResponse, exchange: Exchange
 ) -> web.StreamResponse:
     """Stream a refusal back as the forwarder streams any response."""
-    from gateway.forward import relayed  # not at the top: gateway.forward imports this module
-
     response = web.StreamResponse(
         status=refused.status, reason=refused.reason, headers=relayed(refused.headers)
     )

@@ -20,13 +20,13 @@ from typing import Final
 import jsonschema
 from yarl import URL
 
-from gateway.auth.jwt import ALGORITHM_KEYS, HMAC_MIN_BYTES, public_key_problem
-from gateway.config import JSON, Document, PathKey
-from gateway.model import ALL_METHODS, ListenerTls
-from gateway.redisurl import redis_url_problem
-from gateway.tls import ca_problem, file_problem, listener_problem
+from gateway.config.jwtkeys import ALGORITHM_KEYS, HMAC_MIN_BYTES, public_key_problem
+from gateway.config.model import ALL_METHODS, ListenerTls
+from gateway.config.read import JSON, Document, PathKey
+from gateway.config.redisurl import redis_url_problem
+from gateway.config.tls import ca_problem, file_problem, listener_problem
 
-SOURCE_SCHEMAS: Final = Path(__file__).resolve().parent.parent / "schemas"  # the repository's
+SOURCE_SCHEMAS: Final = Path(__file__).resolve().parents[2] / "schemas"  # the repository's
 
 
 def schema_file(name: str) -> Traversable:

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from gateway.errors import BadRequest, MethodNotAllowed, RouteNotFound
-from gateway.model import RouteConfig
-from gateway.pipeline import Handler
-from gateway.proxies import ClientAddress
+from gateway.config.model import RouteConfig
+from gateway.http.errors import BadRequest, MethodNotAllowed, RouteNotFound
+from gateway.http.pipeline import Handler
+from gateway.http.proxies import ClientAddress
 
 _ESCAPE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED: Final = frozenset(

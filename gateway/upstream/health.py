@@ -24,8 +24,8 @@ from typing import Final
 import aiohttp
 from yarl import URL
 
-from gateway.model import HealthCheckConfig
-from gateway.upstream import Service, Target
+from gateway.config.model import HealthCheckConfig
+from gateway.upstream.service import Service, Target
 
 upstream_log = logging.getLogger("gateway.upstream")
 

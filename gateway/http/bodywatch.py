@@ -15,8 +15,8 @@ import asyncio
 
 from aiohttp import StreamReader
 
-from gateway.errors import RequestTimeout
-from gateway.exchange import Exchange
+from gateway.http.errors import RequestTimeout
+from gateway.http.exchange import Exchange
 
 
 class BodyTimedOut(RequestTimeout, TimeoutError):
