@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 # Inventory and gateway in the foreground; Ctrl-C (or SIGTERM) stops both cleanly.
 run: venv
 	@mkdir -p var
+	@echo "gateway on http://$${GATEWAY_LISTEN:-127.0.0.1:8080}; the inventory route needs the development API key:"
+	@echo "  curl -H 'X-API-Key: dev-inventory-key' http://$${GATEWAY_LISTEN:-127.0.0.1:8080}/api/inventory/devices"
 	@trap 'kill -TERM $$inv $$gw 2>/dev/null; wait' INT TERM; \
 	$(PY) -m inventory --db $(INVENTORY_DB) --listen $(LISTEN_INVENTORY) & inv=$$!; \
 	$(PY) -m gateway --config $(CONFIG) & gw=$$!; \

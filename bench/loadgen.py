@@ -4,7 +4,7 @@ C connections each send a GET, read the whole body, and send the next at once, f
 Prints one JSON object: requests, seconds, rps, p50_ms, p99_ms, errors (non-2xx/3xx or failed).
 It is far slower than wrk (a Python client costs about as much CPU as the server it drives),
 so its figures compare targets with each other, not with wrk's.
-Usage: python bench/loadgen.py --url URL --connections 32 --duration 8
+Usage: python bench/loadgen.py --url URL --connections 32 --duration 8 [--header 'N: v']
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-async def drive(url: str, connections: int, duration: float) -> dict[str, float]:
+async def drive(
+    url: str, connections: int, duration: float, headers: dict[str, str] | None = None
+) -> dict[str, float]:
     latencies: list[float] = []
     errors = 0
     connector = aiohttp.TCPConnector(limit=connections)
@@ -42,7 +44,7 @@ async def drive(url: str, connections: int, duration: float) -> dict[str, float]
             clock: Callable[[], float] = time.perf_counter
             while (sent := clock()) < deadline:
                 try:
-                    async with session.get(url) as response:
+                    async with session.get(url, headers=headers) as response:
                         await response.read()
                         if response.status >= 400:
                             errors += 1
@@ -69,7 +71,9 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds")
+    parser.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     args = parser.parse_args()
+    headers = dict(h.split(": ", 1) for h in args.header)
     factory = None
     try:
         import uvloop
@@ -78,7 +82,7 @@ def main() -> None:
     except ImportError:  # pragma: no cover
         pass
     with asyncio.Runner(loop_factory=factory) as runner:
-        result = runner.run(drive(args.url, args.connections, args.duration))
+        result = runner.run(drive(args.url, args.connections, args.duration, headers))
     print(json.dumps(result))
 
 

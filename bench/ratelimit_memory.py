@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.model import RateLimitPolicy
+from gateway.config.model import RateLimitPolicy
 from gateway.ratelimit.memory import MemoryStore
 
 

@@ -76,6 +76,10 @@ HOSTILE_RPS_BUDGET: Final = 0.9
 HOSTILE_RSS_BUDGET_MIB: Final = 150.0
 HOSTILE_RSS_ABORT_MIB: Final = 2048.0  # the hostile clients let go if the gateway grows this big
 HOSTILE_RUNS: Final = ("calm", "hostile")
+# Auth phase: the small GET through the same route behind auth, as a ratio of it without.
+AUTH_BUDGETS: Final = {"jwt": 0.75, "api_key": 0.85}  # RS256 JWT, API key
+AUTH_PATHS: Final = {"none": "/small", "jwt": "/jwt/small", "api_key": "/key/small"}
+BENCH_API_KEY: Final = "bench-api-key"  # its hash is in routes.bench.yaml
 QUIET_CPU: Final = 0.2  # the gateway's CPU share below which the non-readers' responses stalled
 SETTLE_DEADLINE: Final = 20.0  # seconds for the gateway to quieten / drop the hostile sockets
 NOISY_CPU: Final = 0.10  # other processes using more than this share of a CPU: a noisy run
@@ -235,18 +239,20 @@ class LoadGen:
     connections: int
     pin: bool
 
-    def command(self, url: str, seconds: float) -> list[str]:
+    def command(self, url: str, seconds: float, headers: tuple[str, ...] = ()) -> list[str]:
         if self.kind == "wrk":
             whole = max(1, math.ceil(seconds))  # wrk takes whole seconds only
             argv = ["wrk", "-t1", f"-c{self.connections}", f"-d{whole}s", "--latency", url]
+            argv += [arg for header in headers for arg in ("-H", header)]
         else:
             argv = [sys.executable, str(BENCH / "loadgen.py"), "--url", url]
             argv += ["--connections", str(self.connections), "--duration", f"{seconds:g}"]
+            argv += [arg for header in headers for arg in ("--header", header)]
         return pinned(LOAD_CPU, argv, self.pin)
 
-    def run(self, url: str, seconds: float) -> Cell:
+    def run(self, url: str, seconds: float, headers: tuple[str, ...] = ()) -> Cell:
         done = subprocess.run(
-            self.command(url, seconds),
+            self.command(url, seconds, headers),
             capture_output=True,
             text=True,
             timeout=seconds + 60,
@@ -617,6 +623,7 @@ class Results:
     transfers: dict[tuple[str, str], list[Transfer]] = field(default_factory=dict)
     hostile_calm: list[Cell] = field(default_factory=list)
     hostile_runs: list[HostileRun] = field(default_factory=list)
+    auth_cells: dict[str, list[Cell]] = field(default_factory=dict)  # "none" | "jwt" | "api_key"
     hostile_slowloris: int = 0
     hostile_non_readers: int = 0
     rate_limits: list[ratelimit_phase.StoreRun] = field(default_factory=list)
@@ -673,8 +680,14 @@ def bench(args: argparse.Namespace) -> Results:
         BENCH_ADMIN=f"{HOST}:{admin_port}",
         BENCH_UPSTREAM=upstream_url,
         BENCH_ACCESS_LOG=str(access_log),
+        BENCH_JWT_KEY=str(OUT / "jwt-public.pem"),
         PYTHONPATH=str(ROOT),
     )
+    auth_headers = {
+        "none": (),
+        "jwt": (f"Authorization: Bearer {bench_token(OUT / 'jwt-public.pem')}",),
+        "api_key": (f"X-API-Key: {BENCH_API_KEY}",),
+    }
     py = sys.executable
     base_at = f"{HOST}:{base_port}"
     gw_args = ["--listen", f"{HOST}:{gw_port}", "--admin", f"{HOST}:{admin_port}"]
@@ -729,6 +742,7 @@ def bench(args: argparse.Namespace) -> Results:
                         + (f"  ERRORS {cell.errors}" if cell.errors else ""),
                         flush=True,
                     )
+        auth_phase(results, loadgen, bases["gateway"], auth_headers, list(pids.values()), args)
         results.rate_limits = ratelimit_phase.measure(
             start=processes.start,
             pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
@@ -788,6 +802,54 @@ def bench(args: argparse.Namespace) -> Results:
     with contextlib.suppress(OSError), access_log.open("rb") as lines:
         results.access_lines = sum(1 for _ in lines)
     return results
+
+
+def bench_token(public_key_file: Path) -> str:
+    """A fresh RS256 key pair: the public half for routes.bench.yaml, a token signed with the
+    private half (valid for a day: every request of the run presents the same bytes)."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_key_file.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    now = int(time.time())
+    claims = {"sub": "bench", "iat": now, "exp": now + 86400, "scope": "bench"}
+    return jwt.encode(claims, key, algorithm="RS256")
+
+
+def auth_phase(
+    results: Results,
+    loadgen: LoadGen,
+    base: str,
+    headers: dict[str, tuple[str, ...]],
+    pids: list[int],
+    args: argparse.Namespace,
+) -> None:
+    """The small GET on the gateway without auth, with an RS256 JWT and with an API key,
+    interleaved over rounds like the main cells."""
+    gateway_pid = pids[-1]
+    for round_index in range(args.rounds):
+        order = tuple(AUTH_PATHS) if round_index % 2 == 0 else tuple(AUTH_PATHS)[::-1]
+        for name in order:
+            url = base + AUTH_PATHS[name]
+            if args.warmup > 0:
+                loadgen.run(url, args.warmup, headers[name])
+            window = CpuWindow(pids, gateway_pid)
+            cell = window.close(loadgen.run(url, args.duration, headers[name]))
+            if cell.errors:
+                raise BenchError(f"auth {name}: {cell.errors} refused or failed requests")
+            results.auth_cells.setdefault(name, []).append(cell)
+            print(
+                f"round {round_index + 1} small GET auth {name:>7}: {cell.rps:10.0f} req/s"
+                f"  p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms"
+                f"  server {cell.server_us or 0:5.0f} µs CPU/req",
+                flush=True,
+            )
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -856,6 +918,18 @@ def verdicts(results: Results) -> list[Verdict]:
                 g >= MBPS_BUDGET * b,
             )
         )
+    if results.auth_cells:
+        plain = max(results.auth_cells["none"], key=lambda c: c.rps)
+        for name, budget in AUTH_BUDGETS.items():
+            cell = max(results.auth_cells[name], key=lambda c: c.rps)
+            label = {"jwt": "RS256 JWT", "api_key": "API key"}[name]
+            out.append(
+                Verdict(
+                    f"gateway small-GET req/s with {label} auth ≥ {budget} x the route without",
+                    f"{cell.rps:,.0f} vs {plain.rps:,.0f} req/s = {cell.rps / plain.rps:.2f}x",
+                    cell.rps >= budget * plain.rps,
+                )
+            )
     if results.hostile_runs and results.hostile_calm:
         held = max((r.cell for r in results.hostile_runs), key=lambda c: c.rps)
         calm = max(results.hostile_calm, key=lambda c: c.rps)

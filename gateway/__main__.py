@@ -1,4 +1,5 @@
-"""Command line: serve, --check a config, or explain how a request would be handled."""
+"""Command line: serve, --check a config, explain how a request would be handled, or print
+the hash of an API key (`hash-key`, the key read from standard input)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 
 from gateway import explain
-from gateway.model import GatewayConfig
+from gateway.config.model import GatewayConfig
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -18,7 +19,9 @@ def _hostport(text: str) -> tuple[str, int]:
 
 def _serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gateway", description="API gateway. Also: gateway explain --config FILE METHOD PATH"
+        prog="gateway",
+        description="API gateway. Also: gateway explain --config FILE METHOD PATH; "
+        "gateway hash-key < keyfile",
     )
     parser.add_argument("--config", default="routes.yaml", help="routes.yaml to serve")
     parser.add_argument("--listen", type=_hostport, help="public HOST:PORT (overrides listen:)")
@@ -32,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["explain"]:
         return explain.main(args_list[1:])
+    if args_list[:1] == ["hash-key"]:
+        return hash_key_main()
     args = _serve_parser().parse_args(args_list)
     if not args.check:
         from gateway.server import defer_signals
 
         defer_signals()  # a SIGHUP or SIGUSR1 from now on waits for the loop, not kills
-    from gateway.compile import load
+    from gateway.config.build import load
 
     result = load(args.config)
     for problem in result.problems:
@@ -54,6 +59,19 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings = [str(w) for w in result.warnings]
     return run(_override(result.config, args), args.config, args.workers, warnings)
+
+
+def hash_key_main() -> int:
+    """Read one API key from standard input (never from argv, which `ps` shows) and print
+    the `key_sha256` to put under auth.api_keys."""
+    from gateway.auth.apikeys import hash_key
+
+    key = sys.stdin.read().strip()
+    if not key:
+        print("hash-key: no key on standard input", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
 
 
 def _override(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:

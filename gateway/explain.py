@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gateway.compile import build_table, load
-from gateway.errors import GatewayError
-from gateway.model import GatewayConfig
-from gateway.routing import normalize_path, split_target, strip
-from gateway.upstream import Service
+from gateway.config.build import load
+from gateway.config.model import GatewayConfig
+from gateway.http.errors import GatewayError
+from gateway.http.routing import normalize_path, split_target, strip
+from gateway.runtime.assemble import build_table
+from gateway.upstream.service import Service
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,11 +32,13 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import multiprocess
 
-from gateway.accesslog import configure_logging
-from gateway.admin import AdminState, create_admin_app
-from gateway.app import Gateway, create_app
-from gateway.connection import GatewayRunner
-from gateway.model import GatewayConfig
+from gateway.config.model import GatewayConfig
+from gateway.config.tls import ServerTls
+from gateway.ops.accesslog import configure_logging
+from gateway.runtime.state import Gateway
+from gateway.servers.admin import AdminState, create_admin_app
+from gateway.servers.connection import GatewayRunner
+from gateway.servers.public import create_app
 
 logger = logging.getLogger("gateway")
 config_log = logging.getLogger("gateway.config")
@@ -109,10 +112,21 @@ async def _serve(
     admin = web.AppRunner(
         create_admin_app(gateway, state), access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS
     )
+    try:
+        gateway.tls = None if config.tls is None else await asyncio.to_thread(ServerTls, config.tls)
+    except (OSError, ssl.SSLError) as exc:
+        logger.error("cannot load the listener's certificate and key: %s", type(exc).__name__)
+        return 1
     await public.setup()
     await admin.setup()
     try:
-        await web.TCPSite(public, *config.listen, reuse_port=reuse_port, backlog=1024).start()
+        await web.TCPSite(
+            public,
+            *config.listen,
+            reuse_port=reuse_port,
+            backlog=1024,
+            ssl_context=None if gateway.tls is None else gateway.tls.context,
+        ).start()
         await web.TCPSite(admin, *config.admin, reuse_port=reuse_port).start()
     except OSError as exc:
         logger.error("cannot listen: %s", exc.strerror or exc)
@@ -125,7 +139,8 @@ async def _serve(
         config.version_hash[:12],
         len(config.routes),
     )
-    logger.info("listening on %s:%s, admin on %s:%s", *config.listen, *config.admin)
+    scheme = "https" if gateway.tls else "http"
+    logger.info("listening on %s://%s:%s, admin on %s:%s", scheme, *config.listen, *config.admin)
     await _until_stopped(gateway)
     state.draining = True  # /readyz answers 503 from now on
     logger.info("shutting down: draining in-flight requests for up to %ss", config.shutdown_grace)

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpServer
 
-from gateway.app import GATEWAY, Gateway
+from gateway.runtime.state import GATEWAY, Gateway
 
 Mode = Literal["ok", "fail", "reset", "hang"]
 T = TypeVar("T")

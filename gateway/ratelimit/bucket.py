@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.model import RateLimitPolicy
+from gateway.config.model import RateLimitPolicy
 
 Clock = Callable[[], int]  # microseconds on a clock that never goes back
 

@@ -17,8 +17,8 @@ from typing import Final
 
 from multidict import istr
 
-from gateway.exchange import Exchange
-from gateway.model import RateLimitPolicy
+from gateway.config.model import RateLimitPolicy
+from gateway.http.exchange import Exchange
 from gateway.ratelimit.bucket import Decision
 
 Subject = Callable[[Exchange, Mapping[str, str]], str]  # (exchange, request headers) -> key

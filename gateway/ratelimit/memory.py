@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Final
 
-from gateway.model import RateLimitPolicy
+from gateway.config.model import RateLimitPolicy
 from gateway.ratelimit.bucket import Clock, Decision, monotonic_us, take
 
 DEFAULT_MAX_KEYS: Final = 100_000

@@ -19,9 +19,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from gateway.model import RateLimitPolicy, RateLimitStoreConfig
+from gateway.config.model import RateLimitPolicy, RateLimitStoreConfig
+from gateway.config.redisurl import SENTINEL_SCHEMES, parse_sentinel
 from gateway.ratelimit.bucket import Decision, decided
-from gateway.redisurl import SENTINEL_SCHEMES, parse_sentinel
 
 KEY_PREFIX: Final = "gateway:"
 # redis-py 7.2 replaced lib_name/lib_version (now deprecated) with driver_info.

@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from gateway.errors import RateLimitUnavailable
-from gateway.model import RateLimitPolicy, RateLimitStoreConfig
+from gateway.config.model import RateLimitPolicy, RateLimitStoreConfig
+from gateway.http.errors import RateLimitUnavailable
 from gateway.ratelimit.bucket import UNCHECKED, Decision
 from gateway.ratelimit.memory import MemoryStore
 

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import StreamReader, web
 
-from gateway.errors import PayloadTooLarge
-from gateway.exchange import EXCHANGE, Exchange
+from gateway.http.errors import PayloadTooLarge
+from gateway.http.exchange import EXCHANGE, Exchange
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Stage
+    from gateway.http.pipeline import Handler, Stage
 
 
 def body_limit_stage(limit: int | None) -> Stage | None:

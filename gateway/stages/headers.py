@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.exchange import EXCHANGE
-from gateway.model import HeaderRules
+from gateway.config.model import HeaderRules
+from gateway.http.exchange import EXCHANGE
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Stage
+    from gateway.http.pipeline import Handler, Stage
 
 
 def headers_stage(request_rules: HeaderRules, response_rules: HeaderRules) -> Stage | None:

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.errors import RateLimited
-from gateway.exchange import EXCHANGE
-from gateway.model import RouteConfig
+from gateway.config.model import RouteConfig
+from gateway.http.errors import RateLimited
+from gateway.http.exchange import EXCHANGE
 from gateway.ratelimit.keys import RETRY_AFTER, HeaderMaker, retry_after, subject_of
 from gateway.ratelimit.store import RateLimitStore
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Handler, Stage
+    from gateway.http.pipeline import Handler, Stage
 
 
 def rate_limit_stage(route: RouteConfig, store: RateLimitStore) -> Stage | None:

@@ -12,10 +12,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from blockbuster import BlockBuster, blockbuster_ctx
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.app import Gateway, create_app
-from gateway.compile import load_text
-from gateway.connection import GatewayRunner
-from gateway.validate import schema_validator
+from gateway.config.build import load_text
+from gateway.config.validate import schema_validator
+from gateway.runtime.state import Gateway
+from gateway.servers.connection import GatewayRunner
+from gateway.servers.public import create_app
 from tests.upstreams import make_echo_app, make_tools_app
 
 GatewayClient = TestClient[web.Request, web.Application]

@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
-from gateway.accesslog import (
+from gateway.ops.accesslog import (
     AccessLog,
     JsonFormatter,
     LogOutput,
@@ -33,8 +33,8 @@ from gateway.accesslog import (
     configure_logging,
     drops,
 )
-from gateway.admin import create_admin_app
-from gateway.app import create_app
+from gateway.servers.admin import create_admin_app
+from gateway.servers.public import create_app
 from tests.gateway.conftest import compile_gateway
 from tests.polling import eventually
 
@@ -245,7 +245,7 @@ def test_an_access_line_stays_valid_ascii_json_whatever_the_client_sent() -> Non
 def test_a_malformed_request_is_not_logged_as_an_error_with_a_traceback() -> None:
     from aiohttp.http_exceptions import BadStatusLine
 
-    from gateway.accesslog import _quiet_bad_requests
+    from gateway.ops.accesslog import _quiet_bad_requests
 
     try:
         raise BadStatusLine("GARBAGE")

@@ -12,9 +12,10 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.admin import AdminState, create_admin_app
-from gateway.app import Gateway, create_app
-from gateway.compile import load_text
+from gateway.config.build import load_text
+from gateway.runtime.state import Gateway
+from gateway.servers.admin import AdminState, create_admin_app
+from gateway.servers.public import create_app
 from tests.gateway.conftest import GatewayClient, base_url, compile_gateway
 from tests.polling import poll_until
 from tests.upstreams import make_echo_app

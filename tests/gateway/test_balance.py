@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpServer
 
-from gateway.balance import LeastConn, RoundRobin
-from gateway.breaker import CircuitBreaker
-from gateway.model import CircuitBreakerConfig, TargetConfig
-from gateway.upstream import Target
+from gateway.config.model import CircuitBreakerConfig, TargetConfig
+from gateway.upstream.balance import LeastConn, RoundRobin
+from gateway.upstream.breaker import CircuitBreaker
+from gateway.upstream.service import Target
 from tests.gateway.conftest import MakeGateway
 from tests.polling import eventually
 from tests.resilience_upstreams import Target as Upstream

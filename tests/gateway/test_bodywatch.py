@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from gateway.compile import load_text
+from gateway.config.build import load_text
 from tests.gateway.conftest import MakeGateway
 from tests.gateway.test_errors import make_counting_app
 from tests.upstreams import make_late_reader_app

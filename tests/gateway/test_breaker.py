@@ -8,8 +8,8 @@ import asyncio
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from gateway.breaker import AlwaysClosed, Circuit, CircuitBreaker, RetryBudget
-from gateway.model import CircuitBreakerConfig, RetryBudgetConfig
+from gateway.config.model import CircuitBreakerConfig, RetryBudgetConfig
+from gateway.upstream.breaker import AlwaysClosed, Circuit, CircuitBreaker, RetryBudget
 from tests.gateway.conftest import MakeGateway
 from tests.resilience_upstreams import Target, gateway_of, one_service, serve, status
 

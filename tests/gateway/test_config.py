@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.__main__ import main
-from gateway.compile import load_text
+from gateway.config.build import load_text
 
 HEAD = "version: 1\nservices:\n  inventory: {targets: [http://127.0.0.1:8001]}\nroutes:\n"
 ROUTE = "  - prefix: /api/inventory\n    service: inventory\n"

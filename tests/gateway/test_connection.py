@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.accesslog import access_logger
-from gateway.app import Gateway
-from gateway.connection import GatewayServer
+from gateway.ops.accesslog import access_logger
+from gateway.runtime.state import Gateway
+from gateway.servers.connection import GatewayServer
 from tests.gateway.conftest import GatewayTestServer, compile_gateway
 from tests.gateway.test_accesslog import Lines
 from tests.polling import eventually

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from gateway.app import GATEWAY
+from gateway.runtime.state import GATEWAY
 from tests.gateway.conftest import ECHO_ROUTE, MakeGateway
 from tests.polling import eventually, free_port
 from tests.upstreams import make_gated_app

@@ -11,13 +11,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from gateway import health
-from gateway.app import Gateway
-from gateway.breaker import CircuitBreaker
-from gateway.compile import load_text
-from gateway.health import judge
-from gateway.model import CircuitBreakerConfig, HealthCheckConfig, TargetConfig
-from gateway.upstream import Target as UpstreamTarget
+from gateway.config.build import load_text
+from gateway.config.model import CircuitBreakerConfig, HealthCheckConfig, TargetConfig
+from gateway.runtime.state import Gateway
+from gateway.upstream import health
+from gateway.upstream.breaker import CircuitBreaker
+from gateway.upstream.health import judge
+from gateway.upstream.service import Target as UpstreamTarget
 from tests.gateway.conftest import MakeGateway, compile_gateway
 from tests.polling import eventually
 from tests.resilience_upstreams import (

@@ -10,10 +10,10 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.admin import create_admin_app
-from gateway.app import create_app
-from gateway.exchange import Exchange
-from gateway.metrics import Metrics
+from gateway.http.exchange import Exchange
+from gateway.ops.metrics import Metrics
+from gateway.servers.admin import create_admin_app
+from gateway.servers.public import create_app
 from tests.gateway.conftest import GatewayClient, compile_gateway
 from tests.polling import free_port
 from tests.upstreams import make_gated_app

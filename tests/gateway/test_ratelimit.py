@@ -8,13 +8,13 @@ import json
 
 import pytest
 
-from gateway.compile import load_text
-from gateway.exchange import Exchange
-from gateway.model import RateLimitPolicy
+from gateway.config.build import load_text
+from gateway.config.model import RateLimitPolicy
+from gateway.config.redisurl import parse_sentinel, redis_url_problem
+from gateway.http.exchange import Exchange
 from gateway.ratelimit.bucket import take
 from gateway.ratelimit.keys import HeaderMaker, policy_text, subject_of
 from gateway.ratelimit.memory import MemoryStore
-from gateway.redisurl import parse_sentinel, redis_url_problem
 from tests.gateway.conftest import MakeGateway
 
 SECOND = 1_000_000  # the clock is in microseconds

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from gateway.app import Gateway
-from gateway.model import RateLimitPolicy, RateLimitStoreConfig
+from gateway.config.model import RateLimitPolicy, RateLimitStoreConfig
 from gateway.ratelimit.redisstore import RedisStore
 from gateway.ratelimit.redisstore import client as redis_client
+from gateway.runtime.state import Gateway
 from tests.gateway.conftest import GatewayClient, MakeGateway
 from tests.redis_server import RedisServer, stalled_server
 
@@ -33,7 +33,7 @@ routes:
 
 
 def routes(
-    url: str, ns: str, *, burst: int = 5, timeout: str = "50ms", on_error: str = "allow"
+    url: str, ns: str, *, burst: int = 5, timeout: str = "1s", on_error: str = "allow"
 ) -> str:
     return ROUTES.format(url=url, ns=ns, burst=burst, timeout=timeout, on_error=on_error)
 

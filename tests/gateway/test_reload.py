@@ -19,11 +19,12 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.admin import create_admin_app
-from gateway.app import Gateway, create_app
-from gateway.breaker import Circuit
-from gateway.compile import load, load_text
-from gateway.reload import Signature, file_signature
+from gateway.config.build import load, load_text
+from gateway.runtime.reload import Signature, file_signature
+from gateway.runtime.state import Gateway
+from gateway.servers.admin import create_admin_app
+from gateway.servers.public import create_app
+from gateway.upstream.breaker import Circuit
 from tests.gateway.conftest import GatewayClient, base_url
 from tests.polling import always
 from tests.polling import eventually as poll_eventually

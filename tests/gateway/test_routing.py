@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from yarl import URL
 
-from gateway.errors import BadRequest
-from gateway.routing import normalize_path, split_target, strip
+from gateway.http.errors import BadRequest
+from gateway.http.routing import normalize_path, split_target, strip
 from tests.gateway.conftest import MakeGateway
 
 ROUTES = """

@@ -13,10 +13,10 @@ import pytest
 from aiohttp.test_utils import unused_port
 from pytest_aiohttp import AiohttpServer
 
-from gateway.breaker import Circuit
-from gateway.exchange import Exchange
-from gateway.model import CircuitBreakerConfig, ServiceConfig, TargetConfig
-from gateway.upstream import Service
+from gateway.config.model import CircuitBreakerConfig, ServiceConfig, TargetConfig
+from gateway.http.exchange import Exchange
+from gateway.upstream.breaker import Circuit
+from gateway.upstream.service import Service
 from tests.gateway.conftest import GatewayClient, MakeGateway, base_url
 from tests.polling import eventually
 from tests.resilience_upstreams import (

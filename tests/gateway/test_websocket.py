@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from gateway.compile import load_text
+from gateway.config.build import load_text
 from tests.gateway.conftest import ECHO_ROUTE, GatewayClient, MakeGateway
 from tests.polling import eventually
 

@@ -25,7 +25,7 @@ from typing import Any, Final, TypeAlias
 import pytest
 import yaml
 
-from gateway.compile import LoadResult, load_text
+from gateway.config.build import LoadResult, load_text
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DOCKERFILE: Final = ROOT / "Dockerfile"

@@ -40,7 +40,8 @@ async def test_make_run_serves_through_the_gateway_and_ctrl_c_stops_both(tmp_pat
                 device = {"name": "Hall light", "type": "light", "room": "hall"}
                 try:
                     url = f"http://127.0.0.1:{public}/api/inventory/devices"
-                    async with session.post(url, json=device) as resp:
+                    key = {"X-API-Key": "dev-inventory-key"}  # the key README documents
+                    async with session.post(url, json=device, headers=key) as resp:
                         return resp.status
                 except aiohttp.ClientError:
                     return 0  # not listening yet

@@ -31,7 +31,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.validate import SCHEMA_PATH
+from gateway.config.validate import SCHEMA_PATH
 from inventory.schema import DEVICE_SCHEMA_PATH
 from tests.polling import free_port, poll_until
 from tests.processes.inventory_process import REPO_ROOT
@@ -115,7 +115,7 @@ def test_the_installed_packages_come_from_the_new_venv_not_the_source_tree(
     installed: Installed,
 ) -> None:
     code = (
-        "import json, gateway, gateway.stages, inventory, gateway.validate as v, "
+        "import json, gateway, gateway.stages, inventory, gateway.config.validate as v, "
         "inventory.schema as s; print(json.dumps([gateway.__file__, gateway.stages.__file__, "
         "inventory.__file__, str(v.SCHEMA_PATH), str(s.DEVICE_SCHEMA_PATH)]))"
     )
@@ -197,10 +197,11 @@ async def test_installed_gateway_serves_the_installed_inventory_from_outside_the
         )  # fmt: skip
         devices = f"http://127.0.0.1:{public}/api/inventory/devices"
         device = {"name": "Hall light", "type": "light", "room": "hall"}
-        async with session.post(devices, json=device) as resp:
+        key = {"X-API-Key": "dev-inventory-key"}  # routes.yaml's development key (README)
+        async with session.post(devices, json=device, headers=key) as resp:
             assert resp.status == 201, await resp.text()
             created = await resp.json()
-        async with session.get(f"{devices}/{created['id']}") as resp:
+        async with session.get(f"{devices}/{created['id']}", headers=key) as resp:
             assert resp.status == 200, await resp.text()
             fetched = await resp.json()
     assert fetched["name"] == "Hall light"

@@ -1,0 +1,1 @@
+"""What answers a route: forwarding (and WebSocket pass-through); aggregate and compose later."""

@@ -1,0 +1,131 @@
+"""The streaming forwarder: what goes up, what comes back, and nothing else.
+
+Request headers lose hop-by-hop fields (RFC 9110 §7.6.1) and the ones the gateway owns, then
+gain X-Forwarded-*, X-Request-ID and traceparent. Bodies stream both ways; upstream bytes are
+never decompressed or re-encoded. Target choice and retries belong to `upstream.Service`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import istr
+
+from gateway.actions.websocket import is_websocket, proxy_websocket
+from gateway.config.model import DEFAULT_MAX_MESSAGE_BYTES, RouteConfig
+from gateway.http.bodywatch import BodyWatch
+from gateway.http.errors import ResponseAborted, UpstreamUnavailable
+from gateway.http.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
+from gateway.http.hopbyhop import REQUEST_DROP, connection_listed, relayed
+from gateway.http.pipeline import Handler
+from gateway.http.proxies import X_FORWARDED_FOR
+from gateway.http.routing import strip
+from gateway.upstream.service import Headers, Service, client_timeout
+
+X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
+X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
+X_FORWARDED_PREFIX: Final = istr("X-Forwarded-Prefix")
+
+
+def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteConfig) -> Headers:
+    """The header list for the upstream request (a plain list: aiohttp copies it anyway).
+    Client names holding "_" are dropped unless the route allows them: WSGI and CGI fold
+    X_Consumer and X-Consumer into one variable, so one could pass for the other."""
+    incoming = request.headers
+    drop = connection_listed(incoming, REQUEST_DROP)
+    if exchange.upstream_remove:  # a route's remove rules, and the names its set rules own
+        drop = drop | exchange.upstream_remove
+    if route.underscores_in_headers:  # allowed, but compared as WSGI/CGI read them (_ is -)
+        if drop is not REQUEST_DROP:  # Connection-listed or route names may be spelt with _
+            drop = frozenset(name.replace("_", "-") for name in drop)
+        out = [(n, v) for n, v in incoming.items() if n.lower().replace("_", "-") not in drop]
+    else:  # nginx's underscores_in_headers off: X_Consumer never becomes HTTP_X_CONSUMER
+        out = [(n, v) for n, v in incoming.items() if "_" not in n and n.lower() not in drop]
+    chain = exchange.forwarded_for  # set by dispatch from the trusted-proxy rules
+    peer = request.remote or ""
+    trusted = chain is not None
+    host = (trusted and incoming.get(X_FORWARDED_HOST)) or incoming.get(hdrs.HOST)
+    out += (
+        (X_FORWARDED_FOR, f"{chain}, {peer}" if chain else peer),
+        (X_FORWARDED_PROTO, (trusted and incoming.get(X_FORWARDED_PROTO)) or request.scheme),
+        (X_REQUEST_ID, exchange.request_id),
+        (TRACEPARENT, exchange.traceparent),
+    )
+    if host:
+        out.append((X_FORWARDED_HOST, host))
+    if route.strip_prefix and route.prefix != "/":
+        out.append((X_FORWARDED_PREFIX, route.prefix))
+    if exchange.upstream_set:
+        owned = {name.lower() for name, _ in exchange.upstream_set}
+        out = [item for item in out if item[0].lower() not in owned]
+        out += exchange.upstream_set
+    return out
+
+
+def upstream_path(route: RouteConfig, exchange: Exchange) -> str:
+    path = strip(route.prefix, exchange.path) if route.strip_prefix else exchange.path
+    return path + exchange.query
+
+
+def forward_handler(
+    route: RouteConfig, service: Service, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> Handler:
+    """The innermost handler of a route: relay the request to `service` and stream back.
+    One coroutine on purpose: every frame on the await chain is walked on every resume."""
+    timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
+    idle = route.timeouts.read  # also the silence allowed in a client's request body
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        exchange = request[EXCHANGE]
+        headers = upstream_headers(request, exchange, route)
+        path_qs = upstream_path(route, exchange)
+        if is_websocket(request):
+            return await proxy_websocket(
+                request, service, path_qs, headers, exchange, max_message_bytes
+            )
+        body = exchange.body
+        if body is None and request.body_exists:
+            body = request.content
+        watch = (
+            None
+            if body is None or idle is None
+            else BodyWatch(request.content, idle, exchange, route.min_body_rate)
+        )
+        started = time.perf_counter()
+        try:
+            reply = await service.send(request.method, path_qs, headers, body, exchange, timeout)
+        finally:
+            if watch is not None:
+                watch.cancel()  # headers are back: a body still going is the upstream's choice
+        exchange.upstream_ms = (time.perf_counter() - started) * 1000
+        upstream = reply.response
+        try:  # relay: headers first, then bytes as they arrive
+            if upstream.status == 101:  # the connection now speaks something else: drop it
+                upstream.close()
+                raise UpstreamUnavailable(f"service {service.name!r} switched protocols unasked")
+            response = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason, headers=relayed(upstream.headers)
+            )
+            exchange.from_upstream = True
+            exchange.upstream_had_server = hdrs.SERVER in upstream.headers
+            exchange.upstream_had_type = hdrs.CONTENT_TYPE in upstream.headers
+            await response.prepare(request)
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:  # the upstream's fault
+                    raise ResponseAborted(exchange.service, response) from exc
+                if not chunk:
+                    break
+                exchange.bytes_out += len(chunk)
+                await response.write(chunk)  # a client that left raises here, quietly
+            await response.write_eof()
+            return response
+        finally:
+            reply.release()
+
+    return handle

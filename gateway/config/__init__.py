@@ -1,0 +1,3 @@
+"""Configuration as pure data: reading routes.yaml with positions, validating it, and the frozen
+model it compiles to. Imports nothing else of the gateway.
+"""

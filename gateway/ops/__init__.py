@@ -1,0 +1,1 @@
+"""Recorders that stages and actions feed: metrics and the access log."""

@@ -1,0 +1,133 @@
+"""The model to a RouteTable: each route's chain is built here, once per load.
+
+`build_chain` is the only place the order of stages is written. A stage factory returns None
+when its route does not configure the feature, so an unconfigured feature costs nothing per
+request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+from gateway.actions.forward import forward_handler
+from gateway.auth.apikeys import ApiKeyAuthenticator
+from gateway.auth.forward import forward_authenticator
+from gateway.auth.identity import Authenticator, Method
+from gateway.auth.jwks import JwksStore
+from gateway.auth.jwt import JwtAuthenticator, JwtRules, StaticKey, VerifyKey
+from gateway.auth.policy import RoutePolicy
+from gateway.config.jwtkeys import ALGORITHM_KEYS
+from gateway.config.jwtkeys import load_public_key as _public_key
+from gateway.config.model import GatewayConfig, JwtConfig, RouteConfig
+from gateway.http.pipeline import Handler, Stage
+from gateway.http.proxies import ClientAddress
+from gateway.http.routing import Route, RouteTable
+from gateway.ratelimit.memory import MemoryStore
+from gateway.ratelimit.store import RateLimitStore
+from gateway.stages.auth import auth_stage
+from gateway.stages.bodylimit import body_limit_stage
+from gateway.stages.cors import cors_stage
+from gateway.stages.headers import headers_stage
+from gateway.stages.ratelimit import rate_limit_stage
+from gateway.upstream.service import Service
+
+
+def authenticators(
+    config: GatewayConfig, services: Mapping[str, Service], jwks: JwksStore
+) -> dict[Method, Authenticator]:
+    """One authenticator per method configured at the top level, shared by its routes."""
+    auth = config.auth
+    found: dict[Method, Authenticator] = {}
+    forward = forward_authenticator(config.forward_auth, services)
+    if forward is not None:
+        found["forward"] = forward
+    if auth.jwt is not None:
+        found["jwt"] = _jwt_authenticator(auth.jwt, jwks)
+    if auth.api_keys is not None:
+        found["api_key"] = ApiKeyAuthenticator(
+            (k.key_sha256, k.consumer, k.scopes) for k in auth.api_keys
+        )
+    return found
+
+
+def _jwt_authenticator(config: JwtConfig, jwks: JwksStore) -> JwtAuthenticator:
+    rules = JwtRules(
+        config.algorithms, config.issuer, config.audience, config.leeway, config.consumer_claim
+    )
+    pinned = tuple(sorted(config.algorithms))
+    if config.jwks_url is not None:
+        return JwtAuthenticator(rules, jwks.keys(config.jwks_url, config.jwks_refresh))
+    if config.secret is not None:
+        return JwtAuthenticator(rules, StaticKey(VerifyKey(config.secret, pinned)))
+    assert config.public_key_pem is not None
+    key = _public_key(config.public_key_pem)
+    assert all(ALGORITHM_KEYS[a] != "hmac" for a in pinned)  # validated: never a secret
+    return JwtAuthenticator(rules, StaticKey(VerifyKey(key, pinned)))
+
+
+def build_table(
+    config: GatewayConfig,
+    services: Mapping[str, Service],
+    rate_limits: RateLimitStore | None = None,
+    jwks: JwksStore | None = None,
+) -> RouteTable:
+    """Compose every route's chain once; requests only look the result up. `rate_limits` is
+    the process's store and `jwks` its key sets (both kept across reloads); None: fresh ones."""
+    rate_limits = MemoryStore() if rate_limits is None else rate_limits
+    routes = []
+    methods = authenticators(config, services, jwks or JwksStore())
+    for route in config.routes:
+        forward = forward_handler(route, services[route.service], config.max_message_bytes)
+        auth = route.auth
+        policy = None
+        if auth is not None:
+            policy = RoutePolicy(
+                auth.any_of, methods, auth.scopes, auth.consumers, auth.strip_credentials
+            )
+        chain = build_chain(route, forward, config.max_body_bytes, rate_limits, policy)
+        limit = body_limit_of(route, config.max_body_bytes)
+        routes.append(Route(route, chain.handler, chain.stages, limit))
+    return RouteTable(routes, ClientAddress(config.trusted_proxies))
+
+
+def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:
+    """Wrap `innermost` in `stages`, the first stage outermost; None entries are skipped."""
+    handler = innermost
+    for stage in reversed(stages):
+        if stage is not None:
+            handler = stage(handler)
+    return handler
+
+
+def build_chain(
+    route: RouteConfig,
+    forward: Handler,
+    global_body_limit: int | None,
+    rate_limits: RateLimitStore | None = None,
+    auth: RoutePolicy | None = None,
+) -> Chain:
+    """The stages of one route around its forwarder. This list *is* the order."""
+    stages: list[tuple[str, Stage | None]] = [  # outermost first
+        ("cors", cors_stage(route)),  # preflights are answered before auth
+        ("auth", auth_stage(auth)),  # before any body byte is read; sets the consumer
+        ("rate_limit", None if rate_limits is None else rate_limit_stage(route, rate_limits)),
+        ("body_limit", body_limit_stage(body_limit_of(route, global_body_limit))),
+        ("headers", headers_stage(route.request_headers, route.response_headers)),
+    ]
+    names = tuple(name for name, stage in stages if stage is not None)
+    return Chain(compose([stage for _, stage in stages], forward), (*names, "forward"))
+
+
+def body_limit_of(route: RouteConfig, global_limit: int | None) -> int | None:
+    """The limit that applies to a route: the smaller of its own and the global one."""
+    if route.max_body_bytes is None:
+        return global_limit
+    if global_limit is None:
+        return route.max_body_bytes
+    return min(route.max_body_bytes, global_limit)
+
+
+class Chain(NamedTuple):
+    handler: Handler
+    stages: tuple[str, ...]  # names, outermost first, ending in "forward"

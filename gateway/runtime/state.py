@@ -1,0 +1,157 @@
+"""What a running process holds: `Gateway`, the current config, route table and services,
+and the last load result. Reload builds a new table off to the side and swaps one reference;
+a request keeps the table it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from aiohttp import web
+
+from gateway.auth.jwks import JwksStore
+from gateway.config.build import LoadResult
+from gateway.config.model import GatewayConfig, ListenerTls
+from gateway.config.tls import ServerTls
+from gateway.http.routing import RouteTable
+from gateway.ops.accesslog import AccessLog
+from gateway.ops.metrics import Metrics
+from gateway.ratelimit.store import RateLimits
+from gateway.runtime.assemble import build_table
+from gateway.runtime.reload import Reloader
+from gateway.upstream.health import HealthChecker
+from gateway.upstream.service import Service, close_later
+
+config_log = logging.getLogger("gateway.config")
+
+
+@dataclass(slots=True)
+class LoadStatus:
+    """What /config reports about the last load or reload."""
+
+    ok: bool
+    at: float
+    version_hash: str | None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Gateway:
+    """The current config, route table and services of this process."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        config_path: str | None = None,
+        warnings: Sequence[str] = (),
+    ) -> None:
+        self.config_path = config_path  # watched for hot reload when set
+        self.access_log = AccessLog()
+        self.metrics = Metrics()
+        self.health = HealthChecker()
+        self.reloader: Reloader | None = None
+        self.tls: ServerTls | None = None  # the public listener's, when it serves HTTPS
+        self.services: dict[str, Service] = {}
+        self.jwks = JwksStore()  # JWKS key sets by URL, kept across reloads
+        self.rate_limits = RateLimits(self.metrics.rate_limit_store_errors.inc)
+        self.metrics.watch(lambda: self.services.values())
+        self.config = config
+        self.table = RouteTable(())
+        self.status = LoadStatus(True, time.time(), config.version_hash, [], list(warnings))
+        self._retired: list[Service] = []  # replaced by a reload, still draining
+        self._tasks: set[asyncio.Task[None]] = set()  # certificate reloads in flight
+        self._retiring: set[asyncio.Task[None]] = set()  # their `_retire` tasks, kept alive
+        self.swap(config)
+
+    def swap(self, config: GatewayConfig) -> list[Service]:
+        """Install `config`: keep services whose config is unchanged, build the new table. A
+        changed service is a new `Service` whose unchanged targets keep their health and
+        circuit state; the old one is returned with the removed ones, to drain."""
+        kept: dict[str, Service] = {}
+        for name, service_config in config.services.items():
+            old = self.services.get(name)
+            kept[name] = (
+                old
+                if old is not None and old.config == service_config
+                else Service(service_config, previous=old)
+            )
+        removed = [s for name, s in self.services.items() if kept.get(name) is not s]
+        table = build_table(
+            config, kept, self.rate_limits.store_for(config.rate_limit_store), self.jwks
+        )
+        self.services, self.table, self.config = kept, table, config  # the swap
+        return removed
+
+    def apply(self, result: LoadResult) -> bool:
+        """Swap in a reloaded file, or keep serving the old table and record why not."""
+        warnings = [str(w) for w in result.warnings]
+        if result.config is None:
+            errors = [str(e) for e in result.errors]
+            self.status = LoadStatus(False, time.time(), result.doc.version_hash, errors, warnings)
+            for line in errors:
+                config_log.warning("reload rejected: %s", line)
+            self.metrics.reloads.labels("rejected").inc()
+            return False
+        # Listeners are bound once: a reload changes routes and services, not addresses.
+        config = replace(result.config, listen=self.config.listen, admin=self.config.admin)
+        removed = self.swap(config)
+        self._reload_tls(config)
+        self.health.sync(self.services.values())
+        self.metrics.reloads.labels("applied").inc()
+        self.status = LoadStatus(True, time.time(), result.config.version_hash, [], warnings)
+        config_log.info("reload applied: version %s", result.config.version_hash[:12])
+        if removed:
+            task = asyncio.get_running_loop().create_task(
+                self._retire(removed, config.drain_timeout), name="retire services"
+            )
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return True
+
+    def _reload_tls(self, config: GatewayConfig) -> None:
+        """New connections get the certificate as it is now (files re-read on every reload)."""
+        if (self.tls is None) != (config.tls is None):
+            config_log.warning("adding or removing tls needs a restart: the listener is bound")
+        if self.tls is not None and config.tls is not None:
+            task = asyncio.get_running_loop().create_task(self._swap_tls(self.tls, config.tls))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _swap_tls(self, tls: ServerTls, files: ListenerTls) -> None:
+        try:
+            await tls.reload(files)
+        except (OSError, ssl.SSLError):
+            config_log.warning("the new certificate did not load; the previous one is served")
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload now."""
+        if self.reloader is not None:
+            self.reloader.trigger()
+
+    async def _retire(self, removed: list[Service], drain_timeout: float) -> None:
+        """Close the pools of services a reload removed or replaced, once their requests
+        (streams and WebSockets included) are done, or after `drain_timeout`."""
+        self._retired.extend(removed)
+        await close_later(removed, drain_timeout)
+        self._retired = [s for s in self._retired if s not in removed]
+
+    async def close(self) -> None:
+        """Shutdown: stop the probes and the draining, close every pool."""
+        await self.health.stop()
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for service in [*self.services.values(), *self._retired]:
+            await service.close()
+        await self.jwks.close()
+        await self.rate_limits.close()
+        self._retired = []
+
+
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,1 @@
+"""The aiohttp applications and connections: the public listener and the admin listener."""

@@ -1,0 +1,268 @@
+"""One client connection: the limits nginx has by default, and answers to what the parser rejects.
+
+aiohttp's `RequestHandler` (the asyncio protocol of one connection) is subclassed to add what
+it lacks for a server on the open internet (CONTRACT §7):
+
+- `header_timeout`: a request's headers must arrive within it, counted from the connection's
+  start or from the first byte of the next request (slowloris); then the connection closes.
+- `keepalive_timeout`: aiohttp's own idle timer, set from the config instead of its 3630 s.
+- `send_timeout`: a client that stops reading makes the transport pause writing; if it stays
+  paused that long, the connection is aborted and its handler cancelled, which releases the
+  upstream connection. Nothing is done per write: the timer is armed on pause only.
+- `max_header_bytes`: all header lines of one request together (`name: value` and CRLF, the
+  request line apart). Bytes are counted as they arrive, so a head that never ends costs at
+  most that plus the request line and one read before it is refused with 431; a head that
+  arrived whole is measured exactly, and only when its read was that large.
+- `max_client_connections`: connections over it are closed at once.
+
+A request the parser rejects gets the gateway's problem+json (400, 414 or 431) with no Server
+header and no echo of the request's bytes, is counted and access-logged, and the connection
+closes. The event log gets one line per interval, however many arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from gateway.config.model import ClientLimits
+from gateway.http.errors import (
+    GatewayError,
+    HeadersTooLarge,
+    MalformedRequest,
+    TargetTooLong,
+    problem_response,
+)
+from gateway.http.exchange import EXCHANGE, start_exchange
+
+if TYPE_CHECKING:
+    from gateway.runtime.state import Gateway
+
+logger = logging.getLogger("gateway.connection")
+_REQUEST_LINE_EXTRA: Final = 64  # method, version, spaces and CRLFs beside the target
+REJECTION_LOG_INTERVAL: Final = 10.0  # seconds between two event-log lines about rejections
+
+
+class HeadTooLarge(BadHttpMessage):
+    """The header lines of one request passed `max_header_bytes` before they ended."""
+
+
+class GatewayServer(web.Server):
+    """aiohttp's connection factory, making `GatewayProtocol`s with the current limits."""
+
+    def __init__(self, server: web.Server, gateway: Gateway) -> None:
+        super().__init__(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            **server._kwargs,
+        )
+        self.gateway = gateway
+        self.open = 0  # client connections open now
+        self._rejections = 0  # parser rejections since the last event-log line
+        self._logged_at = -REJECTION_LOG_INTERVAL
+
+    def __call__(self) -> GatewayProtocol:
+        limits = self.gateway.config.client_limits  # read per connection: reloads apply
+        kwargs = dict(self._kwargs)
+        kwargs.update(
+            keepalive_timeout=limits.keepalive_timeout,
+            max_line_size=limits.max_request_target_bytes,
+            max_field_size=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+        )
+        return GatewayProtocol(self, limits, loop=self._loop, **kwargs)
+
+    def rejected(self) -> None:
+        """Count a parser rejection; log a line at most once per interval."""
+        self._rejections += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REJECTION_LOG_INTERVAL:
+            logger.info("malformed requests refused: %d since the last report", self._rejections)
+            self._rejections, self._logged_at = 0, now
+
+
+class GatewayProtocol(RequestHandler):
+    __slots__ = ("_counted", "_head_bytes", "_head_timer", "_limits", "_payload", "_send_timer")
+
+    def __init__(self, server: GatewayServer, limits: ClientLimits, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._limits = limits
+        self._counted = False  # this connection is in the server's `open` count
+        self._head_bytes = 0  # bytes of the request head being received
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._payload: Any = None  # the body of the last request parsed, while it arrives
+
+    @property
+    def _server(self) -> GatewayServer:
+        manager = self._manager
+        assert isinstance(manager, GatewayServer)
+        return manager
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._server
+        if server.open >= self._limits.max_client_connections:
+            server.gateway.metrics.client_closed.labels("over_limit").inc()
+            self._manager = None  # never registered: connection_lost has nothing to undo
+            transport.close()
+            return
+        server.open += 1
+        self._counted = True
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._server.open -= 1
+        for timer in (self._head_timer, self._send_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._send_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded or self._payload_parser is not None:  # WebSocket frames
+            super().data_received(data)
+            return
+        before = self._request_count
+        in_head = self._payload is None or self._payload.is_eof()
+        limit = self._limits.max_header_bytes
+        suspect = in_head and self._head_bytes + len(data) > limit  # the headers may be over
+        super().data_received(data)
+        if self._request_count != before:  # a head ended: its body (if any) follows
+            self._head_bytes = 0
+            self._payload = self._messages[-1][1] if self._messages else None
+            self._cancel_head_timer()
+            if suspect:  # only then can a head that arrived whole be over the total
+                self._check_heads(self._request_count - before, limit)
+            return
+        if not in_head or not data or self._force_close or self._close:
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > limit + self._limits.max_request_target_bytes + _REQUEST_LINE_EXTRA:
+            self._refuse(HeadTooLarge("request headers too large"))
+        elif self._head_timer is None:
+            self._arm_head_timer()
+
+    def _check_heads(self, count: int, limit: int) -> None:
+        """Refuse the first of the `count` heads just parsed whose lines exceed `limit`."""
+        queued = self._messages
+        for i in range(len(queued) - count, len(queued)):
+            message = queued[i][0]
+            if isinstance(message, _ErrInfo):
+                continue
+            size = sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
+            if size > limit:
+                while len(queued) > i:  # it and what was pipelined after it
+                    queued.pop()
+                self._refuse(HeadTooLarge("request headers too large"))
+                return
+
+    def _refuse(self, exc: HttpProcessingError) -> None:
+        """Answer the head being received with an error, as aiohttp does for parser errors,
+        and read nothing more from this connection."""
+        self._messages.append((_ErrInfo(status=400, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+        self._request_count += 1
+        self._close = True  # data_received ignores what follows; closed after the answer
+        self._cancel_head_timer()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _arm_head_timer(self) -> None:
+        timeout = self._limits.header_timeout
+        if timeout > 0:
+            self._head_timer = self._loop.call_later(timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._request_in_progress:  # a pipelined head waits for the request before it
+            self._arm_head_timer()
+            return
+        self._server.gateway.metrics.client_closed.labels("header_timeout").inc()
+        self.force_close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        timeout = self._limits.send_timeout
+        if timeout > 0 and self._send_timer is None:
+            self._send_timer = self._loop.call_later(timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        self._server.gateway.metrics.client_closed.labels("send_timeout").inc()
+        if self.transport is not None:
+            self.transport.abort()  # buffered bytes are dropped: the client was not reading
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        """A parser rejection (or a bug that escaped the dispatcher) as problem+json."""
+        server = self._server
+        if request.writer.output_size > 0:  # something was sent: only a broken end is left
+            raise ConnectionError("response already started")
+        error = rejection(exc, self._limits) if status == 400 else GatewayError()
+        if status != 400:
+            logger.error("error outside the dispatcher", exc_info=exc)
+        exchange = start_exchange(request)
+        request[EXCHANGE] = exchange
+        response = problem_response(request, error)
+        response.force_close()
+        server.rejected()
+        gateway = server.gateway
+        sent = response.content_length or 0
+        gateway.metrics.observe(exchange, "OTHER", error.status, 0, sent, 0.0)
+        gateway.access_log.record(request, exchange, error.status, 0, sent, 0.0)
+        return response
+
+
+def rejection(exc: BaseException | None, limits: ClientLimits) -> GatewayError:
+    """The problem for what aiohttp's parser (or the head counter) refused. The parser's own
+    message is never shown: it quotes the request's bytes, credentials included."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        if limit == limits.max_request_target_bytes and limit != limits.max_header_bytes:
+            return TargetTooLong(f"the request target is longer than {limit} bytes")
+        return HeadersTooLarge(f"a request header is longer than {limits.max_header_bytes} bytes")
+    if isinstance(exc, HeadTooLarge):
+        return HeadersTooLarge(f"the request headers exceed {limits.max_header_bytes} bytes")
+    if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc.message):
+        return HeadersTooLarge(f"the request has more than {limits.max_headers} header fields")
+    return MalformedRequest("the request could not be parsed as HTTP/1.1")
+
+
+class GatewayRunner(web.AppRunner):
+    """AppRunner whose connections are `GatewayProtocol`s (the public listener's runner)."""
+
+    def __init__(self, app: web.Application, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._gateway = gateway
+
+    async def _make_server(self) -> web.Server:
+        return GatewayServer(await super()._make_server(), self._gateway)

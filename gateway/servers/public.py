@@ -1,0 +1,199 @@
+"""The public application: one catch-all handler that matches the current route table and
+runs the route's chain, with what app middlewares would do (the Exchange, problem+json, the
+access line and metrics) in the same frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
+
+from aiohttp import HttpVersion11, hdrs, web
+from yarl import URL
+
+from gateway.http.errors import (
+    CLIENT_GONE,
+    GatewayError,
+    MalformedRequest,
+    MethodNotAllowed,
+    VersionNotSupported,
+    problem_for,
+)
+from gateway.http.exchange import EXCHANGE, apply_exchange, start_exchange
+from gateway.http.pipeline import Handler
+from gateway.http.routing import normalize_path, split_target
+from gateway.runtime.reload import Reloader
+from gateway.runtime.state import GATEWAY, Gateway
+
+if TYPE_CHECKING:
+    from aiohttp.web_urldispatcher import _InfoDict  # the type get_info must return
+
+config_log = logging.getLogger("gateway.config")
+
+
+def make_dispatch(gateway: Gateway) -> Handler:
+    """The one handler of the public app. It does what app middlewares would (the Exchange,
+    problem+json, the access line and metrics) in one frame: on a route with no feature this
+    is most of the gateway's own cost, so it is kept flat."""
+    access_log, metrics = gateway.access_log, gateway.metrics
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        exchange = start_exchange(request)
+        request[EXCHANGE] = exchange
+        status, sent = CLIENT_GONE, 0  # until an answer exists: the client went away first
+        metrics.active += 1
+        try:
+            try:
+                table = gateway.table  # read once: in-flight requests keep their table
+                if request.version[0] != 1:
+                    raise unsupported_version(request)
+                raw = request.raw_path
+                if not raw.startswith("/"):
+                    raw = origin_form(request)
+                path, exchange.query = split_target(raw)
+                exchange.client, exchange.forwarded_for = table.clients.resolve(request)
+                exchange.path = normalize_path(path)
+                route = table.match(request.method, exchange.path)
+                exchange.route = route.config.name
+                exchange.service = route.config.service
+                response = await route.handler(request)
+            except MethodNotAllowed as exc:
+                exchange.route = exc.route  # the route whose prefix matched
+                response = problem_for(request, exc)
+            except Exception as exc:
+                response = problem_for(request, exc)
+            status = response.status
+            if not response.prepared:  # answered by the gateway: sent after this returns
+                sent = response.content_length or 0
+            return response
+        finally:
+            metrics.active -= 1
+            sent = exchange.bytes_out or sent  # relayed body bytes, even if the client left
+            received = request.content.total_bytes if request.body_exists else 0
+            seconds = time.perf_counter() - exchange.started
+            metrics.observe(exchange, request.method, status, received, sent, seconds)
+            access_log.record(request, exchange, status, received, sent, seconds)
+
+    return dispatch
+
+
+def unsupported_version(request: web.Request) -> MalformedRequest:
+    """HTTP/2.0 and later on this HTTP/1.1 port get 505 (RFC 9110 §15.6.6), as from nginx;
+    a version-less request line (HTTP/0.9) is not answered in kind: 400."""
+    if request.version[0] == 0:
+        return MalformedRequest("HTTP/0.9 requests are not supported")
+    return VersionNotSupported("this listener speaks HTTP/1.0 and HTTP/1.1")
+
+
+def origin_form(request: web.Request) -> str:
+    """The path and query of an absolute-form target (`GET http://host/a?b`, RFC 9112 §3.2.2;
+    an empty path is "/"). CONNECT's authority-form names no path: the gateway is not a
+    forward proxy."""
+    if request.method == hdrs.METH_CONNECT:
+        raise MalformedRequest("CONNECT is not supported: this is a gateway, not a proxy")
+    raw = request.rel_url.raw_path_qs
+    return raw if raw.startswith("/") else "/" + raw
+
+
+ExpectHandler = Callable[[web.Request], Awaitable[None]]
+
+
+def make_expect(gateway: Gateway) -> ExpectHandler:
+    """`Expect: 100-continue` (RFC 9110 §10.1.1): invite the body only when the gateway will
+    read it. A request that will get a 404, 405 or 413 gets that answer, never a 100 first."""
+
+    async def expect(request: web.Request) -> None:
+        if request.version != HttpVersion11:
+            return
+        if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+            return  # other expectations are ignored, as a proxy may (RFC 9110 §10.1.1)
+        try:
+            path = normalize_path(split_target(request.raw_path)[0])
+            route = gateway.table.match(request.method, path)
+        except GatewayError:
+            return  # the handler answers without reading the body
+        length = request.content_length
+        if route.body_limit is not None and length is not None and length > route.body_limit:
+            return  # the body-limit stage answers 413
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # what aiohttp's own handler does: no body sent yet
+
+    return expect
+
+
+class CatchAll(web.AbstractResource):
+    """Every path and method to one handler. The RouteTable does the routing, so aiohttp's
+    own URL matching (a regular expression per request) would be the same work done twice."""
+
+    def __init__(self, handler: Handler, expect: ExpectHandler) -> None:
+        super().__init__(name="gateway")
+        self._route = web.ResourceRoute("*", handler, self, expect_handler=expect)
+
+    @property
+    def canonical(self) -> str:
+        return "/"
+
+    def url_for(self, **kwargs: str) -> URL:
+        return URL("/")
+
+    async def resolve(self, request: web.Request) -> tuple[web.UrlMappingMatchInfo, set[str]]:
+        return web.UrlMappingMatchInfo({}, self._route), {"*"}
+
+    def add_prefix(self, prefix: str) -> None:
+        raise NotImplementedError("the gateway's catch-all is not mounted under a prefix")
+
+    def get_info(self) -> _InfoDict:
+        return {"path": "/"}
+
+    def raw_match(self, path: str) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[web.AbstractRoute]:
+        return iter((self._route,))
+
+
+def create_app(gateway: Gateway) -> web.Application:
+    app = web.Application()  # no middlewares: see dispatch; parser limits: GatewayServer
+    app[GATEWAY] = gateway
+    catch_all = CatchAll(make_dispatch(gateway), make_expect(gateway))
+    app.router.register_resource(catch_all)
+
+    async def resolve(request: web.Request) -> web.UrlMappingMatchInfo:
+        # Every request target to the one resource, with no walk over path prefixes (which
+        # also left CONNECT and `GET http://host` to aiohttp's own plain-text 404).
+        return (await catch_all.resolve(request))[0]
+
+    app.router.resolve = resolve  # type: ignore[method-assign]  # see resolve's comment
+    app.on_response_prepare.append(apply_exchange)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Start the access-log writer, metrics flush, health checks and file watch; stop them."""
+    gateway = app[GATEWAY]
+    gateway.access_log.start()
+    gateway.health.sync(gateway.services.values())
+    loop = asyncio.get_running_loop()
+    tasks = [
+        loop.create_task(gateway.access_log.flush_forever(), name="access-log flush"),
+        loop.create_task(gateway.metrics.flush_forever(), name="metrics flush"),
+    ]
+    if gateway.config_path is not None:
+        gateway.reloader = Reloader(
+            gateway.config_path, gateway.apply, served_hash=lambda: gateway.config.version_hash
+        )
+        tasks.append(loop.create_task(gateway.reloader.run(), name="config watch"))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await gateway.close()
+    gateway.metrics.flush()
+    await asyncio.to_thread(gateway.access_log.stop)  # joins the writer: never on the loop

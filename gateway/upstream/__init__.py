@@ -1,0 +1,1 @@
+"""Services and their targets: sending with retries, balancing, circuit breakers, health checks."""

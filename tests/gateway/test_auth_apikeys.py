@@ -1,0 +1,122 @@
+"""auth.api_keys: keys in X-API-Key or `Authorization: ApiKey`, only hashes in the config,
+`python -m gateway hash-key`, and what the upstream is (and is not) sent."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any, cast
+
+import pytest
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from gateway.__main__ import main
+from tests.gateway.conftest import GatewayTestServer
+from tests.tokens import GatewayClient, Seen, compile_auth_gateway, counting_echo
+
+KEY = "k-7f3a9c1e5b2d4068"
+ROUTES = f"""
+version: 1
+auth:
+  api_keys:
+    - {{consumer: thermostat, key_sha256: {hashlib.sha256(KEY.encode()).hexdigest()},
+       scopes: [inventory:read]}}
+services:
+  echo: {{targets: [$ECHO]}}
+routes:
+  - {{prefix: /api, service: echo, auth: {{any_of: [api_key]}}}}
+  - {{prefix: /strip, service: echo, auth: {{any_of: [api_key], strip_credentials: true}}}}
+"""
+
+
+@pytest.fixture
+def seen() -> Seen:
+    return Seen()
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, seen: Seen
+) -> GatewayClient:
+    echo: TestServer = await aiohttp_server(counting_echo(seen))
+    gateway = await compile_auth_gateway(ROUTES, echo=echo)
+    made: object = await aiohttp_client(GatewayTestServer(gateway))
+    return cast(GatewayClient, made)
+
+
+def sent(body: dict[str, Any], name: str) -> list[str]:
+    return [v for k, v in body["headers"] if k.lower() == name.lower()]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-API-Key": KEY}, {"Authorization": f"ApiKey {KEY}"}, {"Authorization": f"apikey  {KEY}"}],
+    ids=["x-api-key", "authorization", "scheme-case-and-spaces"],
+)
+async def test_a_known_key_admits_as_its_consumer(
+    client: GatewayClient, headers: dict[str, str]
+) -> None:
+    resp = await client.get("/api/devices", headers=headers)
+    body = await resp.json()
+
+    assert resp.status == 200, body
+    assert sent(body, "X-Consumer") == ["thermostat"]
+    assert sent(body, "X-Auth-Subject") == ["thermostat"]
+    assert sent(body, "X-Auth-Scopes") == ["inventory:read"]
+
+
+async def test_credentials_go_upstream_unless_the_route_strips_them(client: GatewayClient) -> None:
+    kept = await (await client.get("/api/x", headers={"X-API-Key": KEY})).json()
+    stripped = await (
+        await client.get("/strip/x", headers={"X-API-Key": KEY, "Authorization": f"ApiKey {KEY}"})
+    ).json()
+
+    assert sent(kept, "X-API-Key") == [KEY]
+    assert sent(stripped, "X-API-Key") == []
+    assert sent(stripped, "Authorization") == []
+    assert sent(stripped, "X-Consumer") == ["thermostat"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-API-Key": "wrong"},
+        {"X-API-Key": ""},
+        {"X-API-Key": "x" * 5000},
+        {"Authorization": f"ApiKey {KEY}x"},
+        {"Authorization": f"Bearer {KEY}"},  # a key is not a token
+    ],
+    ids=["none", "unknown", "empty", "huge", "unknown-in-authorization", "as-bearer"],
+)
+async def test_a_missing_or_unknown_key_is_a_401_with_both_challenges(
+    client: GatewayClient, seen: Seen, headers: dict[str, str]
+) -> None:
+    resp = await client.get("/api/x", headers=headers)
+    problem = await resp.json()
+
+    assert resp.status == 401
+    assert resp.headers["WWW-Authenticate"] == 'Bearer realm="gateway", ApiKey realm="gateway"'
+    assert KEY not in str(problem)
+    assert seen.paths == []
+
+
+def test_hash_key_prints_the_sha256_of_the_key_read_from_stdin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{KEY}\n"))
+
+    code = main(["hash-key"])
+
+    assert code == 0
+    assert capsys.readouterr().out == hashlib.sha256(KEY.encode()).hexdigest() + "\n"
+
+
+def test_hash_key_refuses_an_empty_input(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+
+    assert main(["hash-key"]) == 2
+    assert "no key" in capsys.readouterr().err
