@@ -29,9 +29,10 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY setup.py ./
 COPY schemas/ schemas/
 COPY inventory/ inventory/
+COPY sqlshelf/ sqlshelf/
 COPY gateway/ gateway/
 RUN pip install --no-deps -e . \
- && python -m compileall -q gateway inventory
+ && python -m compileall -q gateway inventory sqlshelf
 
 # A default route table (the same one compose and Kubernetes mount over this directory),
 # and /data for the inventory's store, owned by the runtime user.

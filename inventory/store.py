@@ -12,7 +12,7 @@ hand it one whole operation at a time, so operations run one after another: a re
 write such as an `If-Match` update is atomic without locks, two writers never interleave
 inside a record, and the event loop never blocks on the disk.
 
-Durability: each operation commits before its future resolves (see `sqlitemap`), so a
+Durability: each operation commits before its future resolves (see `sqlshelf`), so a
 response is sent only for a write that is on disk. A create writes the device and the bumped
 id counter in one transaction.
 
@@ -45,7 +45,7 @@ from inventory.errors import DeviceNotFound, PreconditionFailed
 from inventory.paging import select_page
 from inventory.patch import etag_of, if_match_passes, if_none_match_allows_write, representation
 from inventory.schema import JSON, safe_form
-from inventory.sqlitemap import LOCK_TIMEOUT_SECONDS, SqliteMapError, SqliteMapping
+from sqlshelf import LOCK_TIMEOUT_SECONDS, SqliteMapError, SqliteMapping
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pytest_aiohttp import AiohttpClient
 from inventory.app import create_app
 from inventory.patch import strong_etag
 from inventory.schema import DEVICE_SCHEMA, JSON, MAX_DEPTH
-from inventory.sqlitemap import SqliteMapping
+from sqlshelf import SqliteMapping
 from tests.inventory.conftest import HALL_LIGHT, Client, MakeDevice
 
 JSON_HEADERS: dict[str, str] = {"Content-Type": "application/json"}

@@ -38,7 +38,8 @@ from tests.processes.inventory_process import REPO_ROOT
 
 # What the build reads. A build input added later goes here too (the build fails without it).
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "schemas")
-PACKAGES = ("gateway", "inventory")
+PACKAGES = ("gateway", "inventory")  # each carries the schemas
+SHARED = ("sqlshelf",)  # packages both import (no schemas)
 BUILD_SECONDS = 120.0  # a bound, not the expectation: a warm pip cache builds in ~5 s
 START_SECONDS = 15.0
 STOP_SECONDS = 15.0
@@ -72,7 +73,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     assert REPO_ROOT not in root.parents, "the test must run outside the repository"
     source = root / "source"  # a clean copy: no stale build/ or egg-info from the work tree
     source.mkdir()
-    for name in (*BUILD_INPUTS, *PACKAGES):
+    for name in (*BUILD_INPUTS, *PACKAGES, *SHARED):
         path = REPO_ROOT / name
         if path.is_dir():
             shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -108,6 +109,7 @@ def test_the_wheel_carries_the_top_level_schemas_the_typing_markers_and_every_su
                 packaged = f"{package}/_schemas/{schema.name}"
                 assert wheel.read(packaged) == schema.read_bytes(), packaged
     assert {"gateway/py.typed", "inventory/py.typed", "gateway/stages/__init__.py"} <= names
+    assert {"sqlshelf/__init__.py", "sqlshelf/py.typed"} <= names
     assert not [name for name in names if name.endswith(".pyc") or name.startswith("tests/")]
 
 

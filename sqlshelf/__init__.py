@@ -7,10 +7,18 @@ SQLite in WAL mode and `synchronous = FULL`, so a committed write survives `kill
 power loss), and an interrupted one rolls back on the next open.
 
 Each assignment or deletion is its own transaction and is on disk when it returns;
-`transaction()` groups several into one atomic commit. The connection takes an exclusive
-lock for its whole life, so a second process can never open the same file and write behind
-this one's back. The connection belongs to the thread that created it: SQLite's
-`check_same_thread` stays on, so use from any other thread fails loudly.
+`transaction()` groups several into one atomic commit. By default the connection takes an
+exclusive lock for its whole life, so a second process can never open the same file and write
+behind this one's back (the inventory). `shared=True` leaves the lock mode normal so several
+processes use one file at once (the gateway's response cache, one connection per worker):
+WAL lets readers run beside the one writer, a writer waits up to `lock_timeout` for another,
+and `synchronous = NORMAL` keeps the file consistent through a crash while a commit skips the
+fsync (the last commits before a power loss may be lost, which a cache can afford). The
+connection belongs to the thread that created it: SQLite's `check_same_thread` stays on, so
+use from any other thread fails loudly.
+
+This is a top-level package of its own because both the inventory and the gateway use it, and
+neither may import the other.
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ _PRAGMAS: Final = (
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",  # fsync the WAL on every commit: durable on return
 )
+_SHARED_PRAGMAS: Final = (
+    "PRAGMA journal_mode = WAL",  # readers beside one writer, across processes
+    "PRAGMA synchronous = NORMAL",  # consistent after a crash; commits skip the fsync
+)
 _CREATE: Final = "CREATE TABLE IF NOT EXISTS Dict (key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)"
 _GET: Final = "SELECT value FROM Dict WHERE key = ?"
 _SET: Final = (
@@ -34,6 +46,7 @@ _SET: Final = (
 )
 _DELETE: Final = "DELETE FROM Dict WHERE key = ?"
 _KEYS: Final = "SELECT key FROM Dict"
+_RANGE: Final = "SELECT key FROM Dict WHERE key >= ? AND key < ?"
 _COUNT: Final = "SELECT COUNT(key) FROM Dict"
 LOCK_TIMEOUT_SECONDS: Final = 2.0  # how long to wait for another holder to let go
 
@@ -45,7 +58,10 @@ class SqliteMapError(Exception):
 class SqliteMapping(MutableMapping[bytes, bytes]):
     """bytes to bytes on one SQLite file; every write is durable when it returns."""
 
-    def __init__(self, path: Path, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self, path: Path, *, lock_timeout: float = LOCK_TIMEOUT_SECONDS, shared: bool = False
+    ) -> None:
+        self._pragmas = _SHARED_PRAGMAS if shared else _PRAGMAS
         try:
             self._cx: sqlite3.Connection | None = sqlite3.connect(
                 path, timeout=lock_timeout, isolation_level=None
@@ -62,7 +78,7 @@ class SqliteMapping(MutableMapping[bytes, bytes]):
 
     def _configure(self) -> None:
         cx = self._connection
-        for pragma in _PRAGMAS:
+        for pragma in self._pragmas:
             cx.execute(pragma)
         mode = cx.execute("PRAGMA journal_mode").fetchone()[0]
         if mode != "wal":
@@ -96,6 +112,15 @@ class SqliteMapping(MutableMapping[bytes, bytes]):
         # Materialised, so writes while a caller iterates cannot disturb a live cursor.
         keys = [row[0] for row in self._connection.execute(_KEYS).fetchall()]
         return iter(keys)
+
+    def keys_with_prefix(self, prefix: bytes) -> list[bytes]:
+        """Every key that starts with `prefix` (non-empty), by one range scan of the key index."""
+        if not prefix:
+            raise ValueError("an empty prefix is every key: iterate instead")
+        end = _successor(prefix)
+        if end is None:  # all 0xff: nothing sorts after every such key but longer ones
+            return [k for k in self if k.startswith(prefix)]
+        return [row[0] for row in self._connection.execute(_RANGE, (prefix, end)).fetchall()]
 
     def __len__(self) -> int:
         count: int = self._connection.execute(_COUNT).fetchone()[0]
@@ -131,3 +156,11 @@ class SqliteMapping(MutableMapping[bytes, bytes]):
         if self._cx is not None:
             self._cx.close()
             self._cx = None
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The smallest bytes value greater than every key that starts with `prefix`."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])

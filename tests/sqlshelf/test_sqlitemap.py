@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from inventory.sqlitemap import SqliteMapError, SqliteMapping
+from sqlshelf import SqliteMapError, SqliteMapping
 
 
 @pytest.fixture
@@ -135,3 +135,46 @@ def test_shelve_stores_python_values_through_it(tmp_path: Path) -> None:
     reader: shelve.Shelf[object] = shelve.Shelf(SqliteMapping(tmp_path / "map.db"))
     with reader:
         assert dict(reader) == {"device:1": device}
+
+
+def test_shared_mode_lets_two_connections_read_and_write_one_file(tmp_path: Path) -> None:
+    first = SqliteMapping(tmp_path / "shared.db", shared=True)
+    second = SqliteMapping(tmp_path / "shared.db", shared=True)
+    try:
+        first[b"a"] = b"1"
+        assert second[b"a"] == b"1"
+        del second[b"a"]
+        assert b"a" not in first
+        assert first.pragma("journal_mode") == "wal"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_an_exclusive_file_cannot_be_opened_shared_beside_it(tmp_path: Path) -> None:
+    owner = SqliteMapping(tmp_path / "own.db")
+    owner[b"a"] = b"1"
+    try:
+        with pytest.raises(SqliteMapError):
+            SqliteMapping(tmp_path / "own.db", shared=True, lock_timeout=0.1)[b"a"]
+    finally:
+        owner.close()
+
+
+def test_keys_with_prefix_is_exactly_the_keys_that_start_with_it(mapping: SqliteMapping) -> None:
+    for key in (
+        b"/a\x00x",
+        b"/a\x00y",
+        b"/a/b\x00z",
+        b"/ab\x00w",
+        b"/b",
+        b"\xff\xff",
+        b"\xff\xff1",
+    ):
+        mapping[key] = b"v"
+
+    assert sorted(mapping.keys_with_prefix(b"/a\x00")) == [b"/a\x00x", b"/a\x00y"]
+    assert sorted(mapping.keys_with_prefix(b"/a/")) == [b"/a/b\x00z"]
+    assert sorted(mapping.keys_with_prefix(b"\xff\xff")) == [b"\xff\xff", b"\xff\xff1"]
+    with pytest.raises(ValueError, match="empty prefix"):
+        mapping.keys_with_prefix(b"")
