@@ -18,6 +18,8 @@ from gateway.config.model import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ApiKeyConfig,
     AuthConfig,
+    CachePolicy,
+    CacheStoreConfig,
     CircuitBreakerConfig,
     ClientLimits,
     CorsConfig,
@@ -110,6 +112,7 @@ def build_config(doc: Document) -> GatewayConfig:
         client_limits=_client_limits(limits),
         auth=_auth(data.get("auth") or {}, doc.file),
         rate_limit_store=_rate_limit_store(data.get("store") or {}),
+        cache_store=_cache_store(data.get("store") or {}),
         drain_timeout=_seconds(limits.get("drain_timeout"), 600.0) or 600.0,
         services=services,
         routes=routes,
@@ -174,6 +177,26 @@ def _rate_limit_store(raw: dict[str, JSON]) -> RateLimitStoreConfig:
         redis=raw.get("redis") or None,  # "" (an unset ${REDIS_URL:-}): memory
         timeout=_seconds(raw.get("timeout"), 0.05) or 0.05,
         on_store_error=raw.get("on_store_error", "allow"),
+    )
+
+
+def _cache_store(raw: dict[str, JSON]) -> CacheStoreConfig:
+    base = CacheStoreConfig()
+    return CacheStoreConfig(
+        directory=raw.get("cache_dir", base.directory),
+        max_entries=raw.get("cache_max_entries", base.max_entries),
+        max_bytes=raw.get("cache_max_bytes", base.max_bytes),
+    )
+
+
+def _cache(raw: JSON) -> CachePolicy | None:
+    if raw is None:
+        return None
+    return CachePolicy(
+        ttl=parse_duration(raw["ttl"]),
+        max_object_bytes=raw.get("max_object_bytes", 2**20),
+        key_by=tuple(raw.get("key_by", ())),
+        stale_if_error=_seconds(raw.get("stale_if_error"), 0.0) or 0.0,
     )
 
 
@@ -276,6 +299,7 @@ def _route(
         cors=_cors(raw.get("cors"), methods),
         auth=_route_auth(raw.get("auth")),
         rate_limit=_rate_limit(raw.get("rate_limit")),
+        cache=_cache(raw.get("cache")),
         min_body_rate=min_body_rate,
     )
 

@@ -135,6 +135,23 @@ class RateLimitStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """A route's response cache (CONTRACT §10)."""
+
+    ttl: float  # seconds: freshness when the upstream gives none, and the cap on what it gives
+    max_object_bytes: int = 2**20  # larger bodies stream through uncached; default 1 MiB
+    key_by: tuple[str, ...] = ()  # "consumer" | "header:NAME", in the entry key; default none
+    stale_if_error: float = 0.0  # seconds past freshness an entry answers a failure; default 0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStoreConfig:
+    directory: str = "var/cache"  # store.cache_dir: the one SQLite file all workers share
+    max_entries: int = 10000  # store.cache_max_entries: entries each worker keeps; default 10000
+    max_bytes: int = 256 * 2**20  # store.cache_max_bytes: body bytes each worker keeps; 256 MiB
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     prefix: str  # normalized, no trailing slash except "/" itself
     service: str
@@ -150,6 +167,7 @@ class RouteConfig:
     cors: CorsConfig | None = None  # None: no CORS handling (the upstream's headers pass)
     auth: RouteAuthConfig | None = None  # None: no authentication on this route
     rate_limit: RateLimitPolicy | None = None  # None: the route is not limited
+    cache: CachePolicy | None = None  # None: the route's answers are never cached
     min_body_rate: int = 500  # bytes/s a request body must average per `read` interval
     # (limits.min_body_rate; 0: only silence is cut off); default 500
 
@@ -231,6 +249,7 @@ class GatewayConfig:
     client_limits: ClientLimits = ClientLimits()
     auth: AuthConfig = AuthConfig()
     rate_limit_store: RateLimitStoreConfig = RateLimitStoreConfig()  # store.redis and friends
+    cache_store: CacheStoreConfig = CacheStoreConfig()  # store.cache_dir, cache_max_*
     drain_timeout: float = 600.0  # seconds a service a reload replaced keeps its open
     # requests, streams and WebSockets before its pool is closed; default 10 min
     services: dict[str, ServiceConfig] = field(default_factory=dict)

@@ -49,6 +49,7 @@ _PATTERN_MESSAGES: Final = {
     "^[0-9a-f]{64}$": "must be 64 lowercase hex digits (a SHA-256)",
     "^[!#-\\[\\]-~]{1,256}$": "must be a scope name: visible ASCII, no space, quote or backslash",
     "^(ip|consumer|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$": "must be ip, consumer or header:NAME",
+    "^(consumer|header:[!#$%&'*+.^_`|~0-9A-Za-z-]+)$": "must be consumer or header:NAME",
 }
 _TYPE_NAMES: Final = {
     "object": "a mapping",
@@ -61,7 +62,6 @@ _TYPE_NAMES: Final = {
 }
 # Keys the schema accepts (so operators see one shape) whose feature this build lacks.
 UNSUPPORTED: Final = {
-    ("routes", "*", "cache"): "response caching",
     ("routes", "*", "aggregate"): "fan-out aggregation",
 }
 
@@ -315,6 +315,15 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
             _check_cors(doc, (*path, "cors"), route["cors"])
         if isinstance(route.get("auth"), dict):
             _check_route_auth(doc, (*path, "auth"), route["auth"])
+        if isinstance(route.get("cache"), dict):
+            _check_cache(doc, (*path, "cache"), route)
+
+
+def _check_cache(doc: Document, path: PathKey, route: dict[str, JSON]) -> None:
+    key_by = route["cache"].get("key_by")
+    if isinstance(key_by, list) and "consumer" in key_by and not route.get("auth"):
+        i = key_by.index("consumer")
+        doc.error((*path, "key_by", i), "keying by consumer needs auth on this route")
 
 
 _ORIGIN: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+")

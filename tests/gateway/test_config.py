@@ -63,11 +63,21 @@ CASES = [
     ),
     (
         "unsupported_feature_is_named",
-        HEAD + ROUTE + "    cache: {ttl: 30s}\n",
+        HEAD + ROUTE + "    aggregate: {a: {service: s, path: /a}}\n",
         [
-            "routes.yaml:7:5: routes.0.cache: response caching is not supported yet by this gateway;"
+            "routes.yaml:7:5: routes.0.aggregate: fan-out aggregation is not supported yet by this gateway;"
             " remove this key"
         ],
+    ),
+    (
+        "cache_key_by_consumer_needs_auth",
+        HEAD + ROUTE + "    cache: {ttl: 30s, key_by: [header:X-Tenant, consumer]}\n",
+        ["routes.yaml:7:49: routes.0.cache.key_by.1: keying by consumer needs auth on this route"],
+    ),
+    (
+        "cache_key_by_is_consumer_or_header",
+        HEAD + ROUTE + "    cache: {ttl: 30s, key_by: [ip]}\n",
+        ["routes.yaml:7:32: routes.0.cache.key_by.0: must be consumer or header:NAME"],
     ),
     (
         "zero_duration",
