@@ -39,7 +39,8 @@ class Exchange:
     service: str = ""
     target: str = ""  # the target label ("svc#0") that answered or failed last; never the address
     consumer: str = ""
-    cache: str = ""  # HIT | MISS | "" when the route does not cache
+    cache: str = ""  # HIT | MISS | BYPASS | STALE; "" when the route does not cache
+    cache_state: object = None  # the cache stage's notes between its request and response phases
     retries: int = 0
     bytes_out: int = 0  # body bytes relayed to the client (streamed responses)
     upstream_error: str = ""  # kind of upstream failure (timeout, unavailable, ...), for metrics

@@ -56,7 +56,7 @@ LATENCY_BUCKETS: Final = (
 )
 _STATUS_CLASS: Final = {i: f"{i}xx" for i in range(1, 6)}
 _KNOWN_METHODS: Final = ALL_METHODS | {"CONNECT", "TRACE"}
-_CACHE_RESULTS: Final = {"HIT": "hit", "MISS": "miss"}
+_CACHE_RESULTS: Final = {"HIT": "hit", "MISS": "miss", "BYPASS": "bypass", "STALE": "stale"}
 # *_created series double the output and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # not annotated upstream
 
@@ -120,10 +120,23 @@ class Metrics:
         )
         self.cache = Counter(
             "gateway_cache_lookups",
-            "Cache lookups on routes that cache, by result (hit, miss)",
+            "Cache lookups on routes that cache, by result (hit, miss, bypass, stale)",
             ["route", "result"],
             registry=reg,
         )
+        # -- response cache storage (gateway/cache/store.py), read at flush --
+        self.cache_evictions = Counter(
+            "gateway_cache_evictions", "Entries the cache evicted to stay in bounds", registry=reg
+        )
+        self.cache_stored_bytes = Gauge(
+            "gateway_cache_stored_bytes",
+            "Bytes of entries the cache holds in memory (summed over workers)",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._cache_source: Callable[[], tuple[int, int]] | None = None
+        self._evictions_seen = 0
+        # -- end of response cache storage --
         self.client_closed = Counter(
             "gateway_client_connections_closed",
             "Client connections the gateway closed on a limit (header_timeout, send_timeout, "
@@ -165,6 +178,10 @@ class Metrics:
         if not self._config_watched:
             self._config_watched = True
             self._add_local(_ConfigCollector(last_reload_ok))
+
+    def watch_cache(self, source: Callable[[], tuple[int, int]]) -> None:
+        """Export the cache's (stored bytes, evictions so far) at every flush."""
+        self._cache_source = source
 
     def _add_local(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -208,6 +225,12 @@ class Metrics:
                 child = self.upstream_latency.labels(stats.service)
                 _add_buckets(child, stats.upstream_buckets, stats.upstream_seconds)
         self.in_flight.set(self.active)
+        if self._cache_source is not None:
+            stored, evictions = self._cache_source()
+            self.cache_stored_bytes.set(stored)
+            if evictions > self._evictions_seen:
+                self.cache_evictions.inc(evictions - self._evictions_seen)
+                self._evictions_seen = evictions
         for stream, seen in self._drops_seen.items():
             if (total := drops.total(stream)) > seen:
                 self.log_drops.labels(stream).inc(total - seen)

@@ -17,6 +17,8 @@ from gateway.auth.identity import Authenticator, Method
 from gateway.auth.jwks import JwksStore
 from gateway.auth.jwt import JwtAuthenticator, JwtRules, StaticKey, VerifyKey
 from gateway.auth.policy import RoutePolicy
+from gateway.cache.policy import UNSAFE_METHODS
+from gateway.cache.process import ResponseCache
 from gateway.config.jwtkeys import ALGORITHM_KEYS
 from gateway.config.jwtkeys import load_public_key as _public_key
 from gateway.config.model import GatewayConfig, JwtConfig, RouteConfig
@@ -25,8 +27,10 @@ from gateway.http.proxies import ClientAddress
 from gateway.http.routing import Route, RouteTable
 from gateway.ratelimit.memory import MemoryStore
 from gateway.ratelimit.store import RateLimitStore
+from gateway.runtime.phased import PhaseStage, phased_handler
 from gateway.stages.auth import auth_stage
 from gateway.stages.bodylimit import body_limit_stage
+from gateway.stages.cache import CacheStage, InvalidateStage
 from gateway.stages.cors import cors_stage
 from gateway.stages.headers import headers_stage
 from gateway.stages.ratelimit import rate_limit_stage
@@ -71,6 +75,7 @@ def build_table(
     services: Mapping[str, Service],
     rate_limits: RateLimitStore | None = None,
     jwks: JwksStore | None = None,
+    cache: ResponseCache | None = None,
 ) -> RouteTable:
     """Compose every route's chain once; requests only look the result up. `rate_limits` is
     the process's store and `jwks` its key sets (both kept across reloads); None: fresh ones."""
@@ -85,10 +90,27 @@ def build_table(
             policy = RoutePolicy(
                 auth.any_of, methods, auth.scopes, auth.consumers, auth.strip_credentials
             )
+        phases = cache_phases(route, cache)  # TEMPORARY wiring until the phase pipeline
+        if phases:
+            service = services[route.service]
+            forward = phased_handler(route, service, phases, config.max_message_bytes)
         chain = build_chain(route, forward, config.max_body_bytes, rate_limits, policy)
+        names = chain.stages if route.cache is None else (*chain.stages[:-1], "cache", "forward")
         limit = body_limit_of(route, config.max_body_bytes)
-        routes.append(Route(route, chain.handler, chain.stages, limit))
+        routes.append(Route(route, chain.handler, names, limit))
     return RouteTable(routes, ClientAddress(config.trusted_proxies))
+
+
+def cache_phases(route: RouteConfig, cache: ResponseCache | None) -> list[PhaseStage]:
+    """The cache stage of a cached route; on the others, when some route caches, the one that
+    drops entries after a successful write (a write may take another route than the reads)."""
+    if cache is None:
+        return []
+    if route.cache is not None:
+        return [CacheStage(route, cache.store, cache.coalescer, cache.invalidator)]
+    if route.methods & UNSAFE_METHODS:
+        return [InvalidateStage(cache.invalidator)]
+    return []
 
 
 def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:

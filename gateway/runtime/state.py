@@ -15,12 +15,14 @@ from dataclasses import dataclass, field, replace
 from aiohttp import web
 
 from gateway.auth.jwks import JwksStore
+from gateway.cache.process import ResponseCache
 from gateway.config.build import LoadResult
 from gateway.config.model import GatewayConfig, ListenerTls
 from gateway.config.tls import ServerTls
 from gateway.http.routing import RouteTable
 from gateway.ops.accesslog import AccessLog
 from gateway.ops.metrics import Metrics
+from gateway.ratelimit.redisstore import client as redis_client
 from gateway.ratelimit.store import RateLimits
 from gateway.runtime.assemble import build_table
 from gateway.runtime.reload import Reloader
@@ -60,6 +62,7 @@ class Gateway:
         self.jwks = JwksStore()  # JWKS key sets by URL, kept across reloads
         self.rate_limits = RateLimits(self.metrics.rate_limit_store_errors.inc)
         self.metrics.watch(lambda: self.services.values())
+        self.cache: ResponseCache | None = None  # made by the first config with a cached route
         self.config = config
         self.table = RouteTable(())
         self.status = LoadStatus(True, time.time(), config.version_hash, [], list(warnings))
@@ -82,10 +85,25 @@ class Gateway:
             )
         removed = [s for name, s in self.services.items() if kept.get(name) is not s]
         table = build_table(
-            config, kept, self.rate_limits.store_for(config.rate_limit_store), self.jwks
+            config,
+            kept,
+            self.rate_limits.store_for(config.rate_limit_store),
+            self.jwks,
+            self._response_cache(config),
         )
         self.services, self.table, self.config = kept, table, config  # the swap
         return removed
+
+    def _response_cache(self, config: GatewayConfig) -> ResponseCache | None:
+        if self.cache is not None:
+            self.cache.check(config.cache_store)
+        elif any(route.cache is not None for route in config.routes):
+            url = config.rate_limit_store.redis
+            redis = None if url is None else (lambda: redis_client(url, 5.0))
+            self.cache = ResponseCache(config.cache_store, redis)
+            store = self.cache.store
+            self.metrics.watch_cache(lambda: (store.stored_bytes, store.evictions))
+        return self.cache
 
     def apply(self, result: LoadResult) -> bool:
         """Swap in a reloaded file, or keep serving the old table and record why not."""
@@ -151,6 +169,8 @@ class Gateway:
             await service.close()
         await self.jwks.close()
         await self.rate_limits.close()
+        if self.cache is not None:
+            await self.cache.close()
         self._retired = []
 
 

@@ -7,6 +7,7 @@ GET /readyz    200, or 503 with reasons: draining, no table, a service named in
 GET /metrics   Prometheus text format (every worker's counters summed with --workers N)
 GET /routes    the compiled table: each route's prefix, methods, stages, targets and status
 GET /config    the serving file as written, its version hash, the last reload's result
+POST /cache/purge {"prefix": "/api/..."}   drop cached responses under a path prefix
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from gateway.http.errors import BadRequest, problem_response
 from gateway.http.routing import Route
 from gateway.ops.metrics import CONTENT_TYPE
 from gateway.runtime.state import GATEWAY, Gateway
@@ -147,6 +149,27 @@ async def config(request: web.Request) -> web.Response:
     )
 
 
+# -- response cache purge --------------------------------------------------------------------
+
+
+async def cache_purge(request: web.Request) -> web.Response:
+    """Drop every entry of `prefix` and of the paths under it (by segment), on every worker,
+    and on every replica sharing store.redis."""
+    cache = request.app[GATEWAY].cache
+    try:
+        data = await request.json()
+    except ValueError:
+        data = None
+    prefix = data.get("prefix") if isinstance(data, dict) else None
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        return problem_response(request, BadRequest('send {"prefix": "/path"}, a path prefix'))
+    purged = 0 if cache is None else await cache.invalidator.purge(prefix)
+    return web.json_response({"prefix": prefix, "purged": purged})
+
+
+# -- end of response cache purge --
+
+
 def create_admin_app(gateway: Gateway, state: AdminState | None = None) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
@@ -157,4 +180,5 @@ def create_admin_app(gateway: Gateway, state: AdminState | None = None) -> web.A
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/routes", routes)
     app.router.add_get("/config", config)
+    app.router.add_post("/cache/purge", cache_purge)
     return app

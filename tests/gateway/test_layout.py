@@ -17,6 +17,7 @@ RANKS: Final = {
     "http": 1,
     "upstream": 2,
     "ratelimit": 2,  # rate-limit stores: memory, Redis
+    "cache": 2,  # response cache: RFC 9111 policy, shared store, coalescing, invalidation
     "auth": 3,  # credentials to identities (forward auth sends through upstream/)
     "stages": 4,
     "actions": 4,

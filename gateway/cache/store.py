@@ -1,0 +1,381 @@
+"""The response cache's storage: shelved-cache's `PersistentCache` over the shared SQLite file.
+
+shelved-cache 0.5 gives an LRU (`cachetools`) mirrored to a `shelve` file. Its gaps, closed by
+`_Shelved` below:
+- it names shelf rows `str(hash(key))`, randomized per process: here the key already is a
+  stable digest (`policy.digest`: the path, NUL, sha256 of the URL, key_by and Vary values);
+- it opens `shelve.open`, which is `dbm.dumb` here (neither crash-safe nor multi-process): here
+  the shelf is a `shelve.Shelf` over `sqlshelf.SqliteMapping(shared=True)`: WAL, one
+  connection per worker, every worker reading and writing the one file;
+- its `__delitem__` deletes the raw key from the file only: here it drops the entry from
+  memory and file;
+- it loads every row into memory at start (unbounded) and a TTL clock restarts on load: here
+  nothing is loaded at start; a lookup that misses memory reads that one row, and expiry is
+  wall-clock time inside the entry, so freshness and Age survive a restart.
+
+Bounds: `max_entries` and `max_bytes` bound each worker's LRU (entries and body bytes). An
+entry the LRU evicts is deleted from the file too (shelved-cache's delete callback), so the file
+holds what the workers hold: at most workers x the bounds. On open, a file with more rows than
+`max_entries` is trimmed, oldest rows first.
+
+Workers share entries through the file and never serve a dropped one: every invalidation or
+purge deletes the rows and bumps a generation row in the same transaction; every lookup reads
+the generation first and, when it moved, forgets this worker's memory copies (they are read
+again from the file on demand). A store whose generation moved since its lookup is not written
+(a response fetched before a write must not be stored after it).
+
+All file work runs on one thread the store owns (like the inventory's store), never on the
+event loop. A file that is not a database, or of another format, is logged, moved aside
+(`NAME.corrupt-TIMESTAMP`) and replaced by an empty one, under an exclusive `flock` so two
+workers starting together repair it once. Any SQLite failure later is logged and reads as a
+miss: the cache never fails a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import pickle
+import shelve
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from cachetools import LRUCache
+from shelved_cache import PersistentCache
+
+from gateway.cache.policy import Entry, VaryMarker, digest, vary_values
+from gateway.config.model import CacheStoreConfig
+from sqlshelf import SqliteMapError, SqliteMapping
+
+logger = logging.getLogger("gateway.cache")
+
+FILE_NAME: Final = "responses.sqlite3"
+THREAD_NAME: Final = "gateway-cache"
+FORMAT: Final = 1  # the entry layout; a file holding another is moved aside
+_FORMAT_KEY: Final = "\x01format"  # meta rows sort before every path ("/...")
+_GENERATION_KEY: Final = "\x01generation"
+_META: Final = frozenset({_FORMAT_KEY.encode(), _GENERATION_KEY.encode()})
+LOCK_TIMEOUT_SECONDS: Final = 5.0  # a writer waits this long for another worker's commit
+Stored = Entry | VaryMarker
+
+
+def _size(value: Stored) -> int:
+    return value.size if isinstance(value, Entry) else 64
+
+
+class _BoundedLRU(LRUCache):  # type: ignore[misc]  # cachetools is not annotated
+    """An LRU bounded by bytes (`maxsize`, through getsizeof) and by entry count."""
+
+    def __init__(self, maxsize: int, max_entries: int, on_evict: Callable[[], None]) -> None:
+        super().__init__(maxsize, getsizeof=_size)
+        self.max_entries = max_entries
+        self.on_evict = on_evict
+
+    def __setitem__(self, key: str, value: Stored) -> None:
+        while key not in self and len(self) >= self.max_entries:
+            self.popitem()
+        super().__setitem__(key, value)
+
+    def popitem(self) -> tuple[str, Stored]:
+        self.on_evict()
+        item: tuple[str, Stored] = super().popitem()
+        return item
+
+
+class _Shelved(PersistentCache):  # type: ignore[misc]
+    """shelved-cache with its 0.5 gaps closed (see the module docstring)."""
+
+    wrapped: Any  # the library's LRU (a _BoundedLRU with its delete callback mixed in)
+    persistent_dict: Any  # the shelf, None once closed
+
+    def __init__(self, shelf: shelve.Shelf[Any], bounds: CacheStoreConfig, on_evict: Any) -> None:
+        # A filename only so the library wires its delete callback; it never opens it.
+        super().__init__(
+            _BoundedLRU, "unused", bounds.max_bytes, bounds.max_entries, on_evict
+        )  # fmt: skip
+        self.persistent_dict = shelf  # set: initialize_if_not_initialized loads nothing
+        self._bounds = bounds
+        self._on_evict = on_evict
+
+    @staticmethod
+    def hash_key(key: str) -> str:
+        return key  # already a stable digest (policy.digest)
+
+    def forget(self) -> None:
+        """Drop this worker's memory copies only; the file keeps its rows."""
+        cls = type(self.wrapped)
+        self.wrapped = cls(
+            self.delete_callback, self._bounds.max_bytes, self._bounds.max_entries, self._on_evict
+        )
+
+    def lookup(self, key: str) -> Stored | None:
+        try:
+            value: Stored = self.wrapped[key]
+            return value
+        except KeyError:
+            pass
+        try:
+            row = self.persistent_dict[key]
+        except KeyError:
+            return None
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError):
+            del self.persistent_dict[key]  # unreadable: drop it, read as a miss
+            return None
+        value = row[1]
+        if not isinstance(value, Entry | VaryMarker):
+            del self.persistent_dict[key]
+            return None
+        if _size(value) <= self._bounds.max_bytes:
+            self.wrapped[key] = value  # memory only: the row is already in the file
+        return value
+
+    def __delitem__(self, key: str) -> None:
+        if key in self.wrapped:
+            del self.wrapped[key]  # the delete callback removes the row too
+        else:
+            self.persistent_dict.pop(key, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    entry: Entry | None
+    key: str  # the entry's key (the variant's when the response varies)
+    generation: int  # the file's generation when looked up
+
+
+class CacheFile:
+    """The synchronous half: the open file and this worker's LRU. Runs on the store thread."""
+
+    def __init__(self, directory: Path, bounds: CacheStoreConfig) -> None:
+        self.path = directory / FILE_NAME
+        self.bounds = bounds
+        self.evictions = 0
+        directory.mkdir(parents=True, exist_ok=True)
+        with _flock(directory / (FILE_NAME + ".lock")):
+            self.db = self._open_or_replace()
+            self.shelf: shelve.Shelf[Any] = shelve.Shelf(self.db, protocol=pickle.HIGHEST_PROTOCOL)
+            if _FORMAT_KEY not in self.shelf:
+                self.shelf[_FORMAT_KEY] = FORMAT
+            self._trim()
+        self.cache = _Shelved(self.shelf, bounds, self._evicted)
+        self.generation = self._generation()
+
+    def _evicted(self) -> None:
+        self.evictions += 1
+
+    def _open_or_replace(self) -> SqliteMapping:
+        try:
+            db = SqliteMapping(self.path, lock_timeout=LOCK_TIMEOUT_SECONDS, shared=True)
+            shelf: shelve.Shelf[Any] = shelve.Shelf(db, protocol=pickle.HIGHEST_PROTOCOL)
+            found = shelf.get(_FORMAT_KEY, FORMAT)
+            if found != FORMAT:
+                db.close()
+                raise SqliteMapError(f"format {found!r}, this gateway writes {FORMAT}")
+            return db
+        except (SqliteMapError, sqlite3.DatabaseError, pickle.UnpicklingError, EOFError) as exc:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+            logger.warning(
+                "the cache file %s cannot be used (%s); moved aside to %s, starting empty",
+                self.path, exc, aside.name,
+            )  # fmt: skip
+            for suffix in ("", "-wal", "-shm"):
+                here = Path(f"{self.path}{suffix}")
+                if here.exists():
+                    os.replace(here, f"{aside}{suffix}")
+            return SqliteMapping(self.path, lock_timeout=LOCK_TIMEOUT_SECONDS, shared=True)
+
+    def _trim(self) -> None:
+        """More rows than max_entries (left by more workers or other bounds): oldest go."""
+        excess = len(self.db) - len(_META) - self.bounds.max_entries
+        if excess <= 0:
+            return
+        with self.db.transaction():
+            for key in [k for k in self.db if k not in _META][:excess]:
+                del self.db[key]
+
+    def _generation(self) -> int:
+        value = self.shelf.get(_GENERATION_KEY, 0)
+        return value if isinstance(value, int) else 0
+
+    def lookup(self, path: str, parts: tuple[str, ...], headers: Mapping[str, str]) -> Found:
+        generation = self._generation()
+        if generation != self.generation:  # another worker (or a replica) dropped entries
+            self.generation = generation
+            self.cache.forget()
+        key = digest(path, parts)
+        value = self.cache.lookup(key)
+        if isinstance(value, VaryMarker):
+            key = digest(path, (*parts, *vary_values(value.names, headers)))
+            value = self.cache.lookup(key)
+            value = None if isinstance(value, VaryMarker) else value
+        if value is not None and not value.usable_stale(time.time()):
+            del self.cache[key]  # past any use, stale_if_error included
+            value = None
+        return Found(value, key, generation)
+
+    def put(
+        self,
+        path: str,
+        parts: tuple[str, ...],
+        vary: tuple[str, ...],
+        headers: Mapping[str, str],
+        entry: Entry,
+        generation: int,
+    ) -> bool:
+        """Store `entry` unless the file's generation moved since `generation` was read."""
+        if entry.size > self.bounds.max_bytes:
+            return False
+        with self.db.transaction():
+            if self._generation() != generation:
+                return False  # invalidated while this response was on its way
+            base = digest(path, parts)
+            if vary:
+                self.cache[base] = VaryMarker(vary, entry.stale_until)
+                key = digest(path, (*parts, *vary_values(vary, headers)))
+            else:
+                key = base
+            self.cache[key] = entry
+        return True
+
+    def drop(self, prefixes: list[bytes]) -> int:
+        """Delete every row whose key starts with one of `prefixes`; bump the generation."""
+        with self.db.transaction():
+            found = {k for p in prefixes for k in self.db.keys_with_prefix(p)}
+            for key in found:
+                del self.db[key]
+            self.shelf[_GENERATION_KEY] = self._generation() + 1
+        return len(found)
+
+    def stored_bytes(self) -> int:
+        size: int = self.cache.wrapped.currsize
+        return size
+
+    def close(self) -> None:
+        self.shelf.close()  # closes the connection, on this (its) thread
+        self.cache.persistent_dict = None  # nothing left for the library's __del__ to close
+
+
+def path_prefixes(paths: list[str]) -> list[bytes]:
+    """Row-key prefixes of exactly these paths (with or without a trailing slash)."""
+    out = []
+    for path in paths:
+        bare = path.rstrip("/") or "/"
+        out.append(f"{bare}\x00".encode(errors="surrogateescape"))
+        if bare != "/":
+            out.append(f"{bare}/\x00".encode(errors="surrogateescape"))
+    return out
+
+
+def subtree_prefixes(prefix: str) -> list[bytes]:
+    """Row-key prefixes of `prefix` and every path under it, by segment: /a purges /a, /a/b,
+    never /ab."""
+    bare = prefix.rstrip("/")
+    if not bare:
+        return [b"/"]
+    return [
+        f"{bare}\x00".encode(errors="surrogateescape"),
+        f"{bare}/".encode(errors="surrogateescape"),
+    ]
+
+
+@contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class CacheStore:
+    """The asynchronous face: each call is one job on the store's thread. Opening is queued
+    first at construction, so the store is usable at once; if the file cannot be opened at all
+    (a directory that cannot be made), every lookup misses and nothing is stored."""
+
+    def __init__(self, config: CacheStoreConfig) -> None:
+        self.config = config
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
+        self._file: CacheFile | None = None
+        self._opened = self._executor.submit(self._open)
+        self._failing = False
+        self.stored_bytes = 0  # this worker's LRU, after the last job (read by metrics)
+        self.evictions = 0
+
+    def _open(self) -> None:
+        try:
+            self._file = CacheFile(Path(self.config.directory), self.config)
+        except (OSError, SqliteMapError, sqlite3.Error) as exc:
+            logger.error(
+                "the response cache is off: cannot open %s (%s)", self.config.directory, exc
+            )
+
+    async def _run(self, default: Any, job: Callable[[CacheFile], Any]) -> Any:
+        def run() -> Any:
+            file = self._file
+            if file is None:
+                return default
+            try:
+                result = job(file)
+            except (sqlite3.Error, OSError, pickle.PickleError, UnicodeError) as exc:
+                if not self._failing:
+                    logger.warning("the cache file failed (%s); answering as a miss", exc)
+                self._failing = True
+                return default
+            self._failing = False
+            self.stored_bytes, self.evictions = file.stored_bytes(), file.evictions
+            return result
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    async def lookup(self, path: str, parts: tuple[str, ...], headers: Mapping[str, str]) -> Found:
+        found: Found = await self._run(
+            Found(None, "", -1), lambda f: f.lookup(path, parts, headers)
+        )
+        return found
+
+    async def put(
+        self,
+        path: str,
+        parts: tuple[str, ...],
+        vary: tuple[str, ...],
+        headers: Mapping[str, str],
+        entry: Entry,
+        generation: int,
+    ) -> bool:
+        if generation < 0:
+            return False
+        stored: bool = await self._run(
+            False, lambda f: f.put(path, parts, vary, headers, entry, generation)
+        )
+        return stored
+
+    async def drop_paths(self, paths: list[str]) -> int:
+        dropped: int = await self._run(0, lambda f: f.drop(path_prefixes(paths)))
+        return dropped
+
+    async def purge(self, prefix: str) -> int:
+        dropped: int = await self._run(0, lambda f: f.drop(subtree_prefixes(prefix)))
+        return dropped
+
+    async def stats(self) -> tuple[int, int]:
+        """(body bytes this worker holds, evictions so far)."""
+        stats: tuple[int, int] = await self._run((0, 0), lambda f: (f.stored_bytes(), f.evictions))
+        return stats
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
