@@ -174,8 +174,8 @@ class CacheFile:
     def _open_or_replace(self) -> SqliteMapping:
         try:
             db = SqliteMapping(self.path, lock_timeout=LOCK_TIMEOUT_SECONDS, shared=True)
-            shelf: shelve.Shelf[Any] = shelve.Shelf(db, protocol=pickle.HIGHEST_PROTOCOL)
-            found = shelf.get(_FORMAT_KEY, FORMAT)
+            raw = db.get(_FORMAT_KEY.encode())  # not through a Shelf: its __del__ closes db
+            found = FORMAT if raw is None else pickle.loads(raw)
             if found != FORMAT:
                 db.close()
                 raise SqliteMapError(f"format {found!r}, this gateway writes {FORMAT}")
@@ -313,7 +313,7 @@ class CacheStore:
     def _open(self) -> None:
         try:
             self._file = CacheFile(Path(self.config.directory), self.config)
-        except (OSError, SqliteMapError, sqlite3.Error) as exc:
+        except Exception as exc:  # never stops start-up: the routes serve, uncached
             logger.error(
                 "the response cache is off: cannot open %s (%s)", self.config.directory, exc
             )

@@ -153,7 +153,7 @@ class CacheStage:
         ):
             self._finish(notes, False)
             return up
-        up.body = self._tee(notes, exchange.path, up, vary, fresh, now)
+        up.body = self._tee(notes, exchange.path, up, up.body, vary, fresh, now)
         return up
 
     async def on_error(self, exchange: Exchange, error: Exception) -> UpstreamResponse | None:
@@ -206,6 +206,7 @@ class CacheStage:
         notes: _Notes,
         path: str,
         up: UpstreamResponse,
+        source: AsyncIterator[bytes],
         vary: tuple[str, ...],
         fresh: Freshness,
         now: float,
@@ -215,7 +216,7 @@ class CacheStage:
         size, limit = 0, self.rule.max_object_bytes
         stored = False
         try:
-            async for chunk in up.body:
+            async for chunk in source:
                 if kept is not None:
                     size += len(chunk)
                     if size > limit:
