@@ -93,13 +93,7 @@ def if_none_match_passes(header: str | None, current: str) -> bool:
 
     Comparison is weak: `W/"x"` and `"x"` match.
     """
-    if header is None:
-        return True
-    parsed = parse_etags(header)
-    if parsed is None:
-        return True
-    tags, any_tag = parsed
-    return not (any_tag or any(tag == current for _weak, tag in tags))
+    return _none_match(header, current, garbled=True)
 
 
 def if_none_match_allows_write(header: str | None, current: str) -> bool:
@@ -109,10 +103,15 @@ def if_none_match_allows_write(header: str | None, current: str) -> bool:
     matches, or lists `current` (weak comparison). An unparsable header fails too, as for
     `If-Match`: a garbled precondition never lets a write through.
     """
+    return _none_match(header, current, garbled=False)
+
+
+def _none_match(header: str | None, current: str, *, garbled: bool) -> bool:
+    """If-None-Match holds (no listed tag is `current`, no `*`); `garbled` when unparsable."""
     if header is None:
         return True
     parsed = parse_etags(header)
     if parsed is None:
-        return False
+        return garbled
     tags, any_tag = parsed
     return not (any_tag or any(tag == current for _weak, tag in tags))

@@ -7,20 +7,18 @@ never decompressed or re-encoded. Target choice and retries belong to `upstream.
 
 from __future__ import annotations
 
-import time
 from typing import Final
 
-import aiohttp
 from aiohttp import hdrs, web
 from multidict import istr
 
 from gateway.actions.websocket import is_websocket, proxy_websocket
 from gateway.config.model import DEFAULT_MAX_MESSAGE_BYTES, RouteConfig
 from gateway.http.bodywatch import BodyWatch
-from gateway.http.errors import ResponseAborted, UpstreamUnavailable
-from gateway.http.exchange import EXCHANGE, TRACEPARENT, X_REQUEST_ID, Exchange
+from gateway.http.errors import GatewayError, UpstreamUnavailable
+from gateway.http.exchange import TRACEPARENT, X_REQUEST_ID, Exchange
 from gateway.http.hopbyhop import REQUEST_DROP, connection_listed, relayed
-from gateway.http.pipeline import Handler
+from gateway.http.pipeline import Action, UpstreamResponse
 from gateway.http.proxies import X_FORWARDED_FOR
 from gateway.http.routing import strip
 from gateway.upstream.service import Headers, Service, client_timeout
@@ -70,16 +68,16 @@ def upstream_path(route: RouteConfig, exchange: Exchange) -> str:
     return path + exchange.query
 
 
-def forward_handler(
+def forward_action(
     route: RouteConfig, service: Service, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-) -> Handler:
-    """The innermost handler of a route: relay the request to `service` and stream back.
-    One coroutine on purpose: every frame on the await chain is walked on every resume."""
+) -> Action:
+    """The `service` action: send the request on and hand back the upstream's response for
+    the relay to stream. It never touches the client (a WebSocket upgrade aside: that one is
+    answered whole by actions/websocket.py)."""
     timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
     idle = route.timeouts.read  # also the silence allowed in a client's request body
 
-    async def handle(request: web.Request) -> web.StreamResponse:
-        exchange = request[EXCHANGE]
+    async def forward(request: web.Request, exchange: Exchange) -> Forwarded:
         headers = upstream_headers(request, exchange, route)
         path_qs = upstream_path(route, exchange)
         if is_websocket(request):
@@ -94,38 +92,42 @@ def forward_handler(
             if body is None or idle is None
             else BodyWatch(request.content, idle, exchange, route.min_body_rate)
         )
-        started = time.perf_counter()
         try:
-            reply = await service.send(request.method, path_qs, headers, body, exchange, timeout)
+            reply = await service.send(
+                request.method,
+                path_qs,
+                headers,
+                body,
+                timeout,
+                body_error=None if body is None else exchange.cut,
+            )
+        except GatewayError as error:
+            if error.call is not None:
+                exchange.calls += (error.call,)
+            raise
         finally:
             if watch is not None:
                 watch.cancel()  # headers are back: a body still going is the upstream's choice
-        exchange.upstream_ms = (time.perf_counter() - started) * 1000
+        exchange.calls += (reply.call,)
         upstream = reply.response
-        try:  # relay: headers first, then bytes as they arrive
-            if upstream.status == 101:  # the connection now speaks something else: drop it
-                upstream.close()
-                raise UpstreamUnavailable(f"service {service.name!r} switched protocols unasked")
-            response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=relayed(upstream.headers)
-            )
-            exchange.from_upstream = True
-            exchange.upstream_had_server = hdrs.SERVER in upstream.headers
-            exchange.upstream_had_type = hdrs.CONTENT_TYPE in upstream.headers
-            await response.prepare(request)
-            content = upstream.content
-            while True:
-                try:
-                    chunk = await content.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:  # the upstream's fault
-                    raise ResponseAborted(exchange.service, response) from exc
-                if not chunk:
-                    break
-                exchange.bytes_out += len(chunk)
-                await response.write(chunk)  # a client that left raises here, quietly
-            await response.write_eof()
-            return response
-        finally:
+        if upstream.status == 101:  # the connection now speaks something else: drop it
+            upstream.close()
             reply.release()
+            raise UpstreamUnavailable(f"service {service.name!r} switched protocols unasked")
+        upstream_headers_in = upstream.headers
+        exchange.from_upstream = True
+        exchange.upstream_had_server = hdrs.SERVER in upstream_headers_in
+        exchange.upstream_had_type = hdrs.CONTENT_TYPE in upstream_headers_in
+        return UpstreamResponse(
+            upstream.status,
+            relayed(upstream_headers_in),
+            upstream.content,
+            reason=upstream.reason,
+            release=reply.release,
+            call=reply.call,
+        )
 
-    return handle
+    return forward
+
+
+Forwarded = UpstreamResponse | web.StreamResponse

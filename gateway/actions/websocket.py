@@ -22,9 +22,10 @@ import aiohttp
 from aiohttp import ClientHandlerType, ClientRequest, ClientResponse, hdrs, web
 from yarl import URL
 
-from gateway.http.errors import ResponseAborted, UpstreamUnavailable, upstream_failure
-from gateway.http.exchange import Exchange
+from gateway.http.errors import UpstreamUnavailable, upstream_failure
+from gateway.http.exchange import Exchange, UpstreamCall
 from gateway.http.hopbyhop import relayed
+from gateway.http.pipeline import UpstreamResponse
 from gateway.upstream.service import RETRY_STATUSES, Headers, ProxyRequest, Service
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ async def proxy_websocket(
     headers: Headers,
     exchange: Exchange,
     max_message_bytes: int,
-) -> web.StreamResponse:
+) -> UpstreamResponse | web.StreamResponse:
+    """Upgrade to a target, then to the client, and pump frames both ways; a target that
+    refuses the upgrade has its answer relayed instead."""
     protocols = [
         p.strip()
         for value in request.headers.getall(hdrs.SEC_WEBSOCKET_PROTOCOL, ())
@@ -72,8 +75,9 @@ async def proxy_websocket(
     ]
     # aiohttp refuses a message of exactly max_msg_size bytes: one more lets the limit pass.
     max_msg_size = max_message_bytes + 1
-    target, trial = service.choose()
-    exchange.target = target.label
+    target, ticket = service.choose()
+    call = UpstreamCall(service.name, "websocket", target=target.label, attempts=1)
+    exchange.calls += (call,)
     up_headers = [(k, v) for k, v in headers if k.lower() not in _HANDSHAKE]
     try:
         upstream = await _handshake_session(service).ws_connect(
@@ -88,26 +92,40 @@ async def proxy_websocket(
     except _Refused as refused:
         # The target answered, only not with 101 (a 401, 403, 302...): relay its answer, and
         # count it against the target only when it is one of the failing statuses.
+        call.status, call.outcome = refused.response.status, "ok"
         if refused.response.status in RETRY_STATUSES:
-            target.breaker.failure()
+            target.breaker.failure(ticket)
         else:
-            target.breaker.success()
-        try:
-            return await _relay_refusal(request, refused.response, exchange)
-        finally:
-            refused.response.release()
+            target.breaker.success(ticket)
+        answer = refused.response
+        exchange.from_upstream = True
+        exchange.upstream_had_server = hdrs.SERVER in answer.headers
+        exchange.upstream_had_type = hdrs.CONTENT_TYPE in answer.headers
+        return UpstreamResponse(  # streamed back by the relay, like any response
+            answer.status,
+            relayed(answer.headers),
+            answer.content,
+            reason=answer.reason,
+            release=answer.release,
+            call=call,
+        )
     except aiohttp.WSServerHandshakeError as exc:  # a 101 without a valid handshake
-        target.breaker.failure()
+        target.breaker.failure(ticket)
+        call.outcome = UpstreamUnavailable.kind
         raise UpstreamUnavailable(
             f"service {service.name!r} answered the upgrade with an invalid handshake"
         ) from exc
     except (TimeoutError, aiohttp.ClientError) as exc:
-        target.breaker.failure()
-        raise upstream_failure(exc, service.name) from exc
+        target.breaker.failure(ticket)
+        error = upstream_failure(exc, service.name)
+        call.outcome = error.kind
+        raise error from exc
     except BaseException:  # cancelled: the trial (if this was it) passes to the next request
-        target.breaker.abandon(trial)
+        target.breaker.abandon(ticket)
+        call.outcome = "cancelled"
         raise
-    target.breaker.success()
+    target.breaker.success(ticket)
+    call.status, call.outcome = 101, "ok"
     target.in_flight += 1
     try:
         client = web.WebSocketResponse(
@@ -165,30 +183,6 @@ def _handshake_session(service: Service) -> aiohttp.ClientSession:
         session._retry_connection = False  # as the service's session (upstream.make_session)
         _sessions[service] = session
     return session
-
-
-async def _relay_refusal(
-    request: web.Request, refused: ClientResponse, exchange: Exchange
-) -> web.StreamResponse:
-    """Stream a refusal back as the forwarder streams any response."""
-    response = web.StreamResponse(
-        status=refused.status, reason=refused.reason, headers=relayed(refused.headers)
-    )
-    exchange.from_upstream = True
-    exchange.upstream_had_server = hdrs.SERVER in refused.headers
-    exchange.upstream_had_type = hdrs.CONTENT_TYPE in refused.headers
-    await response.prepare(request)
-    while True:
-        try:
-            chunk = await refused.content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:  # the upstream's fault
-            raise ResponseAborted(exchange.service, response) from exc
-        if not chunk:
-            break
-        exchange.bytes_out += len(chunk)
-        await response.write(chunk)
-    await response.write_eof()
-    return response
 
 
 async def _pump_both(

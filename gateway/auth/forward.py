@@ -4,7 +4,7 @@ The gateway sends `GET service + path` with the request's credential headers (Au
 Cookie, X-API-Key; never the body) and its method and path as X-Forwarded-Method and
 X-Forwarded-Uri (Traefik's forwardAuth names, which Authelia and oauth2-proxy read). The
 call goes through `Service.send`, so the auth service's pools, breakers, retries and
-timeouts apply, on an Exchange of its own (the request's record keeps its target and retries).
+timeouts apply; the sub-request is its own upstream call record (kind "auth").
 
   2xx          admitted: X-Consumer (else ""), X-Auth-Subject (else the consumer) and
                X-Auth-Scopes (space-separated) of the answer make the Identity; the headers
@@ -38,7 +38,6 @@ from gateway.http.errors import (
     Unauthenticated,
     UpstreamError,
 )
-from gateway.http.exchange import Exchange
 from gateway.upstream.breaker import Clock
 from gateway.upstream.service import Headers, Service
 
@@ -113,14 +112,16 @@ class ForwardAuth:
         host = facts.headers.get(hdrs.HOST)
         if host:
             headers.append((X_FORWARDED_HOST, host))
-        record = Exchange("", "")  # the sub-request's own: target and retries stay apart
         name = self.service.name
         try:
-            reply = await self.service.send("GET", self._path, headers, None, record)
+            reply = await self.service.send("GET", self._path, headers, None, kind="auth")
         except UpstreamError as exc:
+            if exc.call is not None:
+                facts.calls.append(exc.call)
             raise AuthUnavailable(
                 f"the auth service {name!r} gave no answer", headers=_retry_after(exc.headers)
             ) from exc
+        facts.calls.append(reply.call)
         try:
             response = reply.response
             status = response.status

@@ -9,12 +9,13 @@ tries the route's methods in turn; a `GatewayError` raised by a method (a relaye
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from multidict import CIMultiDictProxy
 
 from gateway.config.model import AuthMethod
+from gateway.http.exchange import UpstreamCall
 
 Method = AuthMethod  # jwt | api_key | forward
 
@@ -35,6 +36,7 @@ class RequestFacts:
     method: str
     path: str  # normalized, without the query
     headers: CIMultiDictProxy[str]
+    calls: list[UpstreamCall] = field(default_factory=list)  # sub-requests made to decide
 
 
 class CredentialRejected(Exception):

@@ -16,13 +16,17 @@ from gateway.config.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
     DEFAULT_MAX_MESSAGE_BYTES,
+    AggregateAction,
+    AggregatePart,
     ApiKeyConfig,
     AuthConfig,
     CachePolicy,
     CacheStoreConfig,
     CircuitBreakerConfig,
     ClientLimits,
+    ComposeAction,
     CorsConfig,
+    ForwardAction,
     ForwardAuthConfig,
     GatewayConfig,
     HeaderRules,
@@ -32,6 +36,7 @@ from gateway.config.model import (
     RateLimitPolicy,
     RateLimitStoreConfig,
     RetryBudgetConfig,
+    RouteAction,
     RouteAuthConfig,
     RouteConfig,
     ServiceConfig,
@@ -283,15 +288,16 @@ def _route(
     underscores: bool,
     min_body_rate: int,
 ) -> RouteConfig:
-    service = services[raw["service"]]
+    action = _action(raw)
+    base = services[action.service].timeouts if isinstance(action, ForwardAction) else Timeouts()
     methods = route_methods(raw.get("methods"))
     return RouteConfig(
         prefix=normalize_prefix(raw["prefix"]),
-        service=service.name,
+        action=action,
         index=index,
         methods=methods,
         strip_prefix=raw.get("strip_prefix", False),
-        timeouts=_timeouts(raw.get("timeouts"), service.timeouts),
+        timeouts=_timeouts(raw.get("timeouts"), base),
         request_headers=_headers(raw.get("request_headers")),
         response_headers=_headers(raw.get("response_headers")),
         underscores_in_headers=raw.get("underscores_in_headers", underscores),
@@ -302,6 +308,29 @@ def _route(
         cache=_cache(raw.get("cache")),
         min_body_rate=min_body_rate,
     )
+
+
+def _action(raw: dict[str, JSON]) -> RouteAction:
+    """The route's one action (validation made sure there is exactly one)."""
+    if "aggregate" in raw:
+        return AggregateAction(
+            tuple(
+                (
+                    name,
+                    AggregatePart(
+                        service=part["service"],
+                        path=part["path"],
+                        method=part.get("method", "GET"),
+                        required=part.get("required", True),
+                        timeout=_seconds(part.get("timeout"), None),
+                    ),
+                )
+                for name, part in raw["aggregate"].items()
+            )
+        )
+    if "compose" in raw:
+        return ComposeAction(raw["compose"]["handler"])
+    return ForwardAction(raw["service"])
 
 
 def _auth(raw: dict[str, JSON], file: str) -> AuthConfig:

@@ -152,9 +152,43 @@ class CacheStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardAction:
+    """`service: NAME`: the request goes on to that service (CONTRACT §3)."""
+
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatePart:
+    service: str
+    path: str  # may hold {rest} and {query.NAME}
+    method: str = "GET"
+    required: bool = True  # a failed required part fails the answer; optional ones are null
+    timeout: float | None = None  # seconds; None: the route's deadline
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateAction:
+    """`aggregate: {NAME: part, ...}`: fan out, one JSON object back (CONTRACT §11)."""
+
+    parts: tuple[tuple[str, AggregatePart], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ComposeAction:
+    """`compose: {handler: package.module:function}`: a Python handler (CONTRACT §11)."""
+
+    handler: str
+
+
+# What answers a route: exactly one, chosen by which key the route has.
+RouteAction = ForwardAction | AggregateAction | ComposeAction
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     prefix: str  # normalized, no trailing slash except "/" itself
-    service: str
+    action: RouteAction  # service | aggregate | compose
     index: int  # position in routes.yaml, shown as routes.N
     methods: frozenset[str] = ALL_METHODS  # HEAD is implied by GET
     strip_prefix: bool = False  # /api/inventory/devices -> /devices
@@ -176,6 +210,11 @@ class RouteConfig:
     def __post_init__(self) -> None:
         if not self.name:
             object.__setattr__(self, "name", f"routes.{self.index}")
+
+    @property
+    def service(self) -> str:
+        """The service a `service` route forwards to; "" for the other actions."""
+        return self.action.service if isinstance(self.action, ForwardAction) else ""
 
 
 @dataclass(frozen=True, slots=True)

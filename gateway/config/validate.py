@@ -40,6 +40,7 @@ SCHEMA_PATH: Final = schema_file("routes.schema.json")
 SUPPORTED_VERSION: Final = 1
 
 _PATTERN_MESSAGES: Final = {
+    "^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$": "must be package.module:function",
     "^(?=[0-9.]*[1-9])[0-9]+(\\.[0-9]+)?(ms|s|m|h)$": (
         "must be a duration above zero, such as 250ms, 5s, 1m or 1h"
     ),
@@ -63,6 +64,7 @@ _TYPE_NAMES: Final = {
 # Keys the schema accepts (so operators see one shape) whose feature this build lacks.
 UNSUPPORTED: Final = {
     ("routes", "*", "aggregate"): "fan-out aggregation",
+    ("routes", "*", "compose"): "compose handlers",
 }
 
 
@@ -292,6 +294,23 @@ def _check_service_name(doc: Document, path: PathKey, name: JSON, service_names:
         doc.error(path, f"unknown service {name!r}{_suggest(name, service_names)}")
 
 
+ACTIONS: Final = ("service", "aggregate", "compose")  # a route has exactly one of these
+
+
+def _check_action(doc: Document, path: PathKey, route: dict[str, JSON]) -> None:
+    """Exactly one action per route (CONTRACT §11): none, or two, is an error at the route
+    (none) or at the second action's key (two)."""
+    named = [key for key in ACTIONS if key in route]
+    if not named:
+        doc.error(path, "a route needs one action: service, aggregate or compose")
+    for extra in named[1:]:
+        doc.error(
+            (*path, extra),
+            f"a route has one action: {named[0]!r} and {extra!r} cannot both be set",
+            key=True,
+        )
+
+
 def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -> None:
     seen: dict[str, list[tuple[int, frozenset[str]]]] = {}
     for i, route in enumerate(routes):
@@ -301,11 +320,10 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
         for (_, _, key), feature in ((k, v) for k, v in UNSUPPORTED.items() if len(k) == 3):
             if key in route:
                 _unsupported(doc, (*path, key), feature)
+        _check_action(doc, path, route)
         service = route.get("service")
         if isinstance(service, str):
             _check_service_name(doc, (*path, "service"), service, service_names)
-        elif service is None and "aggregate" not in route:
-            doc.error(path, "missing required key 'service'")
         if isinstance(route.get("prefix"), str):
             _check_prefix(doc, path, route, seen)
         for rules in ("request_headers", "response_headers"):

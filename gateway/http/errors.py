@@ -22,7 +22,7 @@ from typing import ClassVar, Final
 import aiohttp
 from aiohttp import hdrs, web
 
-from gateway.http.exchange import EXCHANGE
+from gateway.http.exchange import EXCHANGE, UpstreamCall
 
 logger = logging.getLogger(__name__)
 upstream_log = logging.getLogger("gateway.upstream")
@@ -40,6 +40,7 @@ class GatewayError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.headers = dict(headers or {})
+        self.call: UpstreamCall | None = None  # the upstream call that failed, if one did
 
 
 class BadRequest(GatewayError):
@@ -203,13 +204,9 @@ CLIENT_GONE: Final = 499  # nginx's status for "the client closed the connection
 def problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
     """The only place failures become statuses; the only place any Exception is caught."""
     match exc:
-        case UpstreamError():
-            request[EXCHANGE].upstream_error = exc.kind
-            return problem_response(request, exc)
         case GatewayError():
             return problem_response(request, exc)
         case ResponseAborted():
-            request[EXCHANGE].upstream_error = "aborted"
             upstream_log.warning("service %r failed mid-response; connection dropped", str(exc))
             if request.transport is not None:
                 request.transport.abort()  # no clean end: the client sees a broken body

@@ -9,12 +9,15 @@ import re
 import time
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import hdrs, web
 from multidict import istr
 
 from gateway.config.model import HeaderRules
+
+if TYPE_CHECKING:
+    from gateway.http.pipeline import Prepared
 
 X_REQUEST_ID: Final = istr("X-Request-ID")
 TRACEPARENT: Final = istr("traceparent")
@@ -22,6 +25,21 @@ _SANE_ID: Final = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")
 _TRACEPARENT: Final = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
+
+
+@dataclass(slots=True, eq=False)
+class UpstreamCall:
+    """One call to a service on a request's behalf (the forward, an auth sub-request, an
+    aggregate part, a compose step): what the access line lists and the metrics count.
+    `Service.send` makes it; nothing else about the request is written by the upstream layer."""
+
+    service: str
+    kind: str = "forward"  # forward | websocket | auth | part | call
+    target: str = ""  # the label of the target tried last ("svc#0"), never its address
+    attempts: int = 0  # requests sent to targets: 1 plus retries
+    ms: float | None = None  # until the response head, retries included; None: no answer
+    status: int = 0  # the upstream's status; 0 when none came
+    outcome: str = ""  # "ok" once a head came; else the failure (timeout, unavailable, ...)
 
 
 @dataclass(slots=True)
@@ -37,14 +55,14 @@ class Exchange:
     forwarded_for: str | None = None  # X-Forwarded-For from a trusted proxy, to extend
     route: str = ""  # "routes.N", "" when no route matched
     service: str = ""
-    target: str = ""  # the target label ("svc#0") that answered or failed last; never the address
     consumer: str = ""
     cache: str = ""  # HIT | MISS | BYPASS | STALE; "" when the route does not cache
     cache_state: object = None  # the cache stage's notes between its request and response phases
-    retries: int = 0
     bytes_out: int = 0  # body bytes relayed to the client (streamed responses)
-    upstream_error: str = ""  # kind of upstream failure (timeout, unavailable, ...), for metrics
-    upstream_ms: float | None = None
+    calls: tuple[UpstreamCall, ...] = ()  # every upstream call made for it, in order
+    # Set by the `Expect: 100-continue` handler, which runs the request phase early: the
+    # route, and the phase's answer or refusal (dispatch then goes on from there).
+    prepared: Prepared | None = None
     body: AsyncIterable[bytes] | None = None  # replaces the request body going up (limits)
     body_error: Exception | None = None  # why that body stopped early: not the target's fault
     # Immutable defaults: a stage that adds replaces the value (creating an Exchange per
@@ -61,6 +79,16 @@ class Exchange:
     @property
     def trace_id(self) -> str:
         return self.traceparent[3:35]
+
+    @property
+    def main_call(self) -> UpstreamCall | None:
+        """The first call: the forward on a proxied route (what `target` and `retries` of the
+        access line describe)."""
+        return self.calls[0] if self.calls else None
+
+    def cut(self) -> Exception | None:
+        """Why the request body was cut off by the gateway (a limit, a stall), if it was."""
+        return self.body_error
 
 
 class _RandomHex:

@@ -13,7 +13,7 @@ from typing import Final
 
 from gateway.config.model import RouteConfig
 from gateway.http.errors import BadRequest, MethodNotAllowed, RouteNotFound
-from gateway.http.pipeline import Handler
+from gateway.http.pipeline import Chain
 from gateway.http.proxies import ClientAddress
 
 _ESCAPE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -60,12 +60,15 @@ def _unescape(match: re.Match[str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A compiled route: its config and the composed handler its requests run through."""
+    """A compiled route: its config and the chain its requests run through."""
 
     config: RouteConfig
-    handler: Handler
-    stages: tuple[str, ...]  # names of the stages in its chain, outermost first
-    body_limit: int | None = None  # bytes; the route's or the global limit, None: none
+    chain: Chain
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The names of its stages in order, then its action's."""
+        return self.chain.names
 
 
 class RouteTable:

@@ -33,7 +33,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.http.exchange import Exchange
+from gateway.http.exchange import Exchange, UpstreamCall
 
 access_logger = logging.getLogger("gateway.access")
 logger = logging.getLogger(__name__)
@@ -245,8 +245,10 @@ def configure_logging(
 
 
 Entry = tuple[
-    float, str, str, str, str, str, str, str, str, int, int, int, float, float | None, str, str, int
-]
+    float, str, str, str, str, str, str, str, str, int, int, int, float, float | None, str, str,
+    int, tuple[UpstreamCall, ...],
+]  # fmt: skip
+_NO_CALL: Final = UpstreamCall("")  # what the line says of a request no upstream call served
 FLUSH_INTERVAL: Final = 0.05  # seconds between hand-offs of queued lines to the writer
 
 
@@ -331,10 +333,13 @@ class AccessLog:
         garbage collector's young generation); the thread does the rest."""
         if self.enabled:
             ex = exchange
+            calls = ex.calls
+            main = calls[0] if calls else _NO_CALL
             self._pending.append(
                 (time.time(), ex.request_id, ex.trace_id, ex.client or request.remote or "",
-                 request.method, ex.path, ex.route, ex.service, ex.target, status, bytes_in,
-                 bytes_out, seconds * 1000, ex.upstream_ms, ex.consumer, ex.cache, ex.retries)
+                 request.method, ex.path, ex.route, ex.service, main.target, status, bytes_in,
+                 bytes_out, seconds * 1000, main.ms, ex.consumer, ex.cache,
+                 max(main.attempts - 1, 0), calls)
             )  # fmt: skip
 
     def _run(self) -> None:
@@ -403,7 +408,10 @@ _q: Final = json.encoder.encode_basestring_ascii
 _LINE: Final = (
     '{"time":"%s","request_id":"%s","trace_id":"%s","client":%s,"method":"%s","path":%s,'
     '"route":%s,"service":%s,"target":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,'
-    '"total_ms":%.3f,"upstream_ms":%s,"consumer":%s,"cache":%s,"retries":%d}'
+    '"total_ms":%.3f,"upstream_ms":%s,"consumer":%s,"cache":%s,"retries":%d,"calls":[%s]}'
+)
+_CALL: Final = (
+    '{"service":"%s","kind":"%s","target":%s,"attempts":%d,"ms":%s,"status":%d,"outcome":"%s"}'
 )
 
 
@@ -425,10 +433,13 @@ def access_line(
     consumer: str,
     cache: str,
     retries: int,
+    calls: tuple[UpstreamCall, ...] = (),
 ) -> str:
-    """The JSON access line: every field of CONTRACT §5. The query string is not logged (it
-    may carry tokens); `target` is the target's label ("inventory#0"), not its address.
-    Written for speed (it runs once a request): no helper calls for the optional fields."""
+    """The JSON access line: every field of CONTRACT §5, then `calls`, one object per upstream
+    call (the forward, auth sub-requests, aggregate parts). `service`, `target`, `retries` and
+    `upstream_ms` describe the first call. The query string is not logged (it may carry
+    tokens); a target is shown by its label ("inventory#0"), never its address. Written for
+    speed (it runs once a request): no helper calls for the optional fields."""
     return _LINE % (
         _iso_line_time(at), request_id, trace_id, _q(client), method, _q(path),
         f'"{route}"' if route else "null",
@@ -439,4 +450,11 @@ def access_line(
         _q(consumer) if consumer else "null",
         _q(cache) if cache else "null",
         retries,
+        ",".join([
+            _CALL % (
+                c.service, c.kind, f'"{c.target}"' if c.target else "null", c.attempts,
+                "null" if c.ms is None else f"{c.ms:.3f}", c.status, c.outcome,
+            )
+            for c in calls
+        ]),
     )  # fmt: skip

@@ -104,6 +104,13 @@ class Metrics:
             ["service", "kind"],
             registry=reg,
         )
+        self.upstream_calls = Counter(
+            "gateway_upstream_calls",
+            "Calls to services by service, kind (forward, websocket, auth, part, call) and "
+            "outcome (ok once a response head came, else the failure)",
+            ["service", "kind", "outcome"],
+            registry=reg,
+        )
         self.retries = Counter(
             "gateway_upstream_retries", "Retried attempts", ["service"], registry=reg
         )
@@ -166,6 +173,7 @@ class Metrics:
         )
         self.active = 0  # requests in flight in this process, exported at flush
         self._pending: dict[tuple[str, str, int], _Stats] = {}
+        self._calls: dict[tuple[str, str, str], int] = {}  # (service, kind, outcome): count
         self._local: list[Collector] = []  # scrape-time collectors of this process
         self._config_watched = False
 
@@ -197,13 +205,16 @@ class Metrics:
         stats = self._pending.get(key)
         if stats is None:
             stats = self._pending[key] = _Stats(ex.service)
-        upstream_ms = ex.upstream_ms
+        calls = ex.calls
+        upstream_ms = calls[0].ms if calls else None  # the main call: the route's service
         stats.add(seconds, bytes_in, bytes_out, -1.0 if upstream_ms is None else upstream_ms / 1000)
-        if ex.service:
-            if ex.retries:
-                self.retries.labels(ex.service).inc(ex.retries)
-            if ex.upstream_error:
-                self.upstream_errors.labels(ex.service, ex.upstream_error).inc()
+        for call in calls:  # every upstream call: the forward, auth sub-requests, parts
+            labels = (call.service, call.kind, call.outcome or "unknown")
+            self._calls[labels] = self._calls.get(labels, 0) + 1
+            if call.attempts > 1:
+                self.retries.labels(call.service).inc(call.attempts - 1)
+            if call.outcome in _UPSTREAM_FAULTS:
+                self.upstream_errors.labels(call.service, call.outcome).inc()
         if ex.cache in _CACHE_RESULTS:
             self.cache.labels(ex.route or "none", _CACHE_RESULTS[ex.cache]).inc()
         if status == 429 and not ex.from_upstream:  # only the rate-limit stage answers 429
@@ -212,6 +223,9 @@ class Metrics:
     def flush(self) -> None:
         """Move what `observe()` summed into the prometheus-client metrics."""
         pending, self._pending = self._pending, {}
+        calls, self._calls = self._calls, {}
+        for labels, count in calls.items():
+            self.upstream_calls.labels(*labels).inc(count)
         for (route, method, status_class), stats in pending.items():
             name = route or "none"
             klass = _STATUS_CLASS.get(status_class, "other")
@@ -265,6 +279,13 @@ class Metrics:
 
 
 _BOUNDS: Final = (*LATENCY_BUCKETS, math.inf)
+
+
+# Call outcomes that are the upstream's failure (a cancelled call or a body the gateway cut
+# off are not).
+_UPSTREAM_FAULTS: Final = frozenset(
+    {"timeout", "unavailable", "no_healthy_target", "pool_exhausted", "aborted", "error"}
+)
 
 
 class _Stats:

@@ -7,10 +7,10 @@ request.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import assert_never
 
-from gateway.actions.forward import forward_handler
+from gateway.actions.forward import forward_action
 from gateway.auth.apikeys import ApiKeyAuthenticator
 from gateway.auth.forward import forward_authenticator
 from gateway.auth.identity import Authenticator, Method
@@ -21,13 +21,19 @@ from gateway.cache.policy import UNSAFE_METHODS
 from gateway.cache.process import ResponseCache
 from gateway.config.jwtkeys import ALGORITHM_KEYS
 from gateway.config.jwtkeys import load_public_key as _public_key
-from gateway.config.model import GatewayConfig, JwtConfig, RouteConfig
-from gateway.http.pipeline import Handler, Stage
+from gateway.config.model import (
+    AggregateAction,
+    ComposeAction,
+    ForwardAction,
+    GatewayConfig,
+    JwtConfig,
+    RouteConfig,
+)
+from gateway.http.pipeline import Action, Chain, RequestStage, ResponseStage
 from gateway.http.proxies import ClientAddress
 from gateway.http.routing import Route, RouteTable
 from gateway.ratelimit.memory import MemoryStore
 from gateway.ratelimit.store import RateLimitStore
-from gateway.runtime.phased import PhaseStage, phased_handler
 from gateway.stages.auth import auth_stage
 from gateway.stages.bodylimit import body_limit_stage
 from gateway.stages.cache import CacheStage, InvalidateStage
@@ -77,68 +83,83 @@ def build_table(
     jwks: JwksStore | None = None,
     cache: ResponseCache | None = None,
 ) -> RouteTable:
-    """Compose every route's chain once; requests only look the result up. `rate_limits` is
+    """Build every route's chain once; requests only look the result up. `rate_limits` is
     the process's store and `jwks` its key sets (both kept across reloads); None: fresh ones."""
     rate_limits = MemoryStore() if rate_limits is None else rate_limits
-    routes = []
     methods = authenticators(config, services, jwks or JwksStore())
+    routes = []
     for route in config.routes:
-        forward = forward_handler(route, services[route.service], config.max_message_bytes)
         auth = route.auth
         policy = None
         if auth is not None:
             policy = RoutePolicy(
                 auth.any_of, methods, auth.scopes, auth.consumers, auth.strip_credentials
             )
-        phases = cache_phases(route, cache)  # TEMPORARY wiring until the phase pipeline
-        if phases:
-            service = services[route.service]
-            forward = phased_handler(route, service, phases, config.max_message_bytes)
-        chain = build_chain(route, forward, config.max_body_bytes, rate_limits, policy)
-        names = chain.stages if route.cache is None else (*chain.stages[:-1], "cache", "forward")
-        limit = body_limit_of(route, config.max_body_bytes)
-        routes.append(Route(route, chain.handler, names, limit))
+        action, name = build_action(route, config, services)
+        cached = cache_stage(route, cache)
+        if isinstance(cached, CacheStage):
+            action = cached.guard(action)  # stale_if_error: an upstream failure answered stale
+        chain = build_chain(route, action, name, config.max_body_bytes, rate_limits, policy, cached)
+        routes.append(Route(route, chain))
     return RouteTable(routes, ClientAddress(config.trusted_proxies))
 
 
-def cache_phases(route: RouteConfig, cache: ResponseCache | None) -> list[PhaseStage]:
-    """The cache stage of a cached route; on the others, when some route caches, the one that
-    drops entries after a successful write (a write may take another route than the reads)."""
+def build_action(
+    route: RouteConfig, config: GatewayConfig, services: Mapping[str, Service]
+) -> tuple[Action, str]:
+    """The one action a route declares, and its name for /routes."""
+    action = route.action
+    match action:
+        case ForwardAction():
+            return forward_action(route, services[action.service], config.max_message_bytes), (
+                "forward"
+            )
+        case AggregateAction() | ComposeAction():  # validation refuses them in this build
+            raise NotImplementedError(f"{route.name}: {type(action).__name__} is not built yet")
+        case _:
+            assert_never(action)
+
+
+def cache_stage(
+    route: RouteConfig, cache: ResponseCache | None
+) -> CacheStage | InvalidateStage | None:
+    """A cached route's cache stage; on the others, when some route caches, the one that drops
+    entries after a successful write (a write may take another route than the reads)."""
     if cache is None:
-        return []
+        return None
     if route.cache is not None:
-        return [CacheStage(route, cache.store, cache.coalescer, cache.invalidator)]
+        return CacheStage(route, cache.store, cache.coalescer, cache.invalidator)
     if route.methods & UNSAFE_METHODS:
-        return [InvalidateStage(cache.invalidator)]
-    return []
-
-
-def compose(stages: Sequence[Stage | None], innermost: Handler) -> Handler:
-    """Wrap `innermost` in `stages`, the first stage outermost; None entries are skipped."""
-    handler = innermost
-    for stage in reversed(stages):
-        if stage is not None:
-            handler = stage(handler)
-    return handler
+        return InvalidateStage(cache.invalidator)
+    return None
 
 
 def build_chain(
     route: RouteConfig,
-    forward: Handler,
+    action: Action,
+    action_name: str,
     global_body_limit: int | None,
     rate_limits: RateLimitStore | None = None,
     auth: RoutePolicy | None = None,
+    cache: CacheStage | InvalidateStage | None = None,
 ) -> Chain:
-    """The stages of one route around its forwarder. This list *is* the order."""
-    stages: list[tuple[str, Stage | None]] = [  # outermost first
+    """The stages of one route, by phase, around its action. This list *is* the order: the
+    request phase runs it top down, the response phase bottom up."""
+    stages: list[tuple[str, object | None]] = [
         ("cors", cors_stage(route)),  # preflights are answered before auth
-        ("auth", auth_stage(auth)),  # before any body byte is read; sets the consumer
+        ("auth", auth_stage(auth)),  # sets the consumer, which rate_limit may key on
         ("rate_limit", None if rate_limits is None else rate_limit_stage(route, rate_limits)),
         ("body_limit", body_limit_stage(body_limit_of(route, global_body_limit))),
         ("headers", headers_stage(route.request_headers, route.response_headers)),
+        # innermost: a hit is answered after auth and limits; the entry is the upstream's
+        # response as it came, and the response phase above edits hits and misses alike
+        ("cache" if isinstance(cache, CacheStage) else "cache_invalidate", cache),
     ]
-    names = tuple(name for name, stage in stages if stage is not None)
-    return Chain(compose([stage for _, stage in stages], forward), (*names, "forward"))
+    present = [(name, stage) for name, stage in stages if stage is not None]
+    request: list[RequestStage] = [s for _, s in present if isinstance(s, RequestStage)]
+    response: list[ResponseStage] = [s for _, s in present if isinstance(s, ResponseStage)]
+    names = (*(name for name, _ in present), action_name)
+    return Chain(tuple(request), action, tuple(reversed(response)), names)
 
 
 def body_limit_of(route: RouteConfig, global_limit: int | None) -> int | None:
@@ -148,8 +169,3 @@ def body_limit_of(route: RouteConfig, global_limit: int | None) -> int | None:
     if global_limit is None:
         return route.max_body_bytes
     return min(route.max_body_bytes, global_limit)
-
-
-class Chain(NamedTuple):
-    handler: Handler
-    stages: tuple[str, ...]  # names, outermost first, ending in "forward"

@@ -16,15 +16,15 @@ from yarl import URL
 
 from gateway.http.errors import (
     CLIENT_GONE,
-    GatewayError,
     MalformedRequest,
     MethodNotAllowed,
     VersionNotSupported,
     problem_for,
 )
-from gateway.http.exchange import EXCHANGE, apply_exchange, start_exchange
-from gateway.http.pipeline import Handler
-from gateway.http.routing import normalize_path, split_target
+from gateway.http.exchange import EXCHANGE, Exchange, apply_exchange, start_exchange
+from gateway.http.pipeline import Answer, Chain, Prepared, UpstreamResponse
+from gateway.http.relay import relay
+from gateway.http.routing import Route, RouteTable, normalize_path, split_target
 from gateway.runtime.reload import Reloader
 from gateway.runtime.state import GATEWAY, Gateway
 
@@ -34,32 +34,46 @@ if TYPE_CHECKING:
 config_log = logging.getLogger("gateway.config")
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 def make_dispatch(gateway: Gateway) -> Handler:
-    """The one handler of the public app. It does what app middlewares would (the Exchange,
-    problem+json, the access line and metrics) in one frame: on a route with no feature this
-    is most of the gateway's own cost, so it is kept flat."""
+    """The one handler of the public app: match, the request phase, the action, the response
+    phase, the relay. It also does what app middlewares would (the Exchange, problem+json, the
+    access line and metrics) in the same frame: on a route with no feature this is most of the
+    gateway's own cost, so it is kept flat."""
     access_log, metrics = gateway.access_log, gateway.metrics
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
-        exchange = start_exchange(request)
-        request[EXCHANGE] = exchange
+        exchange = request.get(EXCHANGE)
+        if exchange is None:  # else the Expect handler began it (and its request phase)
+            exchange = start_exchange(request)
+            request[EXCHANGE] = exchange
         status, sent = CLIENT_GONE, 0  # until an answer exists: the client went away first
         metrics.active += 1
         try:
             try:
-                table = gateway.table  # read once: in-flight requests keep their table
-                if request.version[0] != 1:
-                    raise unsupported_version(request)
-                raw = request.raw_path
-                if not raw.startswith("/"):
-                    raw = origin_form(request)
-                path, exchange.query = split_target(raw)
-                exchange.client, exchange.forwarded_for = table.clients.resolve(request)
-                exchange.path = normalize_path(path)
-                route = table.match(request.method, exchange.path)
-                exchange.route = route.config.name
-                exchange.service = route.config.service
-                response = await route.handler(request)
+                prepared = exchange.prepared
+                if prepared is None:
+                    route = enter(gateway.table, request, exchange)
+                    chain = route.chain
+                    answer = (
+                        await request_phase(chain, exchange, request) if chain.request else None
+                    )
+                else:
+                    found, answer, refusal = prepared
+                    if refusal is not None:
+                        raise refusal
+                    assert found is not None  # no refusal: routing found it
+                    chain = found.chain
+                up = answer if answer is not None else await chain.action(request, exchange)
+                if type(up) is UpstreamResponse:
+                    for stage in chain.response:
+                        up = await stage.on_response(exchange, up)
+                    response = await relay(request, exchange, up)
+                else:  # an action that answered the client itself (a WebSocket)
+                    assert isinstance(up, web.StreamResponse)
+                    response = up
             except MethodNotAllowed as exc:
                 exchange.route = exc.route  # the route whose prefix matched
                 response = problem_for(request, exc)
@@ -78,6 +92,32 @@ def make_dispatch(gateway: Gateway) -> Handler:
             access_log.record(request, exchange, status, received, sent, seconds)
 
     return dispatch
+
+
+def enter(table: RouteTable, request: web.Request, exchange: Exchange) -> Route:
+    """The request's facts (path, query, client) on its Exchange, and the route it matches
+    in `table` (read once: an in-flight request keeps its table). 400, 404, 405, 505 raise."""
+    if request.version[0] != 1:
+        raise unsupported_version(request)
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        raw = origin_form(request)
+    path, exchange.query = split_target(raw)
+    exchange.client, exchange.forwarded_for = table.clients.resolve(request)
+    exchange.path = normalize_path(path)
+    route = table.match(request.method, exchange.path)
+    exchange.route = route.config.name
+    exchange.service = route.config.service
+    return route
+
+
+async def request_phase(chain: Chain, exchange: Exchange, request: web.Request) -> Answer:
+    """The route's request-phase stages in order; the first answer ends it."""
+    for stage in chain.request:
+        answer = await stage.on_request(exchange, request)
+        if answer is not None:
+            return answer
+    return None
 
 
 def unsupported_version(request: web.Request) -> MalformedRequest:
@@ -103,23 +143,30 @@ ExpectHandler = Callable[[web.Request], Awaitable[None]]
 
 def make_expect(gateway: Gateway) -> ExpectHandler:
     """`Expect: 100-continue` (RFC 9110 §10.1.1): invite the body only when the gateway will
-    read it. A request that will get a 404, 405 or 413 gets that answer, never a 100 first."""
+    read it. The route's request phase runs here, before the invitation, so a request that
+    will be refused for any reason (404, 405, 401, 413, 429...) or answered without its body
+    (a preflight, a cache hit) gets that answer and never a 100 first. Dispatch goes on from
+    what was found (`Exchange.prepared`)."""
 
     async def expect(request: web.Request) -> None:
         if request.version != HttpVersion11:
             return
         if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
             return  # other expectations are ignored, as a proxy may (RFC 9110 §10.1.1)
+        exchange = start_exchange(request)
+        request[EXCHANGE] = exchange
+        route = None
         try:
-            path = normalize_path(split_target(request.raw_path)[0])
-            route = gateway.table.match(request.method, path)
-        except GatewayError:
-            return  # the handler answers without reading the body
-        length = request.content_length
-        if route.body_limit is not None and length is not None and length > route.body_limit:
-            return  # the body-limit stage answers 413
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # what aiohttp's own handler does: no body sent yet
+            route = enter(gateway.table, request, exchange)
+            chain = route.chain
+            answer = await request_phase(chain, exchange, request) if chain.request else None
+        except Exception as exc:  # not answered here: dispatch hands it to problem_for
+            exchange.prepared = Prepared(route, None, exc)
+            return
+        exchange.prepared = Prepared(route, answer, None)
+        if answer is None:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # what aiohttp's own handler does: no body sent yet
 
     return expect
 

@@ -3,35 +3,36 @@ the upstream who it is (X-Consumer, X-Auth-Subject, X-Auth-Scopes) through the E
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from gateway.auth.identity import RequestFacts
 from gateway.auth.policy import RoutePolicy
-from gateway.http.exchange import EXCHANGE
-
-if TYPE_CHECKING:
-    from gateway.http.pipeline import Handler, Stage
+from gateway.http.exchange import Exchange
+from gateway.http.pipeline import Answer
 
 
-def auth_stage(policy: RoutePolicy | None) -> Stage | None:
-    if policy is None:
+class AuthStage:
+    """Request phase only: admit or refuse (401, 403) before any body byte is read."""
+
+    __slots__ = ("policy", "strip")
+
+    def __init__(self, policy: RoutePolicy) -> None:
+        self.policy = policy
+        self.strip = policy.strip
+
+    async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
+        facts = RequestFacts(request.method, exchange.path, request.headers)
+        try:
+            identity = await self.policy.admit(facts)
+        finally:
+            if facts.calls:  # forward auth's sub-requests, for the access line and metrics
+                exchange.calls += tuple(facts.calls)
+        exchange.consumer = identity.consumer
+        exchange.upstream_set += self.policy.upstream_headers(identity)
+        if self.strip:
+            exchange.upstream_remove |= self.strip
         return None
-    strip = policy.strip
 
-    def wrap(next_handler: Handler) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            exchange = request[EXCHANGE]
-            identity = await policy.admit(
-                RequestFacts(request.method, exchange.path, request.headers)
-            )
-            exchange.consumer = identity.consumer
-            exchange.upstream_set += policy.upstream_headers(identity)
-            if strip:
-                exchange.upstream_remove |= strip
-            return await next_handler(request)
 
-        return handle
-
-    return wrap
+def auth_stage(policy: RoutePolicy | None) -> AuthStage | None:
+    return None if policy is None else AuthStage(policy)

@@ -4,36 +4,36 @@ cut off the moment it passes the limit, so the upstream never receives a complet
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from aiohttp import StreamReader, web
 
 from gateway.http.errors import PayloadTooLarge
-from gateway.http.exchange import EXCHANGE, Exchange
-
-if TYPE_CHECKING:
-    from gateway.http.pipeline import Handler, Stage
+from gateway.http.exchange import Exchange
+from gateway.http.pipeline import Answer
 
 
-def body_limit_stage(limit: int | None) -> Stage | None:
-    if limit is None:
+class BodyLimitStage:
+    """Request phase only: a Content-Length over the limit is refused before `100 Continue`;
+    a body without one is wrapped so that it fails as soon as it passes the limit."""
+
+    __slots__ = ("detail", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.detail = f"the request body is larger than this route's limit of {limit} bytes"
+
+    async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
+        length = request.content_length
+        if length is not None:
+            if length > self.limit:
+                raise PayloadTooLarge(self.detail)
+        elif request.body_exists:
+            exchange.body = _capped(request.content, self.limit, exchange, self.detail)
         return None
-    detail = f"the request body is larger than this route's limit of {limit} bytes"
 
-    def wrap(next_handler: Handler) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            length = request.content_length
-            if length is not None:
-                if length > limit:
-                    raise PayloadTooLarge(detail)
-            elif request.body_exists:
-                exchange = request[EXCHANGE]
-                exchange.body = _capped(request.content, limit, exchange, detail)
-            return await next_handler(request)
 
-        return handle
-
-    return wrap
+def body_limit_stage(limit: int | None) -> BodyLimitStage | None:
+    return None if limit is None else BodyLimitStage(limit)
 
 
 async def _capped(

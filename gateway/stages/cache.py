@@ -6,8 +6,9 @@ waiting for another request of the same key that is already upstream (coalesce.p
 `on_response` tees a storable response: the client gets each chunk as it arrives, and the
 entry is written once the body completed within `max_object_bytes` (larger bodies stream on,
 uncached, never held whole). A successful POST, PUT, PATCH or DELETE drops its path and parent
-collection before its answer goes out. `on_error` answers an upstream failure from a stale
-entry within `stale_if_error` (STALE). Every answer of a cached route carries X-Cache.
+collection before its answer goes out. `guard` wraps the route's action: an upstream failure
+(or a 500/502/503/504) is answered from a stale entry within `stale_if_error` (STALE). Every
+answer of a cached route carries X-Cache (through the Exchange, so problem+json ones too).
 
 The decisions are in gateway/cache/policy.py; storage and invalidation in gateway/cache/.
 """
@@ -15,7 +16,7 @@ The decisions are in gateway/cache/policy.py; storage and invalidation in gatewa
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -28,7 +29,9 @@ from gateway.cache.invalidate import Invalidator
 from gateway.cache.policy import Entry, Freshness
 from gateway.cache.store import CacheStore
 from gateway.config.model import CachePolicy, RouteConfig
+from gateway.http.errors import UpstreamError
 from gateway.http.exchange import Exchange
+from gateway.http.pipeline import Action, Answer, Body, UpstreamResponse
 
 X_CACHE: Final = istr("X-Cache")
 AGE: Final = istr("Age")
@@ -37,27 +40,12 @@ MISS: Final = ((X_CACHE, "MISS"),)
 BYPASS: Final = ((X_CACHE, "BYPASS"),)
 STALE: Final = ((X_CACHE, "STALE"),)
 STALE_ON_STATUS: Final = frozenset({500, 502, 503, 504})  # upstream failures answered stale
-
-
-@dataclass(slots=True)
-class UpstreamResponse:
-    """Stand-in for the phase pipeline's type (gateway/http/pipeline.py, coming): what came
-    back from upstream, or what a stage answers instead; `body` streams."""
-
-    status: int
-    reason: str
-    headers: CIMultiDict[str]
-    body: AsyncIterator[bytes]
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    if body:
-        yield body
+ANSWERED: Final = frozenset({"HIT", "STALE"})  # exchange.cache when the answer is an entry
 
 
 @dataclass(slots=True)
 class _Notes:
-    """What on_request leaves for on_response / on_error (in exchange.cache_state)."""
+    """What on_request leaves for on_response and the guard (in exchange.cache_state)."""
 
     parts: tuple[str, ...]
     headers: CIMultiDictProxy[str]  # the request's: Vary values are read from them
@@ -88,9 +76,7 @@ class CacheStage:
         t = route.timeouts
         self.wait = t.total or ((t.connect or 0) + (t.read or 0)) or MAX_WAIT_SECONDS
 
-    async def on_request(
-        self, exchange: Exchange, request: web.BaseRequest
-    ) -> UpstreamResponse | None:
+    async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
         method = request.method
         if method in policy.UNSAFE_METHODS:
             exchange.cache_state = _WRITE  # on_response invalidates
@@ -129,16 +115,44 @@ class CacheStage:
         self._mark(exchange, "MISS", MISS)
         return None
 
+    def guard(self, action: Action) -> Action:
+        """The route's action, with stale_if_error on an upstream failure and the coalescing
+        slot given back whatever happens."""
+
+        async def guarded(
+            request: web.Request, exchange: Exchange
+        ) -> UpstreamResponse | web.StreamResponse:
+            try:
+                return await action(request, exchange)
+            except UpstreamError:
+                notes = exchange.cache_state
+                if isinstance(notes, _Notes):
+                    self._finish(notes, False)
+                    if notes.stale is not None and notes.stale.usable_stale(self.clock()):
+                        return self._stale(exchange, notes)
+                raise
+            except BaseException:
+                notes = exchange.cache_state
+                if isinstance(notes, _Notes):
+                    self._finish(notes, False)
+                raise
+
+        return guarded
+
     async def on_response(self, exchange: Exchange, up: UpstreamResponse) -> UpstreamResponse:
         notes = exchange.cache_state
         if not isinstance(notes, _Notes):
             if notes is _WRITE and up.status < 400:
                 await self.invalidator.paths(list(policy.invalidated_paths(exchange.path)))
             return up
+        if exchange.cache in ANSWERED:  # the answer is an entry (a hit, or stale)
+            return up
         if up.status in STALE_ON_STATUS and notes.stale is not None:
-            await _close(up.body)
+            self._finish(notes, False)
+            if up.release is not None:
+                up.release()
             return self._stale(exchange, notes)
-        headers = up.headers
+        headers = CIMultiDict(up.headers)
         cache_control = headers.getall("Cache-Control", ())
         vary = policy.vary_names(headers.getall("Vary", ()))
         length = headers.get("Content-Length")
@@ -153,36 +167,32 @@ class CacheStage:
         ):
             self._finish(notes, False)
             return up
-        up.body = self._tee(notes, exchange.path, up, up.body, vary, fresh, now)
+        if isinstance(up.body, bytes):  # made whole by the action: stored at once if it fits
+            stored = len(up.body) <= self.rule.max_object_bytes and await self._store(
+                exchange.path, notes, up, headers, up.body, vary, fresh, now
+            )
+            self._finish(notes, stored)
+            return up
+        tee = _Tee(self, exchange.path, notes, up, headers, vary, fresh, now)
+        up.body, up.release = tee, tee.release
         return up
-
-    async def on_error(self, exchange: Exchange, error: Exception) -> UpstreamResponse | None:
-        """The upstream failed (no response): a stale entry answers within stale_if_error."""
-        notes = exchange.cache_state
-        if not isinstance(notes, _Notes):
-            return None
-        self._finish(notes, False)
-        if notes.stale is None or not notes.stale.usable_stale(self.clock()):
-            return None
-        return self._stale(exchange, notes)
 
     def _mark(self, exchange: Exchange, result: str, header: tuple[tuple[istr, str], ...]) -> None:
         exchange.cache = result
         exchange.response_headers += header
 
     def _hit(
-        self, exchange: Exchange, request: web.BaseRequest, entry: Entry, now: float
+        self, exchange: Exchange, request: web.Request, entry: Entry, now: float
     ) -> UpstreamResponse:
         notes = exchange.cache_state
-        if isinstance(notes, _Notes) and notes.flight is not None:
+        if isinstance(notes, _Notes):
             self._finish(notes, False)
         self._mark(exchange, "HIT", HIT)
         if policy.not_modified(entry, request.headers):
             kept = [(n, v) for n, v in entry.headers if n.lower() in policy.NOT_MODIFIED_KEEP]
-            headers = CIMultiDict(kept)
-            headers[AGE] = str(entry.age(now))
-            return UpstreamResponse(304, "Not Modified", headers, _once(b""))
-        return self._answer(entry, now, request.method == "HEAD")
+            kept.append((AGE, str(entry.age(now))))
+            return UpstreamResponse(304, kept, b"", reason="Not Modified")
+        return self._answer(entry, now)
 
     def _stale(self, exchange: Exchange, notes: _Notes) -> UpstreamResponse:
         assert notes.stale is not None
@@ -191,54 +201,94 @@ class CacheStage:
             *(h for h in exchange.response_headers if h[0] != X_CACHE),
             *STALE,
         )
-        return self._answer(notes.stale, self.clock(), notes.head)
+        return self._answer(notes.stale, self.clock())
 
-    def _answer(self, entry: Entry, now: float, head: bool) -> UpstreamResponse:
-        headers = CIMultiDict(entry.headers)
-        headers[AGE] = str(entry.age(now))
-        headers["Content-Length"] = str(len(entry.body))
-        return UpstreamResponse(
-            entry.status, entry.reason, headers, _once(b"" if head else entry.body)
-        )
+    @staticmethod
+    def _answer(entry: Entry, now: float) -> UpstreamResponse:
+        """The entry, whole: the relay sends Content-Length, and no body to a HEAD."""
+        headers = [*entry.headers, (AGE, str(entry.age(now)))]
+        return UpstreamResponse(entry.status, headers, entry.body, reason=entry.reason)
 
-    async def _tee(
+    async def _store(
         self,
-        notes: _Notes,
         path: str,
+        notes: _Notes,
         up: UpstreamResponse,
-        source: AsyncIterator[bytes],
+        headers: CIMultiDict[str],
+        body: bytes,
         vary: tuple[str, ...],
         fresh: Freshness,
         now: float,
-    ) -> AsyncIterator[bytes]:
-        """Each chunk goes on as it arrives; a copy is kept while the body fits the cap."""
-        kept: list[bytes] | None = []
-        size, limit = 0, self.rule.max_object_bytes
-        stored = False
-        try:
-            async for chunk in source:
-                if kept is not None:
-                    size += len(chunk)
-                    if size > limit:
-                        kept = None  # too big: stream on, hold nothing
-                    else:
-                        kept.append(chunk)
-                yield chunk
-            if kept is not None:
-                entry = policy.make_entry(
-                    up.status, up.reason, up.headers.items(), up.headers, b"".join(kept),
-                    fresh, self.rule, now,
-                )  # fmt: skip
-                stored = await self.store.put(
-                    path, notes.parts, vary, notes.headers, entry, notes.generation
-                )
-        finally:
-            self._finish(notes, stored)
+    ) -> bool:
+        entry = policy.make_entry(
+            up.status, up.reason or "", up.headers, headers, body, fresh, self.rule, now
+        )
+        return await self.store.put(path, notes.parts, vary, notes.headers, entry, notes.generation)
 
     def _finish(self, notes: _Notes, stored: bool) -> None:
         if notes.flight is not None:
             self.coalescer.finish(notes.key, notes.flight, stored)
             notes.flight = None
+
+
+class _Tee:
+    """The response body as it arrives, for the relay; a copy is kept while it fits the cap
+    and stored when the body ended (b""), before that end is handed on."""
+
+    __slots__ = ("_fresh", "_headers", "_kept", "_notes", "_now", "_path", "_release",
+                 "_size", "_source", "_stage", "_up", "_vary")  # fmt: skip
+
+    def __init__(
+        self,
+        stage: CacheStage,
+        path: str,
+        notes: _Notes,
+        up: UpstreamResponse,
+        headers: CIMultiDict[str],
+        vary: tuple[str, ...],
+        fresh: Freshness,
+        now: float,
+    ) -> None:
+        assert not isinstance(up.body, bytes)
+        self._stage, self._path, self._notes, self._up = stage, path, notes, up
+        self._headers, self._vary, self._fresh, self._now = headers, vary, fresh, now
+        self._source: Body = up.body
+        self._release = up.release
+        self._kept: list[bytes] | None = []
+        self._size = 0
+
+    async def readany(self) -> bytes:
+        try:
+            chunk = await self._source.readany()
+        except BaseException:  # the upstream broke off (or the request was cancelled)
+            self._kept = None
+            self._stage._finish(self._notes, False)
+            raise
+        kept = self._kept
+        if chunk:
+            if kept is not None:
+                self._size += len(chunk)
+                if self._size > self._stage.rule.max_object_bytes:
+                    self._kept = None  # too big: stream on, hold nothing
+                else:
+                    kept.append(chunk)
+            return chunk
+        if kept is not None:
+            self._kept = None
+            body = b"".join(kept)
+            stored = await self._stage._store(
+                self._path, self._notes, self._up, self._headers, body, self._vary,
+                self._fresh, self._now,
+            )  # fmt: skip
+            self._stage._finish(self._notes, stored)
+        return b""
+
+    def release(self) -> None:
+        """The relay is done with the body (whole, or the client left): the slot goes back."""
+        self._kept = None
+        self._stage._finish(self._notes, False)
+        if self._release is not None:
+            self._release()
 
 
 _WRITE: Final = object()  # exchange.cache_state of a write on a route with the stage
@@ -251,9 +301,7 @@ class InvalidateStage:
     def __init__(self, invalidator: Invalidator) -> None:
         self.invalidator = invalidator
 
-    async def on_request(
-        self, exchange: Exchange, request: web.BaseRequest
-    ) -> UpstreamResponse | None:
+    async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
         if request.method in policy.UNSAFE_METHODS:
             exchange.cache_state = _WRITE
         return None
@@ -266,9 +314,3 @@ class InvalidateStage:
 
 def _fits(length: str, limit: int) -> bool:
     return length.isdigit() and int(length) <= limit
-
-
-async def _close(body: AsyncIterator[bytes]) -> None:
-    close = getattr(body, "aclose", None)
-    if close is not None:
-        await close()

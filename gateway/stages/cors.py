@@ -14,17 +14,15 @@ and every answer (relayed, streamed or the gateway's own problem+json) carries `
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from aiohttp import hdrs, web
 from multidict import istr
 
 from gateway.config.model import CorsConfig, RouteConfig
 from gateway.http.errors import MethodNotAllowed
-from gateway.http.exchange import EXCHANGE
-
-if TYPE_CHECKING:
-    from gateway.http.pipeline import Handler, Stage
+from gateway.http.exchange import Exchange
+from gateway.http.pipeline import Answer, UpstreamResponse
 
 ALLOW_ORIGIN: Final = hdrs.ACCESS_CONTROL_ALLOW_ORIGIN
 ALLOW_CREDENTIALS: Final = hdrs.ACCESS_CONTROL_ALLOW_CREDENTIALS
@@ -85,42 +83,45 @@ class CorsPolicy:
         return (*base, *self._tail, *asked)
 
 
-def cors_stage(route: RouteConfig) -> Stage | None:
-    if route.cors is None:
-        return None
-    policy = CorsPolicy(route.cors)
-    options_served = hdrs.METH_OPTIONS in route.methods
-    allow = ", ".join(sorted(route.methods))
+class CorsStage:
+    """Request phase only: a preflight is answered here; every other answer of the route gets
+    its CORS headers through the Exchange (streamed, relayed or problem+json alike)."""
 
-    def refusal() -> MethodNotAllowed:
+    __slots__ = ("allow", "options_served", "policy", "route")
+
+    def __init__(self, route: RouteConfig, config: CorsConfig) -> None:
+        self.policy = CorsPolicy(config)
+        self.options_served = hdrs.METH_OPTIONS in route.methods
+        self.allow = ", ".join(sorted(route.methods))
+        self.route = route.name
+
+    async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
+        if exchange.response_remove:
+            exchange.response_remove |= ACCESS_CONTROL_HEADERS
+        else:  # the usual case: no new set per request
+            exchange.response_remove = ACCESS_CONTROL_HEADERS
+        headers = request.headers
+        origin = headers.get(hdrs.ORIGIN)
+        if request.method == hdrs.METH_OPTIONS:
+            asked = headers.get(REQUEST_METHOD)
+            if origin is not None and asked is not None:
+                answer = self.policy.preflight(origin, asked, headers.get(REQUEST_HEADERS))
+                if answer is not None:
+                    exchange.response_headers += answer
+                    return UpstreamResponse(204, [])
+            if not self.options_served:  # routed here only for preflights (routing.py)
+                exchange.response_headers += VARY_ORIGIN
+                raise self._refusal()
+        exchange.response_headers += self.policy.actual(origin)
+        return None
+
+    def _refusal(self) -> MethodNotAllowed:
         error = MethodNotAllowed(
-            f"OPTIONS is not allowed here; allowed: {allow}", headers={"Allow": allow}
+            f"OPTIONS is not allowed here; allowed: {self.allow}", headers={"Allow": self.allow}
         )
-        error.route = route.name
+        error.route = self.route
         return error
 
-    def wrap(next_handler: Handler) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            exchange = request[EXCHANGE]
-            if exchange.response_remove:
-                exchange.response_remove |= ACCESS_CONTROL_HEADERS
-            else:  # the usual case: no new set per request
-                exchange.response_remove = ACCESS_CONTROL_HEADERS
-            headers = request.headers
-            origin = headers.get(hdrs.ORIGIN)
-            if request.method == hdrs.METH_OPTIONS:
-                asked = headers.get(REQUEST_METHOD)
-                if origin is not None and asked is not None:
-                    answer = policy.preflight(origin, asked, headers.get(REQUEST_HEADERS))
-                    if answer is not None:
-                        exchange.response_headers += answer
-                        return web.Response(status=204)
-                if not options_served:  # routed here only for preflights (routing.py)
-                    exchange.response_headers += VARY_ORIGIN
-                    raise refusal()
-            exchange.response_headers += policy.actual(origin)
-            return await next_handler(request)
 
-        return handle
-
-    return wrap
+def cors_stage(route: RouteConfig) -> CorsStage | None:
+    return None if route.cors is None else CorsStage(route, route.cors)

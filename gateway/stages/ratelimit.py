@@ -5,39 +5,40 @@ The logic is in gateway/ratelimit/; this adapter only wires it into the chain.""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-from gateway.config.model import RouteConfig
+from gateway.config.model import RateLimitPolicy, RouteConfig
 from gateway.http.errors import RateLimited
-from gateway.http.exchange import EXCHANGE
+from gateway.http.exchange import Exchange
+from gateway.http.pipeline import Answer
 from gateway.ratelimit.keys import RETRY_AFTER, HeaderMaker, retry_after, subject_of
 from gateway.ratelimit.store import RateLimitStore
 
-if TYPE_CHECKING:
-    from gateway.http.pipeline import Handler, Stage
 
+class RateLimitStage:
+    """Request phase only: one token for the request's key, or 429."""
 
-def rate_limit_stage(route: RouteConfig, store: RateLimitStore) -> Stage | None:
-    policy = route.rate_limit
-    if policy is None:
+    __slots__ = ("bucket", "detail", "maker", "policy", "store", "subject")
+
+    def __init__(self, route: RouteConfig, policy: RateLimitPolicy, store: RateLimitStore) -> None:
+        self.policy, self.store = policy, store
+        self.subject = subject_of(policy.key)
+        self.bucket = f"rl:{route.prefix}|"  # per route: by prefix, stable across reloads
+        self.maker = HeaderMaker(policy)
+        self.detail = (
+            f"this route admits {policy.limit} requests per {policy.per:g}s; try again later"
+        )
+
+    async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
+        key = self.bucket + self.subject(exchange, request.headers)
+        decision = await self.store.hit(key, self.policy)
+        if decision.checked:
+            exchange.response_headers += self.maker.headers(decision)
+        if not decision.allowed:
+            raise RateLimited(self.detail, headers={RETRY_AFTER: retry_after(decision)})
         return None
-    subject = subject_of(policy.key)
-    bucket = f"rl:{route.prefix}|"  # buckets are per route: by prefix, stable across reloads
-    maker = HeaderMaker(policy)
-    detail = f"this route admits {policy.limit} requests per {policy.per:g}s; try again later"
 
-    def wrap(next_handler: Handler) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            exchange = request[EXCHANGE]
-            decision = await store.hit(bucket + subject(exchange, request.headers), policy)
-            if decision.checked:
-                exchange.response_headers += maker.headers(decision)
-            if not decision.allowed:
-                raise RateLimited(detail, headers={RETRY_AFTER: retry_after(decision)})
-            return await next_handler(request)
 
-        return handle
-
-    return wrap
+def rate_limit_stage(route: RouteConfig, store: RateLimitStore) -> RateLimitStage | None:
+    policy = route.rate_limit
+    return None if policy is None else RateLimitStage(route, policy, store)

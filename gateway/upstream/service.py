@@ -24,7 +24,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -38,6 +38,7 @@ from gateway.config.model import IDEMPOTENT_METHODS, ServiceConfig, TargetConfig
 from gateway.config.tls import client_ssl
 from gateway.http.errors import (
     BadRequest,
+    GatewayError,
     NoHealthyTarget,
     PoolExhausted,
     UpstreamError,
@@ -45,7 +46,7 @@ from gateway.http.errors import (
     UpstreamUnavailable,
     upstream_failure,
 )
-from gateway.http.exchange import Exchange
+from gateway.http.exchange import UpstreamCall
 from gateway.upstream.balance import make_balancer
 from gateway.upstream.breaker import (
     AlwaysClosed,
@@ -67,7 +68,8 @@ Headers = list[tuple[str, str]]
 
 
 class Send(Protocol):
-    """`Service.send`: one request to the service, through its targets and retries."""
+    """`Service.send`: one request to the service, through its targets and retries. The
+    `Reply` carries the call's record; a failure raises with it as `error.call`."""
 
     async def __call__(
         self,
@@ -75,9 +77,14 @@ class Send(Protocol):
         path_qs: str,
         headers: Headers,
         body: Body,
-        exchange: Exchange,
         timeout: aiohttp.ClientTimeout | None = None,
+        *,
+        kind: str = "forward",
+        body_error: BodyError | None = None,
     ) -> Reply: ...
+
+
+BodyError = Callable[[], Exception | None]  # why the gateway cut the request body, if it did
 
 
 _CONTENT_TYPE_ONLY: Final = CIMultiDict({hdrs.CONTENT_TYPE: None})
@@ -139,13 +146,17 @@ def _targets(config: ServiceConfig, clock: Clock, previous: Service | None) -> t
 
 
 class Reply:
-    """An upstream response and the target it holds; `release()` when done (twice is safe)."""
+    """An upstream response, the target it holds and the call's record; `release()` when done
+    (twice is safe)."""
 
-    __slots__ = ("_released", "response", "target")
+    __slots__ = ("_released", "call", "response", "target")
 
-    def __init__(self, response: aiohttp.ClientResponse, target: Target) -> None:
+    def __init__(
+        self, response: aiohttp.ClientResponse, target: Target, call: UpstreamCall
+    ) -> None:
         self.response = response
         self.target = target
+        self.call = call
         self._released = False
 
     def release(self) -> None:
@@ -297,16 +308,23 @@ class Service:
         path_qs: str,
         headers: Headers,
         body: Body,
-        exchange: Exchange,
         timeout: aiohttp.ClientTimeout | None = None,
+        *,
+        kind: str = "forward",
+        body_error: BodyError | None = None,
     ) -> Reply:
         """`send` for a service with retries: attempts on different targets while that is
         safe (see the module docstring) and the budget and the total deadline allow."""
+        call = UpstreamCall(self.name, kind)
+        started = time.perf_counter()
         timeout = timeout or self.timeout
         deadline = None if timeout.total is None else self._clock() + timeout.total
         self._reading += 1  # a reload must not close the pool under it (see `busy`)
         try:
             body, replayable = await self._replayable(method, headers, body)
+        except GatewayError as error:
+            error.call = call
+            raise
         finally:
             self._reading -= 1
         self.budget.record_request()
@@ -315,17 +333,25 @@ class Service:
             attempt_timeout = _until(timeout, deadline, self._clock)
             try:
                 reply = await self._attempt(
-                    method, path_qs, headers, body, exchange, attempt_timeout, tried
+                    method,
+                    path_qs,
+                    headers,
+                    body,
+                    attempt_timeout,
+                    body_error=body_error,
+                    call=call,
+                    tried=tried,
                 )
             except UpstreamError as error:
                 if not self._may_retry(_retryable(error, replayable), tried, deadline):
+                    call.ms = (time.perf_counter() - started) * 1000
                     raise
             else:
                 status = reply.response.status
                 if status not in RETRY_STATUSES or not self._may_retry(replayable, tried, deadline):
+                    call.ms = (time.perf_counter() - started) * 1000
                     return reply
                 reply.release()
-            exchange.retries += 1
 
     async def _replayable(self, method: str, headers: Headers, body: Body) -> tuple[Body, bool]:
         """(the body to send, may the request be sent again); see the module docstring."""
@@ -361,24 +387,36 @@ class Service:
         path_qs: str,
         headers: Headers,
         body: Body,
-        exchange: Exchange,
         timeout: aiohttp.ClientTimeout | None = None,
+        *,
+        kind: str = "forward",
+        body_error: BodyError | None = None,
+        call: UpstreamCall | None = None,
         tried: list[Target] | None = None,
     ) -> Reply:
         """One request to one target (not one in `tried`, when it can), which is appended to
         `tried`; the breaker hears the verdict, or that there is none. Without retries this
-        *is* `send`: one coroutine frame less on every request's await chain."""
+        *is* `send` (given no `call`, it makes and times its own): one coroutine frame less
+        on every request's await chain."""
+        started = 0.0
+        if call is None:
+            call, started = UpstreamCall(self.name, kind), time.perf_counter()
         if self._closed:  # a request that matched a table a reload replaced long ago
-            raise UpstreamUnavailable(f"service {self.name!r} was removed")
+            raise _failed(call, started, UpstreamUnavailable(f"service {self.name!r} was removed"))
         if self._pool_full():  # at once: never queue for a connection, never retried
-            raise PoolExhausted(
+            full = PoolExhausted(
                 f"service {self.name!r} has no free connection (max_connections)",
                 headers={"Retry-After": "1"},
             )
-        target, ticket = self.choose(tried or ())
+            raise _failed(call, started, full)
+        try:
+            target, ticket = self.choose(tried or ())
+        except UpstreamError as none_left:
+            raise _failed(call, started, none_left) from None
         if tried is not None:
             tried.append(target)
-        exchange.target = target.label
+        call.target = target.label
+        call.attempts += 1
         target.in_flight += 1
         try:
             response = await self.session.request(
@@ -390,23 +428,40 @@ class Service:
                 timeout=timeout or self.timeout,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            error = upstream_failure(exc, self.name)
+            failure = upstream_failure(exc, self.name)
             target.in_flight -= 1
-            if exchange.body_error is not None:  # our side cut the body: not the target's fault
+            cut = body_error() if body_error is not None else None
+            if isinstance(cut, GatewayError):  # our side cut the body: not the target's fault
                 target.breaker.abandon(ticket)
-                raise exchange.body_error from error
+                raise _failed(call, started, cut, "body_cut") from failure
             target.breaker.failure(ticket)
-            upstream_log.warning("%s: %s", target.label, error.detail)
-            raise error from exc
+            upstream_log.warning("%s: %s", target.label, failure.detail)
+            raise _failed(call, started, failure) from exc
         except BaseException:  # cancelled by a client disconnect: not the target's fault
             target.in_flight -= 1
             target.breaker.abandon(ticket)
+            call.outcome = "cancelled"
             raise
+        call.status, call.outcome = response.status, "ok"
+        if started:
+            call.ms = (time.perf_counter() - started) * 1000
         if response.status in RETRY_STATUSES:
             target.breaker.failure(ticket)
         else:
             target.breaker.success(ticket)
-        return Reply(response, target)
+        return Reply(response, target, call)
+
+
+def _failed(
+    call: UpstreamCall, started: float, error: GatewayError, outcome: str = ""
+) -> GatewayError:
+    """`error`, carrying the call's record with its outcome (and its time, when this attempt
+    is the whole call)."""
+    call.outcome = outcome or (error.kind if isinstance(error, UpstreamError) else "error")
+    if started:
+        call.ms = (time.perf_counter() - started) * 1000
+    error.call = call
+    return error
 
 
 def _end_streams(session: aiohttp.ClientSession) -> None:

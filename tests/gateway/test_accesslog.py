@@ -101,7 +101,20 @@ async def test_every_request_writes_one_line_with_every_contract_field(
     body = await resp.read()
     [line] = await access_lines.wait_for(1)
 
-    assert set(line) == CONTRACT_FIELDS
+    assert set(line) == CONTRACT_FIELDS | {"calls"}  # and the list of upstream calls
+    calls = line["calls"]
+    assert isinstance(calls, list)
+    assert calls == [
+        {
+            "service": "echo",
+            "kind": "forward",
+            "target": "echo#0",
+            "attempts": 1,
+            "ms": line["upstream_ms"],
+            "status": 200,
+            "outcome": "ok",
+        }
+    ]
     assert line["request_id"] == resp.headers["X-Request-ID"] == "req-42"
     assert line["trace_id"] == TRACE_ID
     assert (line["client"], line["method"], line["status"]) == ("127.0.0.1", "POST", 200)

@@ -63,9 +63,9 @@ CASES = [
     ),
     (
         "unsupported_feature_is_named",
-        HEAD + ROUTE + "    aggregate: {a: {service: s, path: /a}}\n",
+        HEAD + "  - prefix: /a\n    aggregate: {a: {service: inventory, path: /a}}\n",
         [
-            "routes.yaml:7:5: routes.0.aggregate: fan-out aggregation is not supported yet by this gateway;"
+            "routes.yaml:6:5: routes.0.aggregate: fan-out aggregation is not supported yet by this gateway;"
             " remove this key"
         ],
     ),

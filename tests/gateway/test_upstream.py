@@ -14,7 +14,6 @@ from aiohttp.test_utils import unused_port
 from pytest_aiohttp import AiohttpServer
 
 from gateway.config.model import CircuitBreakerConfig, ServiceConfig, TargetConfig
-from gateway.http.exchange import Exchange
 from gateway.upstream.breaker import Circuit
 from gateway.upstream.service import Service
 from tests.gateway.conftest import GatewayClient, MakeGateway, base_url
@@ -288,7 +287,7 @@ async def test_a_cancelled_request_gives_back_its_count_and_its_half_open_trial(
     target.breaker.failure()
     now[0] = 10.0  # open_for has passed: the next request is the trial
 
-    send = asyncio.create_task(service.send("GET", "/x", [], None, Exchange("r", "t")))
+    send = asyncio.create_task(service.send("GET", "/x", [], None))
     await eventually(lambda: a.total == 1)
     assert (target.breaker.state, target.available(), target.in_flight) == (
         Circuit.HALF_OPEN,

@@ -136,7 +136,7 @@ async def test_sighup_reports_an_invalid_edit_and_applies_a_valid_one_at_once(
         await gateway.kill()
 
     assert last_reload(rejected)["errors"] == [
-        f"{config}:5:5: routes.0: missing required key 'service'",
+        f"{config}:5:5: routes.0: a route needs one action: service, aggregate or compose",
         f"{config}:6:5: routes.0.servic3: unknown key 'servic3'; did you mean 'service'?",
     ], gateway.output()
     assert served == 200
