@@ -15,10 +15,11 @@ The decisions are in gateway/cache/policy.py; storage and invalidation in gatewa
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
@@ -41,6 +42,17 @@ BYPASS: Final = ((X_CACHE, "BYPASS"),)
 STALE: Final = ((X_CACHE, "STALE"),)
 STALE_ON_STATUS: Final = frozenset({500, 502, 503, 504})  # upstream failures answered stale
 ANSWERED: Final = frozenset({"HIT", "STALE"})  # exchange.cache when the answer is an entry
+T = TypeVar("T")
+_detached: set[asyncio.Task[Any]] = set()
+
+
+def _finish_anyway(work: Coroutine[Any, Any, T]) -> Awaitable[T]:
+    """Run `work` to its end even if the request is cancelled meanwhile (a client that
+    leaves the moment its last byte arrived): a store or a drop is never half done."""
+    task = asyncio.get_running_loop().create_task(work)
+    _detached.add(task)
+    task.add_done_callback(_detached.discard)
+    return asyncio.shield(task)
 
 
 @dataclass(slots=True)
@@ -143,7 +155,7 @@ class CacheStage:
         notes = exchange.cache_state
         if not isinstance(notes, _Notes):
             if notes is _WRITE and up.status < 400:
-                await self.invalidator.paths(list(policy.invalidated_paths(exchange.path)))
+                await _finish_anyway(self.invalidator.paths(_dropped(exchange.path)))
             return up
         if exchange.cache in ANSWERED:  # the answer is an entry (a hit, or stale)
             return up
@@ -168,10 +180,11 @@ class CacheStage:
             self._finish(notes, False)
             return up
         if isinstance(up.body, bytes):  # made whole by the action: stored at once if it fits
-            stored = len(up.body) <= self.rule.max_object_bytes and await self._store(
-                exchange.path, notes, up, headers, up.body, vary, fresh, now
-            )
-            self._finish(notes, stored)
+            if len(up.body) <= self.rule.max_object_bytes:
+                await _finish_anyway(
+                    self._store(exchange.path, notes, up, headers, up.body, vary, fresh, now)
+                )
+            self._finish(notes, False)
             return up
         tee = _Tee(self, exchange.path, notes, up, headers, vary, fresh, now)
         up.body, up.release = tee, tee.release
@@ -209,7 +222,7 @@ class CacheStage:
         headers = [*entry.headers, (AGE, str(entry.age(now)))]
         return UpstreamResponse(entry.status, headers, entry.body, reason=entry.reason)
 
-    async def _store(
+    async def _store(  # and give the coalescing slot back, saying whether it stored
         self,
         path: str,
         notes: _Notes,
@@ -223,7 +236,14 @@ class CacheStage:
         entry = policy.make_entry(
             up.status, up.reason or "", up.headers, headers, body, fresh, self.rule, now
         )
-        return await self.store.put(path, notes.parts, vary, notes.headers, entry, notes.generation)
+        stored = False
+        try:
+            stored = await self.store.put(
+                path, notes.parts, vary, notes.headers, entry, notes.generation
+            )
+        finally:
+            self._finish(notes, stored)
+        return stored
 
     def _finish(self, notes: _Notes, stored: bool) -> None:
         if notes.flight is not None:
@@ -236,7 +256,7 @@ class _Tee:
     and stored when the body ended (b""), before that end is handed on."""
 
     __slots__ = ("_fresh", "_headers", "_kept", "_notes", "_now", "_path", "_release",
-                 "_size", "_source", "_stage", "_up", "_vary")  # fmt: skip
+                 "_size", "_source", "_stage", "_storing", "_up", "_vary")  # fmt: skip
 
     def __init__(
         self,
@@ -256,6 +276,7 @@ class _Tee:
         self._release = up.release
         self._kept: list[bytes] | None = []
         self._size = 0
+        self._storing = False  # the entry is being written: that gives the slot back
 
     async def readany(self) -> bytes:
         try:
@@ -275,18 +296,18 @@ class _Tee:
             return chunk
         if kept is not None:
             self._kept = None
-            body = b"".join(kept)
-            stored = await self._stage._store(
-                self._path, self._notes, self._up, self._headers, body, self._vary,
+            self._storing = True
+            await _finish_anyway(self._stage._store(
+                self._path, self._notes, self._up, self._headers, b"".join(kept), self._vary,
                 self._fresh, self._now,
-            )  # fmt: skip
-            self._stage._finish(self._notes, stored)
+            ))  # fmt: skip
         return b""
 
     def release(self) -> None:
         """The relay is done with the body (whole, or the client left): the slot goes back."""
         self._kept = None
-        self._stage._finish(self._notes, False)
+        if not self._storing:
+            self._stage._finish(self._notes, False)
         if self._release is not None:
             self._release()
 
@@ -308,8 +329,12 @@ class InvalidateStage:
 
     async def on_response(self, exchange: Exchange, up: UpstreamResponse) -> UpstreamResponse:
         if exchange.cache_state is _WRITE and up.status < 400:
-            await self.invalidator.paths(list(policy.invalidated_paths(exchange.path)))
+            await _finish_anyway(self.invalidator.paths(_dropped(exchange.path)))
         return up
+
+
+def _dropped(path: str) -> list[str]:
+    return list(policy.invalidated_paths(path))
 
 
 def _fits(length: str, limit: int) -> bool:

@@ -12,6 +12,7 @@ import tracemalloc
 from pathlib import Path
 from typing import cast
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
@@ -450,3 +451,25 @@ async def test_the_route_table_lists_the_cache_stage(client: GatewayClient) -> N
     stages = {r.config.prefix: r.stages for r in gateway.table.routes}
     assert stages["/c"][-2:] == ("cache", "forward")
     assert "cache" not in stages["/plain"]
+
+
+async def test_clients_that_close_at_their_last_byte_still_leave_one_entry(
+    aiohttp_client: AiohttpClient, tmp_path: Path, up_server: TestServer, upstream: CountingUpstream
+) -> None:
+    """The entry is written as the body ends; a client that closes then cancels its handler
+    (handler_cancellation, as in production), which must not cancel the write, nor leave the
+    waiters without it."""
+    gateway = compile_gateway(routes_text(tmp_path / "cache"), up=up_server)
+    server = GatewayTestServer(gateway, handler_cancellation=True)
+    client = await aiohttp_client(server)
+    path = "/c/closing?delay=0.3"
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> int:
+            async with session.get(client.make_url(path)) as resp:
+                await resp.read()
+                return resp.status
+
+        assert await asyncio.gather(*(one() for _ in range(50))) == [200] * 50
+    assert upstream.count(path) == 1
