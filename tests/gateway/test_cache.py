@@ -461,7 +461,7 @@ async def test_clients_that_close_at_their_last_byte_still_leave_one_entry(
     waiters without it."""
     gateway = compile_gateway(routes_text(tmp_path / "cache"), up=up_server)
     server = GatewayTestServer(gateway, handler_cancellation=True)
-    client = await aiohttp_client(server)
+    client = cast(GatewayClient, await aiohttp_client(server))
     path = "/c/closing?delay=0.3"
     connector = aiohttp.TCPConnector(force_close=True, limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
