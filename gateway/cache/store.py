@@ -16,7 +16,8 @@ shelved-cache 0.5 gives an LRU (`cachetools`) mirrored to a `shelve` file. Its g
 Bounds: `max_entries` and `max_bytes` bound each worker's LRU (entries and body bytes). An
 entry the LRU evicts is deleted from the file too (shelved-cache's delete callback), so the file
 holds what the workers hold: at most workers x the bounds. On open, a file with more rows than
-`max_entries` is trimmed, oldest rows first.
+`max_entries` is trimmed to it (in key order, not by age: this only happens after the bounds
+were lowered, or when several workers filled the file).
 
 Workers share entries through the file and never serve a dropped one: every invalidation or
 purge deletes the rows and bumps a generation row in the same transaction; every lookup reads
@@ -193,12 +194,13 @@ class CacheFile:
             return SqliteMapping(self.path, lock_timeout=LOCK_TIMEOUT_SECONDS, shared=True)
 
     def _trim(self) -> None:
-        """More rows than max_entries (left by more workers or other bounds): oldest go."""
-        excess = len(self.db) - len(_META) - self.bounds.max_entries
-        if excess <= 0:
-            return
+        """More rows than max_entries (left by more workers or larger bounds): trim, in key
+        order (the LRU order of another run is not known)."""
+        if len(self.db) - len(_META) <= self.bounds.max_entries:
+            return  # a count of the key index: cheap; the scan below is rare
+        rows = [k for k in self.db if k not in _META]  # keys only: no entry is read
         with self.db.transaction():
-            for key in [k for k in self.db if k not in _META][:excess]:
+            for key in rows[: len(rows) - self.bounds.max_entries]:
                 del self.db[key]
 
     def _generation(self) -> int:
