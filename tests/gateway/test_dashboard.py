@@ -294,3 +294,12 @@ def test_text_that_is_not_yaml_is_redacted_line_by_line() -> None:
         "auth:\n  jwt: {secret: <redacted>,\n  secret: <redacted>\n    <redacted>\n"
         "  key_sha256: <redacted>\nbad: [\n"
     )
+
+
+def test_admin_auth_needs_a_sha256_hex_digest() -> None:
+    text = PLAIN.replace("$ECHO", "http://127.0.0.1:1") + "admin_auth: {token_sha256: not-a-hash}\n"
+
+    result = load_text(text, "routes.yaml", environ={})
+
+    assert result.config is None
+    assert [e.path for e in result.errors] == ["admin_auth.token_sha256"]

@@ -4,6 +4,7 @@
 "use strict";
 
 const POLL_MS = 2000;
+const ALL_METHODS = 7; // a route that lists every method the gateway knows accepts any
 const POINTS = 90; // samples kept per chart line: 3 minutes at POLL_MS
 const TOKEN_KEY = "gateway-admin-token";
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4b5563"];
@@ -123,14 +124,14 @@ function renderConfig(config) {
 function renderRoutes(routes, stats) {
   const figures = stats.routes || {};
   const rows = routes.map((route) => {
-    const f = figures[route.name] || {};
+    const f = figures[route.name] || (stats.window_seconds ? { rate: 0 } : {}); // none yet: 0/s
     const stages = route.stages || [];
     const action = route.action || stages[stages.length - 1] || "forward";
     const row = el(
       "tr", { "data-route": route.name },
       el("td", {}, route.name),
       el("td", { class: "mono" }, route.prefix),
-      el("td", {}, (route.methods || []).join(" ")),
+      el("td", {}, (route.methods || []).length >= ALL_METHODS ? "any" : route.methods.join(" ")),
       el("td", {}, action),
       el("td", {}, stages.filter((s) => s !== action).join(" → ") || "–"),
       el("td", { class: "num", "data-field": "rate" }, fmt(f.rate, 2)),
