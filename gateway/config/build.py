@@ -106,6 +106,7 @@ def build_config(doc: Document) -> GatewayConfig:
         listen=_hostport(data.get("listen"), DEFAULT_LISTEN),
         admin=_hostport(data.get("admin"), DEFAULT_ADMIN),
         admin_ready_requires=tuple(data.get("admin_ready_requires", ())),
+        admin_token_sha256=(data.get("admin_auth") or {}).get("token_sha256"),
         access_log=data.get("access_log"),
         trusted_proxies=tuple(ip_network(c, strict=False) for c in data.get("trusted_proxies", ())),
         underscores_in_headers=underscores,

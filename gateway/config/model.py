@@ -261,6 +261,7 @@ class GatewayConfig:
     listen: tuple[str, int] = DEFAULT_LISTEN
     admin: tuple[str, int] = DEFAULT_ADMIN
     admin_ready_requires: tuple[str, ...] = ()  # services whose outage makes /readyz 503
+    admin_token_sha256: str | None = field(default=None, repr=False)  # admin_auth; None: open
     access_log: str | None = None  # None: standard output
     trusted_proxies: tuple[Network, ...] = ()
     underscores_in_headers: bool = False  # routes' default for client names holding "_"

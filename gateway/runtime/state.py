@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway.auth.jwks import JwksStore
 from gateway.config.build import LoadResult
 from gateway.config.model import GatewayConfig, ListenerTls
+from gateway.config.redact import quote_errors
 from gateway.config.tls import ServerTls
 from gateway.http.routing import RouteTable
 from gateway.ops.accesslog import AccessLog
@@ -39,6 +40,7 @@ class LoadStatus:
     version_hash: str | None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    error_lines: list[dict[str, object]] = field(default_factory=list)  # quote_errors(...)
 
 
 class Gateway:
@@ -93,6 +95,7 @@ class Gateway:
         if result.config is None:
             errors = [str(e) for e in result.errors]
             self.status = LoadStatus(False, time.time(), result.doc.version_hash, errors, warnings)
+            self.status.error_lines = quote_errors(result.doc.text, result.errors)
             for line in errors:
                 config_log.warning("reload rejected: %s", line)
             self.metrics.reloads.labels("rejected").inc()

@@ -6,7 +6,10 @@ GET /readyz    200, or 503 with reasons: draining, no table, a service named in
                admin_ready_requires with no usable target (other such services are listed only)
 GET /metrics   Prometheus text format (every worker's counters summed with --workers N)
 GET /routes    the compiled table: each route's prefix, methods, stages, targets and status
-GET /config    the serving file as written, its version hash, the last reload's result
+GET /config    the serving file as written (secret values redacted), its version hash, the last
+               reload's result (a rejected file's errors with their lines' redacted text)
+GET /, /static/..., /stats   the dashboard (gateway/servers/dashboard.py)
+With admin_auth set, all but /healthz, /readyz and the page's files need the bearer token.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from aiohttp import web
 
+from gateway.config.redact import redact
 from gateway.http.routing import Route
 from gateway.ops.metrics import CONTENT_TYPE
 from gateway.runtime.state import GATEWAY, Gateway
+from gateway.servers.adminauth import admin_auth
+from gateway.servers.dashboard import add_dashboard
 from gateway.upstream.service import Service, Target
 
 
@@ -141,14 +148,18 @@ async def config(request: web.Request) -> web.Response:
                 "version_hash": status.version_hash,  # of the file that was read
                 "errors": status.errors,  # FILE:LINE:COL: path: message
                 "warnings": status.warnings,
+                "error_lines": status.error_lines,  # each error and its line, redacted
             },
-            "text": gateway.config.text,  # as written: ${VAR} values are not expanded here
+            "text": _redacted(gateway.config.text),  # as written: ${VAR} is not expanded here
         }
     )
 
 
+_redacted = lru_cache(maxsize=4)(redact)  # the text of the few last configs served
+
+
 def create_admin_app(gateway: Gateway, state: AdminState | None = None) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[admin_auth])
     app[GATEWAY] = gateway
     app[ADMIN_STATE] = state if state is not None else AdminState()
     gateway.metrics.watch_config(lambda: gateway.status.ok)
@@ -157,4 +168,6 @@ def create_admin_app(gateway: Gateway, state: AdminState | None = None) -> web.A
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/routes", routes)
     app.router.add_get("/config", config)
+    # The dashboard: the page, its files and /stats.
+    add_dashboard(app)
     return app
