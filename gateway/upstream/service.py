@@ -54,6 +54,7 @@ from gateway.upstream.breaker import (
     Clock,
     RetryBudget,
     Ticket,
+    worker_count,
 )
 
 upstream_log = logging.getLogger("gateway.upstream")
@@ -218,7 +219,7 @@ class Service:
         self._draining: list[Target] = []  # left out by discovery, requests still in flight
         self._max_connections = config.max_connections
         self._reading = 0  # requests reading their body into memory before the first attempt
-        self.budget = RetryBudget(config.retry_budget, clock)
+        self.budget = RetryBudget(config.retry_budget, clock, worker_count())  # 1/N: breaker.py
         self.timeout = client_timeout(config.timeouts)
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
