@@ -25,6 +25,7 @@ from gateway.ops.metrics import Metrics
 from gateway.ratelimit.store import RateLimits
 from gateway.runtime.assemble import build_table
 from gateway.runtime.reload import Reloader
+from gateway.upstream.discovery import Discovery
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.service import Service, close_later
 
@@ -56,6 +57,7 @@ class Gateway:
         self.access_log = AccessLog()
         self.metrics = Metrics()
         self.health = HealthChecker()
+        self.discovery = Discovery()  # DNS: services with `discovery` follow their names
         self.reloader: Reloader | None = None
         self.tls: ServerTls | None = None  # the public listener's, when it serves HTTPS
         self.services: dict[str, Service] = {}
@@ -105,6 +107,7 @@ class Gateway:
         removed = self.swap(config)
         self._reload_tls(config)
         self.health.sync(self.services.values())
+        self.discovery.sync(self.services.values())
         self.metrics.reloads.labels("applied").inc()
         self.status = LoadStatus(True, time.time(), result.config.version_hash, [], warnings)
         config_log.info("reload applied: version %s", result.config.version_hash[:12])
@@ -146,6 +149,7 @@ class Gateway:
     async def close(self) -> None:
         """Shutdown: stop the probes and the draining, close every pool."""
         await self.health.stop()
+        await self.discovery.stop()
         retiring = list(self._retiring)
         for task in retiring:
             task.cancel()
