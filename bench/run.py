@@ -50,6 +50,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 import cache_phase
 import ratelimit_phase
+import workers_phase
 from hostile import RCVBUF, STREAM_BYTES, TRICKLE_BYTES, TRICKLE_EVERY, Hostile, Report
 from hostile import TICK as HOSTILE_TICK
 
@@ -629,6 +630,7 @@ class Results:
     hostile_non_readers: int = 0
     rate_limits: list[ratelimit_phase.StoreRun] = field(default_factory=list)
     cache: cache_phase.CacheRun = field(default_factory=cache_phase.CacheRun)
+    workers: workers_phase.WorkersRun | None = None  # --workers 2 against one worker
     access_lines: int = 0
     revision: str = "unknown"
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -763,6 +765,21 @@ def bench(args: argparse.Namespace) -> Results:
         results.cache = cache_phase.measure(
             start=processes.start,
             pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+            wait_ready=wait_ready,
+            run_load=loadgen.run,
+            free_ports=free_ports,
+            env=env,
+            upstream_url=upstream_url,
+            out=OUT,
+            rounds=args.rounds,
+            duration=args.duration,
+            warmup=args.warmup,
+            startup_deadline=STARTUP_DEADLINE,
+        )
+        results.workers = workers_phase.measure(
+            start=processes.start,
+            pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+            unpinned=lambda argv: argv,
             wait_ready=wait_ready,
             run_load=loadgen.run,
             free_ports=free_ports,
@@ -968,6 +985,7 @@ def verdicts(results: Results) -> list[Verdict]:
         )
     out += [Verdict(*v) for v in ratelimit_phase.verdicts(results.rate_limits)]
     out += [Verdict(*v) for v in cache_phase.verdicts(results.cache)]
+    out += [Verdict(*v) for v in workers_phase.verdicts(results.workers)]
     return out
 
 
@@ -1097,6 +1115,7 @@ def render(results: Results, command: str) -> str:
     lines += hostile_section(results)
     lines += ["", *ratelimit_phase.section(results.rate_limits)]
     lines += ["", *cache_phase.section(results.cache)]
+    lines += workers_phase.section(results.workers)
     lines += ["", "## Budgets", "", "| budget | measured | verdict |", "| --- | --- | --- |"]
     lines += [
         f"| {v.budget} | {v.measured} | {verdict_text(v.passed)} |" for v in verdicts(results)

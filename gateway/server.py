@@ -8,8 +8,12 @@ and exits 0. A SIGHUP or SIGUSR1 that arrives while the process starts waits for
 
 With --workers N, a supervisor starts N such processes that share both ports through
 SO_REUSEPORT, relays SIGTERM/SIGINT/SIGHUP/SIGUSR1 to them, and points prometheus-client at one
-directory (PROMETHEUS_MULTIPROC_DIR) so /metrics sums every worker. If a worker dies on its
-own, the supervisor stops the others and exits non-zero, for systemd or Kubernetes to restart.
+directory (PROMETHEUS_MULTIPROC_DIR) so /metrics sums every worker, and gives them another
+(GATEWAY_STATE_DIR) where each publishes its /readyz, /routes and /config answers for any
+worker to merge (servers/workers.py). GATEWAY_WORKERS tells each worker N (retry budgets are
+per worker: see upstream/breaker.py). A worker that dies on its own is started again, and the
+others keep serving meanwhile; at most RESPAWN_LIMIT restarts per RESPAWN_WINDOW, then the
+next one waits (a worker that cannot start must not become a fork loop). Each is logged.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from types import FrameType
@@ -36,15 +42,19 @@ from gateway.config.model import GatewayConfig
 from gateway.config.tls import ServerTls
 from gateway.ops.accesslog import configure_logging
 from gateway.runtime.state import Gateway
-from gateway.servers.admin import AdminState, create_admin_app
+from gateway.servers.admin import AdminState, create_admin_app, publish
 from gateway.servers.connection import GatewayRunner
 from gateway.servers.public import create_app
+from gateway.servers.workers import STATE_DIR_ENV, Snapshots, forget
 
 logger = logging.getLogger("gateway")
 config_log = logging.getLogger("gateway.config")
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 DEFERRED_SIGNALS: Final = (signal.SIGHUP, signal.SIGUSR1)  # reload, reopen the access log
 ADMIN_SHUTDOWN_SECONDS: Final = 1.0
+RESPAWN_LIMIT: Final = 5  # worker restarts per RESPAWN_WINDOW; more wait their turn
+RESPAWN_WINDOW: Final = 30.0  # seconds
+REAP_POLL: Final = 0.1  # seconds between two looks for exits while a restart waits
 
 
 def run(config: GatewayConfig, config_path: str, workers: int, warnings: Sequence[str] = ()) -> int:
@@ -102,6 +112,8 @@ async def _serve(
 ) -> int:
     gateway = Gateway(config, config_path, warnings)
     state = AdminState()
+    state_dir = os.environ.get(STATE_DIR_ENV)
+    shared = Snapshots(Path(state_dir)) if state_dir else None
     public = GatewayRunner(
         create_app(gateway),
         gateway,
@@ -110,7 +122,9 @@ async def _serve(
         shutdown_timeout=config.shutdown_grace,
     )
     admin = web.AppRunner(
-        create_admin_app(gateway, state), access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS
+        create_admin_app(gateway, state, shared),
+        access_log=None,
+        shutdown_timeout=ADMIN_SHUTDOWN_SECONDS,
     )
     try:
         gateway.tls = None if config.tls is None else await asyncio.to_thread(ServerTls, config.tls)
@@ -141,11 +155,20 @@ async def _serve(
     )
     scheme = "https" if gateway.tls else "http"
     logger.info("listening on %s://%s:%s, admin on %s:%s", scheme, *config.listen, *config.admin)
+    publishing = None
+    if shared is not None:  # --workers N: every worker's answers, merged by whichever answers
+        publishing = asyncio.get_running_loop().create_task(
+            publish(gateway, state, shared), name="admin snapshot"
+        )
     await _until_stopped(gateway)
     state.draining = True  # /readyz answers 503 from now on
     logger.info("shutting down: draining in-flight requests for up to %ss", config.shutdown_grace)
     await public.cleanup()  # stops accepting, waits for in-flight handlers, then cleanup_ctx
     await admin.cleanup()
+    if publishing is not None and shared is not None:
+        publishing.cancel()
+        await asyncio.gather(publishing, return_exceptions=True)
+        await asyncio.to_thread(forget, shared.directory, shared.pid)
     logger.info("stopped")
     return 0
 
@@ -189,7 +212,9 @@ def _supervise(workers: int) -> int:
     output = configure_logging()
     try:
         with contextlib.ExitStack() as stack:
-            env = dict(os.environ, GATEWAY_WORKER="1")
+            env = dict(os.environ, GATEWAY_WORKER="1", GATEWAY_WORKERS=str(workers))
+            state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-admin-"))
+            env[STATE_DIR_ENV] = state_dir
             metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
             if metrics_dir:
                 _wipe_metrics(Path(metrics_dir))  # counts from an earlier run must not add up
@@ -207,13 +232,33 @@ def _wipe_metrics(directory: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+class RespawnLimit:
+    """At most `limit` restarts in any `window` seconds: `next_at(now)` is when the next may
+    run (now, or when the oldest of the last `limit` leaves the window), and books it."""
+
+    def __init__(self, limit: int = RESPAWN_LIMIT, window: float = RESPAWN_WINDOW) -> None:
+        self.limit = limit
+        self.window = window
+        self._booked: deque[float] = deque(maxlen=limit)
+
+    def next_at(self, now: float) -> float:
+        at = now
+        if len(self._booked) == self.limit:
+            at = max(now, self._booked[0] + self.window)
+        self._booked.append(at)
+        return at
+
+
 class _Supervisor:
     def __init__(self, workers: int, env: dict[str, str], metrics_dir: str) -> None:
         self.workers = workers
         self.env = env
         self.metrics_dir = metrics_dir
+        self.state_dir = Path(env[STATE_DIR_ENV])
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False
+        self.args: list[str] = []
+        self.limit = RespawnLimit()
 
     def relay(self, signum: int, _frame: FrameType | None) -> None:
         if signum not in DEFERRED_SIGNALS:
@@ -226,15 +271,15 @@ class _Supervisor:
         for sig in (*STOP_SIGNALS, *DEFERRED_SIGNALS):
             signal.signal(sig, self.relay)
         _deferred.clear()  # workers not started yet read the file and open the log themselves
-        args = [sys.executable, "-m", "gateway", *_worker_args(sys.argv[1:])]
+        self.args = [sys.executable, "-m", "gateway", *_worker_args(sys.argv[1:])]
         for _ in range(self.workers):
             if self.stopping:
                 break
-            self.spawn(args)
+            self.spawn(self.args)
         logger.info("supervising %d workers: pids %s", len(self.children), sorted(self.children))
         return self._wait()
 
-    def spawn(self, args: list[str]) -> None:
+    def spawn(self, args: list[str]) -> int:
         """Start one worker with SIGHUP and SIGUSR1 blocked: a blocked signal stays blocked
         across fork and exec, so one relayed while the worker starts waits until its
         `defer_signals` is ready for it, instead of killing it (and with it the group)."""
@@ -244,25 +289,59 @@ class _Supervisor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.children[child.pid] = child
+        return child.pid
 
     def _wait(self) -> int:
+        """Reap workers until all are gone after a stop signal; restart those that die before
+        (rate-limited: see RespawnLimit). Returns the first non-zero exit status seen while
+        stopping (a worker that crashed and was restarted does not fail the group)."""
         first_failure = 0
         running = set(self.children)
-        while running:
-            pid, status = os.waitpid(-1, 0)  # a signal runs relay(), then the wait resumes
+        restarts: list[float] = []  # when the restarts waiting their turn may run
+        while running or (restarts and not self.stopping):
+            if self.stopping:
+                restarts.clear()
+            elif restarts and restarts[0] <= time.monotonic():
+                restarts.pop(0)
+                pid = self.spawn(self.args)
+                running.add(pid)
+                logger.info("worker %d started in place of one that exited", pid)
+                continue
+            pid, status = self._reap(block=not restarts)
             if pid not in running:
                 continue
             running.discard(pid)
-            code = self.children[pid].returncode = os.waitstatus_to_exitcode(status)
+            code = self.children.pop(pid).returncode = os.waitstatus_to_exitcode(status)
             multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]  # not annotated upstream
-            if not self.stopping:
-                logger.warning("worker %d exited with %d; stopping the others", pid, code)
-                self.stopping = True
-                self.relay(signal.SIGTERM, None)
-            if code and not first_failure:
-                first_failure = code if code > 0 else 1
+            forget(self.state_dir, pid)
+            if self.stopping:
+                if code and not first_failure:
+                    first_failure = code if code > 0 else 1
+                continue
+            now = time.monotonic()
+            at = self.limit.next_at(now)
+            restarts.append(at)
+            if at > now:
+                logger.warning(
+                    "worker %d exited with %d; %d restarts in %ds already: restarting it in %.0fs",
+                    pid, code, RESPAWN_LIMIT, RESPAWN_WINDOW, at - now,
+                )  # fmt: skip
+            else:
+                logger.warning("worker %d exited with %d; restarting it", pid, code)
         logger.info("all workers stopped")
         return first_failure
+
+    def _reap(self, block: bool) -> tuple[int, int]:
+        """(pid, wait status) of an exited worker; (0, 0) when none exited within REAP_POLL."""
+        if block:  # a signal runs relay(), then the wait resumes
+            return os.waitpid(-1, 0)
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # every worker is gone and the restart waits its turn
+            pid, status = 0, 0
+        if pid == 0:
+            time.sleep(REAP_POLL)
+        return pid, status
 
 
 def _worker_args(argv: list[str]) -> list[str]:

@@ -26,6 +26,7 @@ from gateway.config.model import (
     ClientLimits,
     ComposeAction,
     CorsConfig,
+    DnsDiscoveryConfig,
     ForwardAction,
     ForwardAuthConfig,
     GatewayConfig,
@@ -108,6 +109,7 @@ def build_config(doc: Document) -> GatewayConfig:
         listen=_hostport(data.get("listen"), DEFAULT_LISTEN),
         admin=_hostport(data.get("admin"), DEFAULT_ADMIN),
         admin_ready_requires=tuple(data.get("admin_ready_requires", ())),
+        admin_token_sha256=(data.get("admin_auth") or {}).get("token_sha256"),
         access_log=data.get("access_log"),
         trusted_proxies=tuple(ip_network(c, strict=False) for c in data.get("trusted_proxies", ())),
         underscores_in_headers=underscores,
@@ -263,14 +265,21 @@ def _service(name: str, raw: dict[str, JSON]) -> ServiceConfig:
             unhealthy_threshold=health.get("unhealthy_threshold", 3),
         ),
         circuit_breaker=None  # the default never ejects a service's only target
-        if breaker is None and len(targets) == 1
+        if breaker is None and len(targets) == 1 and "discovery" not in raw
         else CircuitBreakerConfig(
             failures=(breaker or {}).get("failures", 5),
             open_for=_seconds((breaker or {}).get("open_for"), 30.0) or 30.0,
         ),
         max_connections=raw.get("max_connections", 1000),
         tls=_service_tls(raw.get("tls")),
+        discovery=_discovery(raw.get("discovery")),
     )
+
+
+def _discovery(raw: JSON) -> DnsDiscoveryConfig | None:
+    if raw is None:
+        return None
+    return DnsDiscoveryConfig(interval=_seconds(raw["dns"].get("interval"), 10.0) or 10.0)
 
 
 def _headers(raw: JSON) -> HeaderRules:

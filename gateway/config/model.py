@@ -61,6 +61,11 @@ class RetryBudgetConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsDiscoveryConfig:
+    interval: float = 10.0  # seconds between two resolutions of each target's host name; 10 s
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceTls:
     ca_file: str | None = None  # PEM CA bundle that replaces the system's CAs; default none
     ca_pem: str = field(default="", repr=False)  # that file's text, read at load
@@ -80,6 +85,8 @@ class ServiceConfig:
     # (the default of a single-target service; an explicit circuit_breaker key sets one)
     max_connections: int = 1000  # open connections per service, pooled and kept alive
     tls: ServiceTls = ServiceTls()  # how https targets are verified; default: system CAs
+    discovery: DnsDiscoveryConfig | None = None  # discovery.dns: each target's host name is
+    # re-resolved and every address becomes a target; None: targets as written (default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +286,7 @@ class GatewayConfig:
     listen: tuple[str, int] = DEFAULT_LISTEN
     admin: tuple[str, int] = DEFAULT_ADMIN
     admin_ready_requires: tuple[str, ...] = ()  # services whose outage makes /readyz 503
+    admin_token_sha256: str | None = field(default=None, repr=False)  # admin_auth; None: open
     access_log: str | None = None  # None: standard output
     trusted_proxies: tuple[Network, ...] = ()
     underscores_in_headers: bool = False  # routes' default for client names holding "_"

@@ -18,6 +18,7 @@ from gateway.auth.jwks import JwksStore
 from gateway.cache.process import ResponseCache
 from gateway.config.build import LoadResult
 from gateway.config.model import GatewayConfig, ListenerTls
+from gateway.config.redact import quote_errors
 from gateway.config.tls import ServerTls
 from gateway.http.routing import RouteTable
 from gateway.ops.accesslog import AccessLog
@@ -26,6 +27,7 @@ from gateway.ratelimit.redisstore import client as redis_client
 from gateway.ratelimit.store import RateLimits
 from gateway.runtime.assemble import build_table
 from gateway.runtime.reload import Reloader
+from gateway.upstream.discovery import Discovery
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.service import Service, close_later
 
@@ -41,6 +43,7 @@ class LoadStatus:
     version_hash: str | None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    error_lines: list[dict[str, object]] = field(default_factory=list)  # quote_errors(...)
 
 
 class Gateway:
@@ -56,6 +59,7 @@ class Gateway:
         self.access_log = AccessLog()
         self.metrics = Metrics()
         self.health = HealthChecker()
+        self.discovery = Discovery()  # DNS: services with `discovery` follow their names
         self.reloader: Reloader | None = None
         self.tls: ServerTls | None = None  # the public listener's, when it serves HTTPS
         self.services: dict[str, Service] = {}
@@ -111,6 +115,7 @@ class Gateway:
         if result.config is None:
             errors = [str(e) for e in result.errors]
             self.status = LoadStatus(False, time.time(), result.doc.version_hash, errors, warnings)
+            self.status.error_lines = quote_errors(result.doc.text, result.errors)
             for line in errors:
                 config_log.warning("reload rejected: %s", line)
             self.metrics.reloads.labels("rejected").inc()
@@ -120,6 +125,7 @@ class Gateway:
         removed = self.swap(config)
         self._reload_tls(config)
         self.health.sync(self.services.values())
+        self.discovery.sync(self.services.values())
         self.metrics.reloads.labels("applied").inc()
         self.status = LoadStatus(True, time.time(), result.config.version_hash, [], warnings)
         config_log.info("reload applied: version %s", result.config.version_hash[:12])
@@ -161,6 +167,7 @@ class Gateway:
     async def close(self) -> None:
         """Shutdown: stop the probes and the draining, close every pool."""
         await self.health.stop()
+        await self.discovery.stop()
         retiring = list(self._retiring)
         for task in retiring:
             task.cancel()

@@ -227,6 +227,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY]
     gateway.access_log.start()
     gateway.health.sync(gateway.services.values())
+    gateway.discovery.sync(gateway.services.values())
     loop = asyncio.get_running_loop()
     tasks = [
         loop.create_task(gateway.access_log.flush_forever(), name="access-log flush"),

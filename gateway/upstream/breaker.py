@@ -23,6 +23,7 @@ instead of sleeping.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -179,13 +180,21 @@ _BUCKETS: Final = 10
 class RetryBudget:
     """Retries allowed over a sliding window: `min_retries + ratio * requests`, as in
     Finagle's and Linkerd's retry budgets. Each service has one; only requests to services
-    with `retries` configured are counted."""
+    with `retries` configured are counted.
 
-    __slots__ = ("_clock", "_epoch", "_requests", "_retries", "_width", "config")
+    The budget is per process. With N workers each one sees about 1/N of the requests, so
+    the ratio part already adds up to the configured share; the fixed `min_retries` is split
+    (`workers`, from GATEWAY_WORKERS: see `worker_count`), so N workers together allow what
+    one would, not N times as many retries against a target that is failing."""
 
-    def __init__(self, config: RetryBudgetConfig, clock: Clock = time.monotonic) -> None:
+    __slots__ = ("_clock", "_epoch", "_floor", "_requests", "_retries", "_width", "config")
+
+    def __init__(
+        self, config: RetryBudgetConfig, clock: Clock = time.monotonic, workers: int = 1
+    ) -> None:
         self.config = config
         self._clock = clock
+        self._floor = config.min_retries / max(workers, 1)  # this worker's share
         self._width = config.window / _BUCKETS
         self._epoch = int(clock() / self._width)
         self._requests = [0] * _BUCKETS
@@ -205,7 +214,7 @@ class RetryBudget:
     def allowed(self) -> float:
         """Retries the current window allows in all (spent ones included)."""
         self._advance()
-        return self.config.min_retries + self.config.ratio * sum(self._requests)
+        return self._floor + self.config.ratio * sum(self._requests)
 
     def _advance(self) -> int:
         epoch = int(self._clock() / self._width)
@@ -215,3 +224,12 @@ class RetryBudget:
             self._requests[slot] = self._retries[slot] = 0
         self._epoch = epoch
         return epoch % _BUCKETS
+
+
+WORKERS_ENV: Final = "GATEWAY_WORKERS"  # set by the supervisor of --workers N
+
+
+def worker_count() -> int:
+    """How many worker processes share this machine's traffic (1 unless supervised)."""
+    value = os.environ.get(WORKERS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1

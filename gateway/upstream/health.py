@@ -86,13 +86,18 @@ def probe_session(targets: int) -> aiohttp.ClientSession:
 async def _probe_forever(service: Service) -> None:
     check = service.config.health_check
     assert check is not None  # sync() starts tasks only for services that have one
-    streaks = [0] * len(service.targets)  # >0: successes in a row, <0: failures in a row
-    async with probe_session(len(service.targets)) as session:
+    streaks: dict[Target, int] = {}  # >0: successes in a row, <0: failures in a row
+    # DNS discovery changes the targets between rounds: no fixed pool size then (0: no limit)
+    size = 0 if service.config.discovery is not None else len(service.targets)
+    async with probe_session(size) as session:
         while True:
+            targets = service.targets  # this round's (discovery may replace the tuple)
             try:
-                results = await asyncio.gather(*(probe(session, t, check) for t in service.targets))
-                for i, (target, ok) in enumerate(zip(service.targets, results, strict=True)):
-                    streaks[i] = judge(target, check, ok, streaks[i])
+                results = await asyncio.gather(*(probe(session, t, check) for t in targets))
+                streaks = {
+                    t: judge(t, check, ok, streaks.get(t, 0))
+                    for t, ok in zip(targets, results, strict=True)
+                }
             except Exception:  # a bug: say so, and keep probing (asyncio would stay silent)
                 upstream_log.exception("health check of service %r failed", service.name)
             await asyncio.sleep(check.interval)

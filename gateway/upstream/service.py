@@ -55,6 +55,7 @@ from gateway.upstream.breaker import (
     Clock,
     RetryBudget,
     Ticket,
+    worker_count,
 )
 
 upstream_log = logging.getLogger("gateway.upstream")
@@ -110,6 +111,8 @@ class Target:
     healthy: bool = True  # the active health check's verdict; True until a probe says no
     in_flight: int = 0  # requests sent and not yet released (least_conn reads it)
     current_weight: int = 0  # smooth weighted round-robin state
+    host_header: str | None = None  # discovered: Host names the name, the URL the address
+    server_hostname: str | None = None  # discovered https target: the name its TLS verifies
 
     @property
     def url(self) -> str:
@@ -224,9 +227,10 @@ class Service:
         self.targets = _targets(config, clock, previous)
         self.balancer = make_balancer(config.balance)
         self._single = self.targets[0] if len(self.targets) == 1 else None
+        self._draining: list[Target] = []  # left out by discovery, requests still in flight
         self._max_connections = config.max_connections
         self._reading = 0  # requests reading their body into memory before the first attempt
-        self.budget = RetryBudget(config.retry_budget, clock)
+        self.budget = RetryBudget(config.retry_budget, clock, worker_count())  # 1/N: breaker.py
         self.timeout = client_timeout(config.timeouts)
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
@@ -252,7 +256,15 @@ class Service:
     @property
     def busy(self) -> bool:
         """A request is using the service: sent and not released, or reading its body."""
-        return self._reading > 0 or any(t.in_flight for t in self.targets)
+        return self._reading > 0 or any(t.in_flight for t in (*self.targets, *self._draining))
+
+    def replace_targets(self, targets: tuple[Target, ...]) -> None:
+        """Serve `targets` from now on (DNS discovery; one assignment, so a request sees the
+        old set or the new one). A target left out gets no new request; those in flight
+        finish on it (a `Reply` holds its target) and keep the pool open (`busy`)."""
+        gone = [t for t in self.targets if t not in targets]
+        self._draining = [t for t in (*self._draining, *gone) if t.in_flight and t not in targets]
+        self.targets, self._single = targets, targets[0] if len(targets) == 1 else None
 
     async def close(self) -> None:
         self._closed = True
@@ -422,10 +434,13 @@ class Service:
             response = await self.session.request(
                 method,
                 URL(target.url + path_qs, encoded=True),
-                headers=headers,
+                headers=headers
+                if target.host_header is None
+                else [*headers, (hdrs.HOST, target.host_header)],
                 data=body,
                 allow_redirects=False,
                 timeout=timeout or self.timeout,
+                server_hostname=target.server_hostname,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             failure = upstream_failure(exc, self.name)

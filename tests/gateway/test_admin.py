@@ -205,7 +205,9 @@ async def test_routes_lists_each_route_with_its_stages_targets_and_status(
     assert first["service"] == "echo"
     assert first["strip_prefix"] is True
     assert first["stages"][-1] == "forward"
-    assert first["targets"] == [{"target": "echo#0", "healthy": True, "circuit": "closed"}]
+    assert first["targets"] == [
+        {"target": "echo#0", "healthy": True, "circuit": "closed", "in_flight": 0}
+    ]
     assert (first["status"], first["errors"]) == ("ok", [])
 
 

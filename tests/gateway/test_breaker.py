@@ -9,7 +9,13 @@ import pytest
 from pytest_aiohttp import AiohttpServer
 
 from gateway.config.model import CircuitBreakerConfig, RetryBudgetConfig
-from gateway.upstream.breaker import AlwaysClosed, Circuit, CircuitBreaker, RetryBudget
+from gateway.upstream.breaker import (
+    AlwaysClosed,
+    Circuit,
+    CircuitBreaker,
+    RetryBudget,
+    worker_count,
+)
 from tests.gateway.conftest import MakeGateway
 from tests.resilience_upstreams import Target, gateway_of, one_service, serve, status
 
@@ -239,6 +245,33 @@ def test_the_budget_adds_a_ratio_of_requests_to_min_retries(clock: FakeClock) ->
         retry_budget.record_request()
 
     assert spend_all(retry_budget) == 3 + 20
+
+
+@pytest.mark.parametrize(("workers", "alone", "busy"), [(1, 3, 23), (2, 1, 11), (3, 1, 7)])
+def test_n_workers_split_min_retries_and_each_adds_its_own_share_of_requests(
+    clock: FakeClock, workers: int, alone: int, busy: int
+) -> None:
+    idle = RetryBudget(RetryBudgetConfig(0.2, 10.0, 3), clock, workers)
+    loaded = RetryBudget(RetryBudgetConfig(0.2, 10.0, 3), clock, workers)
+    for _ in range(100 // workers):  # each worker sees its 1/N of the requests
+        loaded.record_request()
+
+    assert spend_all(idle) == alone  # 3/N, rounded down: N workers never exceed 3 together
+    assert spend_all(loaded) == busy
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, 1), ("", 1), ("2", 2), ("0", 1), ("x", 1), ("8", 8)]
+)
+def test_the_worker_count_comes_from_gateway_workers(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, expected: int
+) -> None:
+    if value is None:
+        monkeypatch.delenv("GATEWAY_WORKERS", raising=False)
+    else:
+        monkeypatch.setenv("GATEWAY_WORKERS", value)
+
+    assert worker_count() == expected
 
 
 def test_the_budget_forgets_requests_and_retries_outside_its_window(clock: FakeClock) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from gateway.__main__ import main
 from gateway.config.build import load_text
+from gateway.config.model import DnsDiscoveryConfig
 
 HEAD = "version: 1\nservices:\n  inventory: {targets: [http://127.0.0.1:8001]}\nroutes:\n"
 ROUTE = "  - prefix: /api/inventory\n    service: inventory\n"
@@ -125,6 +126,12 @@ CASES = [
         [
             "routes.yaml:5:13: routes.0.prefix: must be a plain path: no '.', '..', '%', '?', '#' or '\\'"
         ],
+    ),
+    (
+        "discovery_unknown_key",
+        "version: 1\nservices:\n  s:\n    targets: [http://h:1]\n    discovery: {dns: {every: 5s}}\n"
+        "routes:\n  - {prefix: /, service: s}\n",
+        ["routes.yaml:5:23: services.s.discovery.dns.every: unknown key 'every'"],
     ),
     (
         "admin_equal_to_listen",
@@ -395,3 +402,19 @@ def test_underscores_in_headers_is_a_default_that_a_route_may_override() -> None
     default = load_text(HEAD + ROUTE, "routes.yaml", environ={}).config
     assert default is not None
     assert (default.routes[0].underscores_in_headers, default.admin_ready_requires) == (False, ())
+
+
+def test_dns_discovery_compiles_its_interval_and_turns_the_circuit_breaker_on() -> None:
+    text = (
+        "version: 1\nservices:\n  s:\n    targets: [http://h.internal:1]\n"
+        "    discovery: {dns: {interval: 2s}}\n  t: {targets: [http://h:1], discovery: {dns: {}}}\n"
+        "routes:\n  - {prefix: /, service: s}\n"
+    )
+
+    result = load_text(text, "routes.yaml", environ={})
+
+    assert result.config is not None, [str(e) for e in result.errors]
+    s, t = result.config.services["s"], result.config.services["t"]
+    assert s.discovery == DnsDiscoveryConfig(interval=2.0)
+    assert t.discovery == DnsDiscoveryConfig(interval=10.0)
+    assert s.circuit_breaker is not None  # one name may hold many addresses

@@ -99,7 +99,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     return Installed(wheel, venv, elsewhere)
 
 
-def test_the_wheel_carries_the_top_level_schemas_the_typing_markers_and_every_subpackage(
+def test_the_wheel_carries_the_schemas_the_typing_markers_the_dashboard_and_every_subpackage(
     installed: Installed,
 ) -> None:
     with zipfile.ZipFile(installed.wheel) as wheel:
@@ -108,6 +108,9 @@ def test_the_wheel_carries_the_top_level_schemas_the_typing_markers_and_every_su
             for package in PACKAGES:
                 packaged = f"{package}/_schemas/{schema.name}"
                 assert wheel.read(packaged) == schema.read_bytes(), packaged
+        static = REPO_ROOT / "gateway" / "servers" / "static"
+        for asset in sorted(static.iterdir()):  # the dashboard's page, script and style
+            assert wheel.read(f"gateway/servers/static/{asset.name}") == asset.read_bytes()
     assert {"gateway/py.typed", "inventory/py.typed", "gateway/stages/__init__.py"} <= names
     assert {"sqlshelf/__init__.py", "sqlshelf/py.typed"} <= names
     assert not [name for name in names if name.endswith(".pyc") or name.startswith("tests/")]
@@ -197,6 +200,9 @@ async def test_installed_gateway_serves_the_installed_inventory_from_outside_the
             "--listen", f"127.0.0.1:{public}", "--admin", f"127.0.0.1:{admin}",
             env={"INVENTORY_URL": inventory_url},  # routes.yaml reads it
         )  # fmt: skip
+        async with session.get(f"http://127.0.0.1:{admin}/") as resp:  # the dashboard
+            assert resp.status == 200
+            assert "/static/dashboard.js" in await resp.text()
         devices = f"http://127.0.0.1:{public}/api/inventory/devices"
         device = {"name": "Hall light", "type": "light", "room": "hall"}
         key = {"X-API-Key": "dev-inventory-key"}  # routes.yaml's development key (README)
