@@ -33,14 +33,21 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from aiohttp import web
-from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    get_current_span,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.config.model import RouteConfig, TracingConfig
@@ -54,26 +61,14 @@ FLUSH_TIMEOUT: Final = 3.0  # seconds shutdown waits for the last spans to be se
 _UPSTREAM_KINDS: Final = frozenset({"forward", "websocket"})  # calls sent `exchange.traceparent`
 _METHODS: Final = {"auth": "GET"}  # call kinds whose method is not the client's
 _propagator: Final = TraceContextTextMapPropagator()
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_NO_STATE: Final = TraceState()
+_UNSET: Final = Status(StatusCode.UNSET)
+_ERROR: Final = Status(StatusCode.ERROR)
+_SCOPE: Final = InstrumentationScope("gateway")
 # The processor's own "Queue full" warning: never reached (a full queue is counted here
 # first), and one log line per span would be the slowest possible way to drop it.
 logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
-
-
-class _ChosenIds(IdGenerator):
-    """The SDK's ids, except the ones the gateway chose before the span existed (they were
-    sent upstream already): each is set just before `start_span` and used once."""
-
-    def __init__(self) -> None:
-        self.span_id = 0
-        self.trace_id = 0
-
-    def generate_span_id(self) -> int:
-        chosen, self.span_id = self.span_id, 0
-        return chosen or random.getrandbits(64) or 1
-
-    def generate_trace_id(self) -> int:
-        chosen, self.trace_id = self.trace_id, 0
-        return chosen or random.getrandbits(128) or 1
 
 
 class CountingProcessor(BatchSpanProcessor):
@@ -125,20 +120,14 @@ class Tracer:
         self._routes = routes  # the current table's routes (for `http.route`)
         self._seen: Sequence[RouteConfig] = ()
         self._prefixes: dict[str, str] = {}
+        # ParentBased(TraceIdRatioBased(ratio))'s rule, taken once per request in `begin`.
         self._bound = TraceIdRatioBased.get_bound_for_rate(config.sample_ratio)
-        self._ids = _ChosenIds()
-        self.provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
-            resource=Resource({"service.name": config.service_name}),  # no detectors: no I/O
-            id_generator=self._ids,
-        )
+        self._resource = Resource({"service.name": config.service_name})  # no detectors: no I/O
         if exporter is None:
             exporter = OTLPSpanExporter(config.otlp_endpoint, timeout=EXPORT_TIMEOUT)
-        self._processor = CountingProcessor(
+        self.processor = CountingProcessor(
             exporter, on_drop, max_queue_size=max_queue_size or MAX_QUEUE
         )
-        self.provider.add_span_processor(self._processor)
-        self._tracer = self.provider.get_tracer("gateway")
 
     def begin(self, exchange: Exchange, request: web.BaseRequest) -> None:
         """Decide sampling; for a sampled request choose its span ids and put the forward
@@ -158,7 +147,10 @@ class Tracer:
         exchange.traceparent = f"00-{header[3:35]}-{upstream}-01"
 
     def record(self, request: web.BaseRequest, exchange: Exchange, status: int) -> None:
-        """The request's spans, from its Exchange (at the end of dispatch)."""
+        """The request's spans, from its Exchange (at the end of dispatch). They are the SDK's
+        ReadableSpan, made here whole, with the ids `begin` chose and explicit times: its
+        Tracer API would redo the sampling and copy every attribute through its checks, at
+        five times the cost."""
         spans = exchange.trace
         if spans is None:
             return
@@ -167,55 +159,72 @@ class Tracer:
         def ns(at: float) -> int:
             return now_ns - int((now - at) * 1e9)
 
-        ids = self._ids
-        context: Context | None = None
+        trace_id = int(exchange.trace_id, 16)
+        parent: SpanContext | None = None
+        state = _NO_STATE
         if spans.parent:  # the caller's span, with its tracestate, from the propagator
-            context = _propagator.extract(request.headers)
-        ids.trace_id = int(exchange.trace_id, 16)  # used if the span is a root (begun here)
+            parent = get_current_span(_propagator.extract(request.headers)).get_span_context()
+            if parent.trace_id != trace_id:  # cannot be: start_exchange checked the header
+                parent = None
+            else:
+                state = parent.trace_state
         method = request.method
         route = self._prefix(exchange.route)
         attributes: dict[str, str | int] = {
             "http.request.method": method,
-            "url.path": exchange.path,
+            "url.path": exchange.path,  # never the query: it may hold secrets
             "url.scheme": request.scheme,
-            "client.address": exchange.client,
             "http.response.status_code": status,
+            "client.address": exchange.client,
             "gateway.request_id": exchange.request_id,
         }
         if route is not None:
             attributes["http.route"] = route
             attributes["gateway.route"] = exchange.route
-        ids.span_id = int(spans.server, 16)
-        server = self._tracer.start_span(
-            f"{method} {route}" if route is not None else method,
-            context,
-            SpanKind.SERVER,
-            attributes,
-            start_time=ns(exchange.started),
-        )
-        ids.trace_id = 0
-        if status >= 500:
-            server.set_attribute("error.type", str(status))
-            server.set_status(Status(StatusCode.ERROR))
+        failed = status >= 500
+        if failed:
+            attributes["error.type"] = str(status)
+        server = SpanContext(trace_id, int(spans.server, 16), False, _SAMPLED, state)
         end = ns(now)
-        if exchange.calls:
-            parent = set_span_in_context(server)
-            upstream_id = int(spans.upstream, 16)
-            for call in exchange.calls:
-                if call.kind in _UPSTREAM_KINDS and upstream_id:
-                    ids.span_id, upstream_id = upstream_id, 0  # the id sent in traceparent
-                self._client_span(call, _METHODS.get(call.kind, method), parent, ns, end, exchange)
-        server.end(end)
+        emit = self.processor.on_end
+        emit(
+            ReadableSpan(
+                f"{method} {route}" if route is not None else method,
+                server,
+                parent,
+                self._resource,
+                attributes,
+                kind=SpanKind.SERVER,
+                status=_ERROR if failed else _UNSET,
+                start_time=ns(exchange.started),
+                end_time=end,
+                instrumentation_scope=_SCOPE,
+            )
+        )
+        upstream_id = int(spans.upstream, 16)
+        for call in exchange.calls:
+            if call.kind in _UPSTREAM_KINDS and upstream_id:
+                span_id, upstream_id = upstream_id, 0  # the id sent in traceparent
+            else:
+                span_id = random.getrandbits(64) or 1
+            context = SpanContext(trace_id, span_id, False, _SAMPLED, state)
+            started = call.started or exchange.started
+            finished = end if call.ms is None else ns(started + call.ms / 1000)
+            emit(
+                self._client_span(
+                    call, _METHODS.get(call.kind, method), context, server, ns(started), finished
+                )
+            )
 
     def _client_span(
         self,
         call: UpstreamCall,
         method: str,
-        parent: Context,
-        ns: Callable[[float], int],
+        context: SpanContext,
+        parent: SpanContext,
+        start: int,
         end: int,
-        exchange: Exchange,
-    ) -> None:
+    ) -> ReadableSpan:
         attributes: dict[str, str | int] = {
             "http.request.method": method,
             "gateway.service": call.service,
@@ -228,20 +237,25 @@ class Tracer:
             attributes["http.request.resend_count"] = call.attempts - 1
         if call.status:
             attributes["http.response.status_code"] = call.status
-        error = call.outcome != "ok" or call.status >= 400
-        if error:
+        failed = call.outcome != "ok" or call.status >= 400
+        if failed:
             attributes["error.type"] = call.outcome if call.outcome != "ok" else str(call.status)
-        started = call.started or exchange.started
-        span = self._tracer.start_span(
+        return ReadableSpan(
             f"{method} {call.service}",
+            context,
             parent,
-            SpanKind.CLIENT,
+            self._resource,
             attributes,
-            start_time=ns(started),
+            kind=SpanKind.CLIENT,
+            status=_ERROR if failed else _UNSET,
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=_SCOPE,
         )
-        if error:
-            span.set_status(Status(StatusCode.ERROR))
-        span.end(end if call.ms is None else ns(started + call.ms / 1000))
+
+    def flush(self) -> None:
+        """Export what is queued now (blocking: tests call it off the loop)."""
+        self.processor.force_flush()
 
     def _prefix(self, name: str) -> str | None:
         """The prefix of route `name` ("routes.N") in the current table."""
@@ -262,8 +276,7 @@ class Tracer:
 
         def shut_down() -> None:
             try:
-                self._processor.shutdown_within(timeout)
-                self.provider.shutdown()  # the processor's part is done: returns at once
+                self.processor.shutdown_within(timeout)
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop closed first
                     loop.call_soon_threadsafe(finished)
