@@ -176,7 +176,6 @@ class Tracer:
             "url.scheme": request.scheme,
             "http.response.status_code": status,
             "client.address": exchange.client,
-            "gateway.request_id": exchange.request_id,
         }
         if route is not None:
             attributes["http.route"] = route
@@ -231,15 +230,16 @@ class Tracer:
             "gateway.call.kind": call.kind,
             "gateway.target": call.target,  # the label ("svc#0"), never the address
             "gateway.attempts": call.attempts,
-            "gateway.outcome": call.outcome or "unknown",
         }
         if call.attempts > 1:
             attributes["http.request.resend_count"] = call.attempts - 1
         if call.status:
             attributes["http.response.status_code"] = call.status
         failed = call.outcome != "ok" or call.status >= 400
-        if failed:
-            attributes["error.type"] = call.outcome if call.outcome != "ok" else str(call.status)
+        if failed:  # the outcome (timeout, unavailable, ...), or the status when one came
+            attributes["error.type"] = (
+                str(call.status) if call.outcome == "ok" else call.outcome or "unknown"
+            )
         return ReadableSpan(
             f"{method} {call.service}",
             context,
