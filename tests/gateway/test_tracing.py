@@ -425,3 +425,27 @@ def test_bad_tracing_settings_are_config_errors(tracing_line: str, expected: str
     result = load_text(text, "routes.yaml", environ={})
 
     assert [str(e) for e in result.errors] == [expected]
+
+
+async def test_a_reload_keeps_the_tracing_the_process_started_with(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def config(ratio: str) -> str:
+        return (
+            TRACED.replace("RATIO", ratio)
+            .replace("$COLLECTOR", "http://127.0.0.1:1")
+            .replace("$ACCOUNTS", "http://127.0.0.1:1")
+            .replace("$ECHO", "http://127.0.0.1:1")
+        )
+
+    gateway = compile_gateway(config("0.5"))
+    assert gateway.tracer is not None
+    try:
+        applied = gateway.apply(load_text(config("0.25"), "routes.yaml", environ={}))
+
+        assert applied
+        assert gateway.config.tracing is not None
+        assert gateway.config.tracing.sample_ratio == 0.5
+        assert "changing tracing needs a restart" in caplog.text
+    finally:
+        await gateway.tracer.close(timeout=0.5)
