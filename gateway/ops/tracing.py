@@ -9,12 +9,13 @@ target label, attempts and status), with explicit timestamps. So a request costs
 nothing until it ends, and an unsampled one almost nothing at all.
 
 Propagation (W3C Trace Context). `start_exchange` keeps a valid incoming traceparent or begins
-a trace. `Tracer.begin` then takes the decision the SDK's ParentBased(TraceIdRatioBased) sampler
-will take when the spans are built (a remote parent's sampled flag; else the trace id's low 64
-bits against the ratio's bound), and, for a sampled request, picks the server span's id and the
-forward call's: the traceparent sent upstream names that client span, so upstream services join
-the trace as its children. The incoming context (with any tracestate) is read by the SDK's
-TraceContext propagator; the ids picked early reach the SDK through `_ChosenIds`.
+a trace. `Tracer.begin` then takes the SDK's ParentBased(TraceIdRatioBased) sampler's decision
+by its rule (a remote parent's sampled flag; else the trace id's low 64 bits against the
+ratio's bound, from TraceIdRatioBased itself; tests/gateway/test_tracing.py checks they agree),
+and, for a sampled request, picks the server span's id and the forward call's: the traceparent
+sent upstream names that client span, so upstream services join the trace as its children. At
+the end the incoming context (with any tracestate) is read by the SDK's TraceContext
+propagator, and the spans are the SDK's ReadableSpan, made whole with those ids.
 
 Export never waits on the request path: spans queue (bounded) for the processor's thread; when
 the queue is full (a collector down or slow) a span is dropped and counted
