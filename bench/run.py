@@ -50,6 +50,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 import cache_phase
 import ratelimit_phase
+import tracing_phase
 import workers_phase
 from hostile import RCVBUF, STREAM_BYTES, TRICKLE_BYTES, TRICKLE_EVERY, Hostile, Report
 from hostile import TICK as HOSTILE_TICK
@@ -631,6 +632,7 @@ class Results:
     rate_limits: list[ratelimit_phase.StoreRun] = field(default_factory=list)
     cache: cache_phase.CacheRun = field(default_factory=cache_phase.CacheRun)
     workers: workers_phase.WorkersRun | None = None  # --workers 2 against one worker
+    tracing: tracing_phase.TracingRun | None = None
     access_lines: int = 0
     revision: str = "unknown"
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -791,6 +793,7 @@ def bench(args: argparse.Namespace) -> Results:
             warmup=args.warmup,
             startup_deadline=STARTUP_DEADLINE,
         )
+        results.tracing = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
         rss_pids = {**pids, "direct": None}  # RSS is the proxy's; direct has none
         for round_index in range(args.transfer_rounds):
             for direction in ("upload", "download"):
@@ -835,6 +838,65 @@ def bench(args: argparse.Namespace) -> Results:
     with contextlib.suppress(OSError), access_log.open("rb") as lines:
         results.access_lines = sum(1 for _ in lines)
     return results
+
+
+def measure_tracing(
+    processes: Processes,
+    loadgen: LoadGen,
+    env: dict[str, str],
+    upstream_url: str,
+    args: argparse.Namespace,
+    pin: bool,
+) -> tracing_phase.TracingRun:
+    return tracing_phase.measure(
+        start=processes.start,
+        pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+        pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
+        wait_ready=wait_ready,
+        run_load=loadgen.run,
+        cpu_of=process_cpu,
+        free_ports=free_ports,
+        env=env,
+        upstream_url=upstream_url,
+        out=OUT,
+        rounds=args.rounds,
+        duration=args.duration,
+        warmup=args.warmup,
+        startup_deadline=STARTUP_DEADLINE,
+    )
+
+
+def tracing_only(args: argparse.Namespace) -> int:
+    """`--only tracing`: the upstream and the tracing phase, nothing else; the report is
+    printed (bench/RESULTS.md is left as it is)."""
+    pin = can_pin() and not args.no_pin
+    if pin:
+        os.sched_setaffinity(0, {LOAD_CPU})
+    loadgen = choose_loadgen(args.loadgen, args.connections, pin)
+    (up_port,) = free_ports(1)
+    upstream_url = f"http://{HOST}:{up_port}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    processes = Processes()
+    try:
+        upstream = processes.start(
+            "upstream",
+            pinned(
+                LOAD_CPU,
+                [sys.executable, str(BENCH / "upstream.py"), "--listen", f"{HOST}:{up_port}"],
+                pin,
+            ),
+        )
+        wait_ready(upstream, upstream_url + "/small", time.monotonic() + STARTUP_DEADLINE)
+        run = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
+    except BenchError as error:
+        print(f"bench failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        processes.stop_all()
+    print("\n".join(["", f"load generator: {loadgen.description}", *tracing_phase.section(run)]))
+    for budget, measured, passed in tracing_phase.verdicts(run):
+        print(f"{verdict_text(passed).strip('*'):>12}  {budget}: {measured}")
+    return 0
 
 
 def bench_token(public_key_file: Path) -> str:
@@ -986,6 +1048,7 @@ def verdicts(results: Results) -> list[Verdict]:
     out += [Verdict(*v) for v in ratelimit_phase.verdicts(results.rate_limits)]
     out += [Verdict(*v) for v in cache_phase.verdicts(results.cache)]
     out += [Verdict(*v) for v in workers_phase.verdicts(results.workers)]
+    out += [Verdict(*v) for v in tracing_phase.verdicts(results.tracing)]
     return out
 
 
@@ -1116,6 +1179,7 @@ def render(results: Results, command: str) -> str:
     lines += ["", *ratelimit_phase.section(results.rate_limits)]
     lines += ["", *cache_phase.section(results.cache)]
     lines += workers_phase.section(results.workers)
+    lines += tracing_phase.section(results.tracing)
     lines += ["", "## Budgets", "", "| budget | measured | verdict |", "| --- | --- | --- |"]
     lines += [
         f"| {v.budget} | {v.measured} | {verdict_text(v.passed)} |" for v in verdicts(results)
@@ -1248,6 +1312,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
+        "--only", choices=("tracing",), help="run one phase alone (printed, not written)"
+    )
+    parser.add_argument(
         "--results", type=Path, default=RESULTS, help="Markdown file to write (bench/RESULTS.md)"
     )
     args = parser.parse_args(argv)
@@ -1268,6 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
+    if args.only == "tracing":
+        return tracing_only(args)
     started = time.monotonic()
     try:
         results = bench(args)

@@ -44,6 +44,7 @@ from gateway.config.model import (
     ServiceTls,
     TargetConfig,
     Timeouts,
+    TracingConfig,
 )
 from gateway.config.read import JSON, ConfigError, Document, parse_text, read_file
 from gateway.config.tls import read_ca
@@ -125,6 +126,7 @@ def build_config(doc: Document) -> GatewayConfig:
         routes=routes,
         forward_auth=_forward_auth((data.get("auth") or {}).get("forward")),
         tls=_listener_tls(data.get("tls")),
+        tracing=_tracing(data.get("tracing")),
     )
 
 
@@ -176,6 +178,17 @@ def _client_limits(raw: dict[str, JSON]) -> ClientLimits:
         max_header_bytes=raw.get("max_header_bytes", base.max_header_bytes),
         max_headers=raw.get("max_headers", base.max_headers),
         max_request_target_bytes=raw.get("max_request_target_bytes", base.max_request_target_bytes),
+    )
+
+
+def _tracing(raw: JSON) -> TracingConfig | None:
+    if raw is None:
+        return None
+    endpoint = raw["otlp_endpoint"].rstrip("/")
+    if not endpoint.endswith("/v1/traces"):  # a base URL, as OTEL_EXPORTER_OTLP_ENDPOINT
+        endpoint += "/v1/traces"
+    return TracingConfig(
+        endpoint, float(raw.get("sample_ratio", 1.0)), raw.get("service_name", "gateway")
     )
 
 

@@ -159,6 +159,13 @@ class CacheStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    otlp_endpoint: str  # OTLP/HTTP URL the spans are POSTed to (the base URL + /v1/traces)
+    sample_ratio: float = 1.0  # share of traces begun here that are recorded, 0..1; default 1
+    service_name: str = "gateway"  # the spans' service.name; default "gateway"
+
+
+@dataclass(frozen=True, slots=True)
 class ForwardAction:
     """`service: NAME`: the request goes on to that service (CONTRACT §3)."""
 
@@ -303,3 +310,4 @@ class GatewayConfig:
     routes: tuple[RouteConfig, ...] = ()
     forward_auth: ForwardAuthConfig | None = None  # auth.forward; None: not configured
     tls: ListenerTls | None = None  # None: the public listener speaks plain HTTP
+    tracing: TracingConfig | None = None  # None: no traces (the default)

@@ -188,6 +188,11 @@ def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
         problem = redis_url_problem(redis)
         if problem:
             doc.error(("store", "redis"), problem)
+    tracing = data.get("tracing")
+    if isinstance(tracing, dict) and isinstance(tracing.get("otlp_endpoint"), str):
+        problem = target_url_problem(tracing["otlp_endpoint"])
+        if problem:
+            doc.error(("tracing", "otlp_endpoint"), problem.replace("target URL", "OTLP URL"))
     if isinstance(services, dict):
         for name, service in services.items():
             if isinstance(service, dict):

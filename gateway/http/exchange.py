@@ -40,6 +40,17 @@ class UpstreamCall:
     ms: float | None = None  # until the response head, retries included; None: no answer
     status: int = 0  # the upstream's status; 0 when none came
     outcome: str = ""  # "ok" once a head came; else the failure (timeout, unavailable, ...)
+    started: float = 0.0  # perf_counter when the call began; 0: not recorded (tracing reads it)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSpans:
+    """The span ids of a request that tracing records (gateway/ops/tracing.py chose them
+    before anything went upstream, so the traceparent sent there names the client span)."""
+
+    parent: str  # the incoming traceparent's span id; "" when the trace began here
+    server: str  # the server span's id
+    upstream: str  # the forward call's client span id, in the traceparent sent upstream
 
 
 @dataclass(slots=True)
@@ -75,6 +86,7 @@ class Exchange:
     from_upstream: bool = False  # the response is a relayed upstream response
     upstream_had_server: bool = False
     upstream_had_type: bool = False
+    trace: TraceSpans | None = None  # tracing on and this request sampled: its span ids
 
     @property
     def trace_id(self) -> str:
@@ -108,6 +120,7 @@ class _RandomHex:
 
 
 _random = _RandomHex()
+random_hex: Final = _random.take  # digits for new ids (tracing's span ids)
 
 
 def start_exchange(request: web.BaseRequest) -> Exchange:

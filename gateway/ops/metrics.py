@@ -165,6 +165,12 @@ class Metrics:
         self._drops_seen = {stream: 0 for stream in STREAMS}  # accesslog.drops moved so far
         for stream in STREAMS:
             self.log_drops.labels(stream)
+        self.trace_drops = Counter(
+            "gateway_trace_spans_dropped",
+            "Spans dropped because the export queue was full (the collector down or slow)",
+            registry=reg,
+        )
+        self.spans_dropped = 0  # by the tracer since the last flush (on the event loop)
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
             "Requests being handled",
@@ -238,6 +244,9 @@ class Metrics:
             if stats.upstream_count:
                 child = self.upstream_latency.labels(stats.service)
                 _add_buckets(child, stats.upstream_buckets, stats.upstream_seconds)
+        if self.spans_dropped:
+            self.trace_drops.inc(self.spans_dropped)
+            self.spans_dropped = 0
         self.in_flight.set(self.active)
         if self._cache_source is not None:
             stored, evictions = self._cache_source()

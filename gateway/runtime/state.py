@@ -11,6 +11,7 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -30,6 +31,9 @@ from gateway.runtime.reload import Reloader
 from gateway.upstream.discovery import Discovery
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.service import Service, close_later
+
+if TYPE_CHECKING:
+    from gateway.ops.tracing import Tracer
 
 config_log = logging.getLogger("gateway.config")
 
@@ -67,6 +71,7 @@ class Gateway:
         self.rate_limits = RateLimits(self.metrics.rate_limit_store_errors.inc)
         self.metrics.watch(lambda: self.services.values())
         self.cache: ResponseCache | None = None  # made by the first config with a cached route
+        self.tracer: Tracer | None = None if config.tracing is None else self._tracer(config)
         self.config = config
         self.table = RouteTable(())
         self.status = LoadStatus(True, time.time(), config.version_hash, [], list(warnings))
@@ -74,6 +79,15 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()  # certificate reloads in flight
         self._retiring: set[asyncio.Task[None]] = set()  # their `_retire` tasks, kept alive
         self.swap(config)
+
+    def _tracer(self, config: GatewayConfig) -> Tracer:
+        from gateway.ops.tracing import Tracer  # the SDK is imported only when tracing is on
+
+        assert config.tracing is not None
+        return Tracer(config.tracing, lambda: self.config.routes, self._span_dropped)
+
+    def _span_dropped(self) -> None:
+        self.metrics.spans_dropped += 1
 
     def swap(self, config: GatewayConfig) -> list[Service]:
         """Install `config`: keep services whose config is unchanged, build the new table. A
@@ -121,7 +135,15 @@ class Gateway:
             self.metrics.reloads.labels("rejected").inc()
             return False
         # Listeners are bound once: a reload changes routes and services, not addresses.
-        config = replace(result.config, listen=self.config.listen, admin=self.config.admin)
+        # Tracing too: its exporter and queue live as long as the process.
+        if result.config.tracing != self.config.tracing:
+            config_log.warning("changing tracing needs a restart: the old settings still apply")
+        config = replace(
+            result.config,
+            listen=self.config.listen,
+            admin=self.config.admin,
+            tracing=self.config.tracing,
+        )
         removed = self.swap(config)
         self._reload_tls(config)
         self.health.sync(self.services.values())
@@ -178,6 +200,8 @@ class Gateway:
         await self.rate_limits.close()
         if self.cache is not None:
             await self.cache.close()
+        if self.tracer is not None:
+            await self.tracer.close()  # the last spans, within a few seconds
         self._retired = []
 
 

@@ -42,13 +42,15 @@ def make_dispatch(gateway: Gateway) -> Handler:
     phase, the relay. It also does what app middlewares would (the Exchange, problem+json, the
     access line and metrics) in the same frame: on a route with no feature this is most of the
     gateway's own cost, so it is kept flat."""
-    access_log, metrics = gateway.access_log, gateway.metrics
+    access_log, metrics, tracer = gateway.access_log, gateway.metrics, gateway.tracer
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         exchange = request.get(EXCHANGE)
         if exchange is None:  # else the Expect handler began it (and its request phase)
             exchange = start_exchange(request)
             request[EXCHANGE] = exchange
+            if tracer is not None:
+                tracer.begin(exchange, request)
         status, sent = CLIENT_GONE, 0  # until an answer exists: the client went away first
         metrics.active += 1
         try:
@@ -90,6 +92,8 @@ def make_dispatch(gateway: Gateway) -> Handler:
             seconds = time.perf_counter() - exchange.started
             metrics.observe(exchange, request.method, status, received, sent, seconds)
             access_log.record(request, exchange, status, received, sent, seconds)
+            if tracer is not None:
+                tracer.record(request, exchange, status)
 
     return dispatch
 
@@ -155,6 +159,8 @@ def make_expect(gateway: Gateway) -> ExpectHandler:
             return  # other expectations are ignored, as a proxy may (RFC 9110 §10.1.1)
         exchange = start_exchange(request)
         request[EXCHANGE] = exchange
+        if gateway.tracer is not None:
+            gateway.tracer.begin(exchange, request)
         route = None
         try:
             route = enter(gateway.table, request, exchange)

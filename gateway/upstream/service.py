@@ -328,7 +328,7 @@ class Service:
         """`send` for a service with retries: attempts on different targets while that is
         safe (see the module docstring) and the budget and the total deadline allow."""
         call = UpstreamCall(self.name, kind)
-        started = time.perf_counter()
+        started = call.started = time.perf_counter()
         timeout = timeout or self.timeout
         deadline = None if timeout.total is None else self._clock() + timeout.total
         self._reading += 1  # a reload must not close the pool under it (see `busy`)
@@ -413,6 +413,7 @@ class Service:
         started = 0.0
         if call is None:
             call, started = UpstreamCall(self.name, kind), time.perf_counter()
+            call.started = started
         if self._closed:  # a request that matched a table a reload replaced long ago
             raise _failed(call, started, UpstreamUnavailable(f"service {self.name!r} was removed"))
         if self._pool_full():  # at once: never queue for a connection, never retried

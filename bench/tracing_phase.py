@@ -1,0 +1,222 @@
+"""`make bench`'s tracing phase: the small GET through a gateway with `tracing:` at
+sample_ratio 1.0 and at 0.01, as ratios to the same gateway without tracing, exporting to a
+local dummy OTLP/HTTP collector (this file, run with `--collector PORT`: an aiohttp app that
+accepts POST /v1/traces and discards it) that the phase starts beside the load generator.
+
+Three gateway processes, one per setting (tracing is fixed at start), one at a time on the
+proxy's CPU, their windows interleaved over rounds; the best round of each is kept. The config
+of each is written to bench/out/ from TEMPLATE. bench/run.py calls `measure` after the
+rate-limit phase (or alone, with `--only tracing`) and `section` / `verdicts` for its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+HOST: Final = "127.0.0.1"
+SETTINGS: Final = ("off", "0.01", "1.0")  # tracing off, then the two sample ratios
+# Budgets: traced small-GET req/s >= this share of the untraced gateway's.
+BUDGETS: Final = {"0.01": 0.97, "1.0": 0.8}
+TEMPLATE: Final = """\
+# Written by bench/tracing_phase.py: one catch-all route to the bench upstream.
+version: 1
+listen: {listen}
+admin: {admin}
+access_log: {access_log}
+services:
+  up:
+    targets: ["{upstream}"]
+    timeouts: {{connect: 2s, read: 60s}}
+routes:
+  - {{prefix: /, service: up}}
+{tracing}"""
+
+
+@dataclass
+class TracingRun:
+    rps: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SETTINGS})
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SETTINGS, 0))
+    # The gateway's CPU µs per request (all threads: the export thread too), per window: the
+    # figure that holds up when other work shares the machine.
+    cpu_us: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SETTINGS})
+    spans: int = 0  # spans the dummy collector received (sampled ones got there)
+
+    def ratio(self, setting: str) -> float | None:
+        if not self.rps["off"] or not self.rps[setting]:
+            return None
+        return max(self.rps[setting]) / max(self.rps["off"])
+
+    def cpu_ratio(self, setting: str) -> float | None:
+        """Requests per CPU second, traced against off (best window of each)."""
+        if not self.cpu_us["off"] or not self.cpu_us[setting]:
+            return None
+        return min(self.cpu_us["off"]) / min(self.cpu_us[setting])
+
+
+def measure(
+    *,
+    start: Callable[..., Any],  # run.py's Processes.start(name, argv, env=...)
+    pinned: Callable[[list[str]], list[str]],  # argv -> argv on the proxy's CPU
+    pinned_load: Callable[[list[str]], list[str]],  # argv -> argv on the load generator's CPU
+    wait_ready: Callable[[Any, str, float], None],
+    run_load: Callable[[str, float], Any],  # (url, seconds) -> Cell with .rps and .errors
+    cpu_of: Callable[[int], float],  # pid -> CPU seconds used so far
+    free_ports: Callable[[int], list[int]],
+    env: dict[str, str],
+    upstream_url: str,
+    out: Path,
+    rounds: int,
+    duration: float,
+    warmup: float,
+    startup_deadline: float,
+) -> TracingRun:
+    run = TracingRun()
+    (collector_port,) = free_ports(1)
+    collector_url = f"http://{HOST}:{collector_port}"
+    collector = start(
+        "collector", pinned_load([sys.executable, __file__, "--collector", str(collector_port)])
+    )
+    wait_ready(collector, collector_url + "/spans", time.monotonic() + startup_deadline)
+    bases: dict[str, str] = {}
+    pids: dict[str, int] = {}
+    for setting in SETTINGS:
+        gw_port, admin_port = free_ports(2)
+        tracing = (
+            ""
+            if setting == "off"
+            else f'tracing: {{otlp_endpoint: "http://{HOST}:{collector_port}", '
+            f"sample_ratio: {setting}}}\n"
+        )
+        config = out / f"routes.tracing-{setting}.yaml"
+        config.write_text(
+            TEMPLATE.format(
+                listen=f"{HOST}:{gw_port}",
+                admin=f"{HOST}:{admin_port}",
+                access_log=out / f"gateway-tracing-{setting}-access.log",
+                upstream=upstream_url,
+                tracing=tracing,
+            )
+        )
+        name = f"gateway-tracing-{setting}"
+        gateway = start(name, pinned([sys.executable, "-m", "gateway", "--config", str(config)]),
+                        env=env)  # fmt: skip
+        bases[setting] = f"http://{HOST}:{gw_port}"
+        pids[setting] = gateway.popen.pid
+        wait_ready(gateway, bases[setting] + "/small", time.monotonic() + startup_deadline)
+    # All three stay up (idle, they use next to no CPU); the warm-up of each window also lets
+    # the previous one's last export finish.
+    for round_index in range(rounds):
+        order = SETTINGS if round_index % 2 == 0 else SETTINGS[::-1]
+        for setting in order:
+            url = bases[setting] + "/small"
+            if warmup > 0:
+                run_load(url, warmup)
+            cpu_before = cpu_of(pids[setting])
+            cell = run_load(url, duration)
+            cpu = cpu_of(pids[setting]) - cpu_before
+            run.rps[setting].append(cell.rps)
+            if cell.requests:
+                run.cpu_us[setting].append(cpu / cell.requests * 1e6)
+            run.errors[setting] += cell.errors
+            print(
+                f"round {round_index + 1} tracing {setting:>5}: {cell.rps:10.0f} req/s"
+                f"  server {run.cpu_us[setting][-1] if cell.requests else 0:5.0f} µs CPU/req"
+                + (f"  ERRORS {cell.errors}" if cell.errors else ""),
+                flush=True,
+            )
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # until the last batches (sent once a second) are in
+        with urllib.request.urlopen(collector_url + "/spans", timeout=2) as response:
+            spans = int(response.read())
+        if spans and spans == run.spans:
+            break
+        run.spans = spans
+        time.sleep(1.2)  # polling interval: the gateways send at least once a second
+    return run
+
+
+def section(run: TracingRun | None) -> list[str]:
+    if run is None:
+        return []
+    lines = [
+        "## Tracing",
+        "",
+        "Small JSON GET through a gateway exporting OpenTelemetry spans (OTLP/HTTP, to a local",
+        "dummy collector that discards them) against the same gateway without `tracing:`,",
+        f"best round of each. Spans the collector received: {run.spans:,}.",
+        "",
+        "The CPU columns are the gateway's own CPU per request (every thread, the export",
+        "thread's encoding included), best window: unlike req/s, they hold up when other work",
+        "shares the machine.",
+        "",
+        "| tracing | req/s | ratio to off | CPU µs/req | CPU ratio to off | budget |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for setting in SETTINGS:
+        best = max(run.rps[setting], default=0.0)
+        ratio = run.ratio(setting)
+        shown = "—" if setting == "off" or ratio is None else f"{ratio:.2f}x"
+        budget = f"≥ {BUDGETS[setting]}x" if setting in BUDGETS else "—"
+        label = "off" if setting == "off" else f"sample_ratio {setting}"
+        cpu = min(run.cpu_us[setting], default=0.0)
+        cpu_ratio = run.cpu_ratio(setting)
+        cpu_shown = "—" if setting == "off" or cpu_ratio is None else f"{cpu_ratio:.2f}x"
+        lines.append(f"| {label} | {best:,.0f} | {shown} | {cpu:.0f} | {cpu_shown} | {budget} |")
+    return [*lines, ""]
+
+
+def verdicts(run: TracingRun | None) -> list[tuple[str, str, bool | None]]:
+    out: list[tuple[str, str, bool | None]] = []
+    for setting, budget in BUDGETS.items():
+        label = f"traced (sample_ratio {setting}) small-GET req/s ≥ {budget} x tracing off"
+        ratio = None if run is None else run.ratio(setting)
+        if run is None or ratio is None:
+            out.append((label, "not measured", None))
+            continue
+        cpu_ratio = run.cpu_ratio(setting)
+        measured = (
+            f"{max(run.rps[setting]):,.0f} vs {max(run.rps['off']):,.0f} req/s = {ratio:.2f}x"
+            + ("" if cpu_ratio is None else f" (per CPU second: {cpu_ratio:.2f}x)")
+        )
+        out.append((label, measured, ratio >= budget and not run.errors[setting]))
+    return out
+
+
+def collector_main(port: int) -> None:
+    """The dummy collector: accept every export, count its spans, keep nothing else."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+        ExportTraceServiceResponse,
+    )
+
+    total = 0
+    reply = ExportTraceServiceResponse().SerializeToString()
+
+    async def export(request: web.Request) -> web.Response:
+        nonlocal total
+        body = ExportTraceServiceRequest.FromString(await request.read())
+        total += sum(len(s.spans) for r in body.resource_spans for s in r.scope_spans)
+        return web.Response(body=reply, content_type="application/x-protobuf")
+
+    async def spans(request: web.Request) -> web.Response:
+        return web.Response(text=str(total))
+
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_post("/v1/traces", export)
+    app.router.add_get("/spans", spans)
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="the tracing phase's dummy OTLP collector")
+    parser.add_argument("--collector", type=int, required=True, help="port to listen on")
+    arguments = parser.parse_args()
+    collector_main(arguments.collector)
