@@ -20,10 +20,12 @@ from typing import Final
 import jsonschema
 from yarl import URL
 
+from gateway.config.handlers import load_handler
 from gateway.config.jwtkeys import ALGORITHM_KEYS, HMAC_MIN_BYTES, public_key_problem
 from gateway.config.model import ALL_METHODS, ListenerTls
 from gateway.config.read import JSON, Document, PathKey
 from gateway.config.redisurl import redis_url_problem
+from gateway.config.templates import parse_template
 from gateway.config.tls import ca_problem, file_problem, listener_problem
 
 SOURCE_SCHEMAS: Final = Path(__file__).resolve().parents[2] / "schemas"  # the repository's
@@ -63,8 +65,6 @@ _TYPE_NAMES: Final = {
 # Keys the schema accepts (so operators see one shape) whose feature this build lacks.
 UNSUPPORTED: Final = {
     ("routes", "*", "cache"): "response caching",
-    ("routes", "*", "aggregate"): "fan-out aggregation",
-    ("routes", "*", "compose"): "compose handlers",
 }
 
 
@@ -333,6 +333,33 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
             _check_cors(doc, (*path, "cors"), route["cors"])
         if isinstance(route.get("auth"), dict):
             _check_route_auth(doc, (*path, "auth"), route["auth"])
+        if isinstance(route.get("aggregate"), dict):
+            _check_aggregate(doc, (*path, "aggregate"), route["aggregate"], service_names)
+        compose = route.get("compose")
+        handler = compose.get("handler") if isinstance(compose, dict) else None
+        if isinstance(handler, str) and HANDLER_NAME.fullmatch(handler) and "service" not in route:
+            _, problem = load_handler(handler, doc.file)
+            if problem:
+                doc.error((*path, "compose", "handler"), problem)
+
+
+HANDLER_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*")
+RESERVED_PARTS: Final = frozenset({"partial"})  # the answer's own member
+
+
+def _check_aggregate(
+    doc: Document, path: PathKey, parts: dict[str, JSON], service_names: list[str]
+) -> None:
+    for name, part in parts.items():
+        if name in RESERVED_PARTS:
+            doc.error((*path, name), f"{name!r} names the answer's list of failed parts", key=True)
+        if not isinstance(part, dict):
+            continue
+        _check_service_name(doc, (*path, name, "service"), part.get("service"), service_names)
+        if isinstance(part.get("path"), str):
+            template = parse_template(part["path"])
+            if isinstance(template, str):
+                doc.error((*path, name, "path"), template)
 
 
 _ORIGIN: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+")
