@@ -83,15 +83,19 @@ def aggregate_action(
             exchange.calls += tuple(
                 _record(part, task) for part, task in zip(parts, tasks, strict=True)
             )
+        outcomes = [
+            (part, task.result())
+            for part, task in zip(parts, tasks, strict=True)
+            if task.done() and not task.cancelled()
+        ]
+        for part, (_, failure, _) in outcomes:
+            if failure is not None and part.config.required:
+                raise (PartTimedOut if failure.timeout else PartFailed)(failure.detail)
         body: dict[str, object] = {}
         partial = []
-        for part, task in zip(parts, tasks, strict=True):
-            value, failure, _ = task.result()
+        for part, (value, failure, _) in outcomes:
             body[part.name] = value
             if failure is not None:
-                if part.config.required:
-                    error = PartTimedOut if failure.timeout else PartFailed
-                    raise error(failure.detail)
                 partial.append(part.name)
         body["partial"] = partial
         out: Headers = [(hdrs.CONTENT_TYPE, JSON_TYPE)]
