@@ -93,7 +93,8 @@ async def test_an_optional_part_that_fails_is_null_and_listed_in_partial(
 
     assert resp.status == 200
     assert body["ok"]["name"] == "ok"
-    assert body["gone"] is None and body["broken"] is None
+    assert body["gone"] is None
+    assert body["broken"] is None
     assert body["partial"] == ["gone", "broken"]
     assert resp.headers["X-Partial"] == "gone, broken"
 
@@ -128,7 +129,8 @@ async def test_a_required_part_that_fails_is_a_problem_naming_the_part_never_its
     assert resp.status == status
     assert resp.content_type == "application/problem+json"
     assert detail in (await resp.json())["detail"]
-    assert "127.0.0.1" not in text and str(parts.port) not in text
+    assert "127.0.0.1" not in text
+    assert str(parts.port) not in text
     assert time.monotonic() - started < 2  # a timed-out part ends the answer at its timeout
 
 
@@ -149,7 +151,8 @@ async def test_the_route_deadline_bounds_every_part(
     resp = await client.get("/home")
     body = await resp.json()
 
-    assert resp.status == 200 and body["partial"] == ["slow"]
+    assert resp.status == 200
+    assert body["partial"] == ["slow"]
     assert time.monotonic() - started < 1.5
 
 
@@ -204,7 +207,8 @@ async def test_every_part_carries_the_identity_headers_and_the_request_id_and_no
         assert headers["X-Forwarded-For"] == "127.0.0.1"
         assert "traceparent" in headers
         assert "Content-Type" not in headers
-        assert body[name]["method"] == "GET" and body[name]["body"] == ""
+        assert body[name]["method"] == "GET"
+        assert body[name]["body"] == ""
     calls = lines[0]["calls"]
     assert isinstance(calls, list)
     assert [(c["service"], c["kind"], c["outcome"]) for c in calls] == [
@@ -253,7 +257,9 @@ async def test_auth_and_rate_limit_apply_once_to_the_clients_request(
         ),
         (
             "{partial: {service: s, path: /a}}",
-            ["r.yaml:6:17: routes.0.aggregate.partial: 'partial' names the answer's list of failed parts"],
+            [
+                "r.yaml:6:17: routes.0.aggregate.partial: 'partial' names the answer's list of failed parts"
+            ],
         ),
     ],
     ids=["unknown-service", "unknown-placeholder", "reserved-name"],
