@@ -37,7 +37,7 @@ from tests.polling import free_port, poll_until
 from tests.processes.inventory_process import REPO_ROOT
 
 # What the build reads. A build input added later goes here too (the build fails without it).
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "schemas")
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "schemas", "examples")
 PACKAGES = ("gateway", "inventory")
 BUILD_SECONDS = 120.0  # a bound, not the expectation: a warm pip cache builds in ~5 s
 START_SECONDS = 15.0
@@ -108,6 +108,8 @@ def test_the_wheel_carries_the_top_level_schemas_the_typing_markers_and_every_su
                 packaged = f"{package}/_schemas/{schema.name}"
                 assert wheel.read(packaged) == schema.read_bytes(), packaged
     assert {"gateway/py.typed", "inventory/py.typed", "gateway/stages/__init__.py"} <= names
+    # the compose handlers routes.yaml names, and the shop example with its routes
+    assert {"examples/home.py", "examples/shop/handlers.py", "examples/shop/routes.yaml"} <= names
     assert not [name for name in names if name.endswith(".pyc") or name.startswith("tests/")]
 
 
