@@ -48,6 +48,7 @@ from types import FrameType
 from typing import Any, Final, TypeVar
 
 import aiohttp
+import compose_phase
 import ratelimit_phase
 from hostile import RCVBUF, STREAM_BYTES, TRICKLE_BYTES, TRICKLE_EVERY, Hostile, Report
 from hostile import TICK as HOSTILE_TICK
@@ -627,6 +628,7 @@ class Results:
     hostile_slowloris: int = 0
     hostile_non_readers: int = 0
     rate_limits: list[ratelimit_phase.StoreRun] = field(default_factory=list)
+    compose: dict[str, compose_phase.Way] = field(default_factory=dict)
     access_lines: int = 0
     revision: str = "unknown"
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -743,6 +745,7 @@ def bench(args: argparse.Namespace) -> Results:
                         flush=True,
                     )
         auth_phase(results, loadgen, bases["gateway"], auth_headers, list(pids.values()), args)
+        results.compose = compose_phase.measure(bases["gateway"], args.rounds)
         results.rate_limits = ratelimit_phase.measure(
             start=processes.start,
             pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
@@ -1079,6 +1082,7 @@ def render(results: Results, command: str) -> str:
             )
     lines += hostile_section(results)
     lines += ["", *ratelimit_phase.section(results.rate_limits)]
+    lines += ["", *compose_phase.section(results.compose)]
     lines += ["", "## Budgets", "", "| budget | measured | verdict |", "| --- | --- | --- |"]
     lines += [
         f"| {v.budget} | {v.measured} | {verdict_text(v.passed)} |" for v in verdicts(results)
