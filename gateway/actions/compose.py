@@ -177,9 +177,10 @@ class Context:
         if not self._compensating:
             self.steps.append(step)
         try:
-            got = await fetch(
-                target, method, path, out, body, self.remaining(), self._limit, "call"
-            )
+            # A compensation is not cut short by the deadline that failed the request: its
+            # calls are bounded by the service's own timeouts.
+            seconds = None if self._compensating else self.remaining()
+            got = await fetch(target, method, path, out, body, seconds, self._limit, "call")
         except GatewayError as error:
             if error.call is not None:
                 self._exchange.calls += (error.call,)

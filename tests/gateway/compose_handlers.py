@@ -73,3 +73,10 @@ async def echo_request(ctx: Context, request: ComposeRequest) -> web.Response:
 
 def not_async(ctx: Context, request: ComposeRequest) -> None:
     return None
+
+
+async def too_slow(ctx: Context, request: ComposeRequest) -> UpstreamResponse:
+    await ctx.call("a", "POST", "/json/s1")
+    ctx.on_failure(_undo(ctx, "s1"))
+    await ctx.call("a", "GET", "/json/slow?ms=3000")  # past the route's deadline
+    return ctx.json(200, {})

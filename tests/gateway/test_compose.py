@@ -271,3 +271,18 @@ def test_a_changed_handler_module_next_to_the_config_is_imported_again_on_load(
     assert first.function is not second.function
     assert 22 in second.function.__code__.co_consts
     assert 1 in first.function.__code__.co_consts
+
+
+async def test_a_call_past_the_deadline_is_504_and_the_compensations_still_run(
+    make_compose: MakeCompose, parts: TestServer
+) -> None:
+    client = await make_compose(route("too_slow", "    timeouts: {total: 300ms}\n"))
+    compose_handlers.UNDONE.clear()
+
+    resp = await client.post("/c")
+    problem = await resp.json()
+
+    assert resp.status == 504
+    assert problem["type"].endswith("/call-timed-out")
+    assert [s["state"] for s in problem["steps"]] == ["compensated", "failed"]
+    assert compose_handlers.UNDONE == ["s1"]  # not cut short by the deadline that passed
