@@ -99,12 +99,13 @@ async def routes(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     table, services = gateway.table, gateway.services  # one consistent snapshot
     warnings = gateway.status.warnings
-    out = [_route(route, services[route.config.service], warnings) for route in table.routes]
+    out = [_route(route, services.get(route.config.service), warnings) for route in table.routes]
     return web.json_response({"version_hash": gateway.config.version_hash, "routes": out})
 
 
-def _route(route: Route, service: Service, warnings: list[str]) -> dict[str, object]:
-    """One route the way Traefik's API shows it: its settings, status and errors."""
+def _route(route: Route, service: Service | None, warnings: list[str]) -> dict[str, object]:
+    """One route the way Traefik's API shows it: its settings, status and errors. An
+    aggregate or compose route has no one service: "" and no targets."""
     rc = route.config
     mine = [w for w in warnings if f": {rc.name}." in w or f": {rc.name}:" in w]
     return {
@@ -120,7 +121,7 @@ def _route(route: Route, service: Service, warnings: list[str]) -> dict[str, obj
                 "healthy": t.healthy,
                 "circuit": t.breaker.state.name.lower(),
             }
-            for t in service.targets
+            for t in (service.targets if service is not None else ())
         ],
         "status": "warning" if mine else "ok",
         "errors": mine,
