@@ -7,7 +7,7 @@ LISTEN_INVENTORY ?= 127.0.0.1:8001
 INVENTORY_DB ?= var/inventory.db
 CONFIG ?= routes.yaml
 
-.PHONY: venv run test check lint typecheck pytest bench lock clean
+.PHONY: venv run run-shop test check lint typecheck pytest bench lock clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,20 @@ run: venv
 	@trap 'kill -TERM $$inv $$gw 2>/dev/null; wait' INT TERM; \
 	$(PY) -m inventory --db $(INVENTORY_DB) --listen $(LISTEN_INVENTORY) & inv=$$!; \
 	$(PY) -m gateway --config $(CONFIG) & gw=$$!; \
+	wait
+
+# The shop example (README, "Composing services"): products, payments and orders services on
+# :8101-8103 and a gateway on :8080 with examples/shop/routes.yaml; Ctrl-C stops all four.
+# var/shop-orders.pid holds the orders service's pid, to stop it and watch an order undone.
+run-shop: venv
+	@mkdir -p var
+	@echo "shop on http://$${GATEWAY_LISTEN:-127.0.0.1:8080}/api/shop/orders (README: the walk-through)"
+	@trap 'kill -TERM $$products $$payments $$orders $$gw 2>/dev/null; wait' INT TERM; \
+	$(PY) -m examples.shop products --listen 127.0.0.1:8101 & products=$$!; \
+	$(PY) -m examples.shop payments --listen 127.0.0.1:8102 & payments=$$!; \
+	$(PY) -m examples.shop orders --listen 127.0.0.1:8103 & orders=$$!; \
+	echo $$orders > var/shop-orders.pid; \
+	$(PY) -m gateway --config examples/shop/routes.yaml & gw=$$!; \
 	wait
 
 lint: venv

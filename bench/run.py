@@ -49,6 +49,7 @@ from typing import Any, Final, TypeVar
 
 import aiohttp
 import cache_phase
+import compose_phase
 import ratelimit_phase
 import tracing_phase
 import workers_phase
@@ -633,6 +634,7 @@ class Results:
     cache: cache_phase.CacheRun = field(default_factory=cache_phase.CacheRun)
     workers: workers_phase.WorkersRun | None = None  # --workers 2 against one worker
     tracing: tracing_phase.TracingRun | None = None
+    compose: dict[str, compose_phase.Way] = field(default_factory=dict)
     access_lines: int = 0
     revision: str = "unknown"
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -749,6 +751,7 @@ def bench(args: argparse.Namespace) -> Results:
                         flush=True,
                     )
         auth_phase(results, loadgen, bases["gateway"], auth_headers, list(pids.values()), args)
+        results.compose = compose_phase.measure(bases["gateway"], args.rounds)
         results.rate_limits = ratelimit_phase.measure(
             start=processes.start,
             pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
@@ -1180,6 +1183,7 @@ def render(results: Results, command: str) -> str:
     lines += ["", *cache_phase.section(results.cache)]
     lines += workers_phase.section(results.workers)
     lines += tracing_phase.section(results.tracing)
+    lines += ["", *compose_phase.section(results.compose)]
     lines += ["", "## Budgets", "", "| budget | measured | verdict |", "| --- | --- | --- |"]
     lines += [
         f"| {v.budget} | {v.measured} | {verdict_text(v.passed)} |" for v in verdicts(results)

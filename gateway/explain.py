@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from gateway.config.build import load
-from gateway.config.model import GatewayConfig
+from gateway.config.model import AggregateAction, ComposeAction, GatewayConfig
 from gateway.http.errors import GatewayError
 from gateway.http.routing import normalize_path, split_target, strip
 from gateway.runtime.assemble import build_table
@@ -42,14 +42,26 @@ def explain(config: GatewayConfig, method: str, target: str) -> str:
         allow = f" (Allow: {error.headers['Allow']})" if "Allow" in error.headers else ""
         return f"{method} {target}\n  -> {error.status} {error.title}: {error.detail}{allow}"
     rc = route.config
-    upstream_path = (strip(rc.prefix, path) if rc.strip_prefix else path) + query
-    service = services[rc.service]
     lines = [
         f"{method} {target}",
         f"  normalized path: {path}",
         f"  route:    {rc.name} (prefix {rc.prefix}, methods {', '.join(sorted(rc.methods))})",
-        f"  service:  {rc.service} ({service.config.balance}, {len(service.targets)} targets)",
-        f"  upstream: {service.targets[0].url}{upstream_path}",
-        f"  stages:   {' > '.join(route.stages)}",
     ]
+    action = rc.action
+    if isinstance(action, AggregateAction):  # each part, with its placeholders as written
+        lines += [
+            f"  part:     {name}: {part.method} {part.service} {part.path}"
+            + ("" if part.required else " (optional)")
+            for name, part in action.parts
+        ]
+    elif isinstance(action, ComposeAction):
+        lines.append(f"  handler:  {action.handler}")
+    else:
+        upstream_path = (strip(rc.prefix, path) if rc.strip_prefix else path) + query
+        service = services[rc.service]
+        lines += [
+            f"  service:  {rc.service} ({service.config.balance}, {len(service.targets)} targets)",
+            f"  upstream: {service.targets[0].url}{upstream_path}",
+        ]
+    lines.append(f"  stages:   {' > '.join(route.stages)}")
     return "\n".join(lines)

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from multidict import istr
 
+from gateway.config.handlers import load_handler
 from gateway.config.model import (
     DEFAULT_ADMIN,
     DEFAULT_LISTEN,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PART_BYTES,
     AggregateAction,
     AggregatePart,
     ApiKeyConfig,
@@ -101,7 +103,8 @@ def build_config(doc: Document) -> GatewayConfig:
     underscores = data.get("underscores_in_headers", False)
     rate = limits.get("min_body_rate", 500)
     routes = tuple(
-        _route(i, raw, services, underscores, rate) for i, raw in enumerate(data["routes"])
+        _route(i, raw, services, underscores, rate, doc.file)
+        for i, raw in enumerate(data["routes"])
     )
     return GatewayConfig(
         file=doc.file,
@@ -309,8 +312,9 @@ def _route(
     services: dict[str, ServiceConfig],
     underscores: bool,
     min_body_rate: int,
+    file: str = "<string>",
 ) -> RouteConfig:
-    action = _action(raw)
+    action = _action(raw, file)
     base = services[action.service].timeouts if isinstance(action, ForwardAction) else Timeouts()
     methods = route_methods(raw.get("methods"))
     return RouteConfig(
@@ -324,6 +328,7 @@ def _route(
         response_headers=_headers(raw.get("response_headers")),
         underscores_in_headers=raw.get("underscores_in_headers", underscores),
         max_body_bytes=raw.get("max_body_bytes"),
+        max_part_bytes=raw.get("max_part_bytes", DEFAULT_MAX_PART_BYTES),
         cors=_cors(raw.get("cors"), methods),
         auth=_route_auth(raw.get("auth")),
         rate_limit=_rate_limit(raw.get("rate_limit")),
@@ -332,7 +337,7 @@ def _route(
     )
 
 
-def _action(raw: dict[str, JSON]) -> RouteAction:
+def _action(raw: dict[str, JSON], file: str) -> RouteAction:
     """The route's one action (validation made sure there is exactly one)."""
     if "aggregate" in raw:
         return AggregateAction(
@@ -351,7 +356,9 @@ def _action(raw: dict[str, JSON]) -> RouteAction:
             )
         )
     if "compose" in raw:
-        return ComposeAction(raw["compose"]["handler"])
+        spec = raw["compose"]["handler"]
+        function, _ = load_handler(spec, file)  # validated: imported, async, in sys.modules
+        return ComposeAction(spec, function)
     return ForwardAction(raw["service"])
 
 

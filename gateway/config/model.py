@@ -6,6 +6,7 @@ Durations are seconds (float), sizes are bytes, header names are `istr`, CIDRs a
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Final, Literal
@@ -20,6 +21,7 @@ Network = IPv4Network | IPv6Network
 DEFAULT_LISTEN: Final = ("0.0.0.0", 8080)
 DEFAULT_ADMIN: Final = ("127.0.0.1", 9080)
 DEFAULT_MAX_MESSAGE_BYTES: Final = 2**20
+DEFAULT_MAX_PART_BYTES: Final = 2**20  # an aggregate part's or a compose call's body: 1 MiB
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 ALL_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -193,6 +195,8 @@ class ComposeAction:
     """`compose: {handler: package.module:function}`: a Python handler (CONTRACT §11)."""
 
     handler: str
+    # The async function itself, imported when the config was loaded (config/handlers.py).
+    function: Callable[..., Awaitable[object]] | None = field(default=None, compare=False)
 
 
 # What answers a route: exactly one, chosen by which key the route has.
@@ -212,6 +216,8 @@ class RouteConfig:
     underscores_in_headers: bool = False  # pass client header names holding "_"; default:
     # the top-level key's (false: such headers are dropped, as nginx does)
     max_body_bytes: int | None = None  # route limit, else limits.max_body_bytes; None: none
+    max_part_bytes: int = DEFAULT_MAX_PART_BYTES  # bytes of one aggregate part's or compose
+    # call's answer body; a bigger one is a failure of that part; default 1 MiB
     cors: CorsConfig | None = None  # None: no CORS handling (the upstream's headers pass)
     auth: RouteAuthConfig | None = None  # None: no authentication on this route
     rate_limit: RateLimitPolicy | None = None  # None: the route is not limited

@@ -20,10 +20,12 @@ from typing import Final
 import jsonschema
 from yarl import URL
 
+from gateway.config.handlers import load_handler
 from gateway.config.jwtkeys import ALGORITHM_KEYS, HMAC_MIN_BYTES, public_key_problem
 from gateway.config.model import ALL_METHODS, ListenerTls
 from gateway.config.read import JSON, Document, PathKey
 from gateway.config.redisurl import redis_url_problem
+from gateway.config.templates import parse_template
 from gateway.config.tls import ca_problem, file_problem, listener_problem
 
 SOURCE_SCHEMAS: Final = Path(__file__).resolve().parents[2] / "schemas"  # the repository's
@@ -60,11 +62,6 @@ _TYPE_NAMES: Final = {
     "number": "a number",
     "boolean": "true or false",
     "null": "empty",
-}
-# Keys the schema accepts (so operators see one shape) whose feature this build lacks.
-UNSUPPORTED: Final = {
-    ("routes", "*", "aggregate"): "fan-out aggregation",
-    ("routes", "*", "compose"): "compose handlers",
 }
 
 
@@ -213,10 +210,6 @@ def _check_semantics(doc: Document, data: dict[str, JSON]) -> None:
         _check_routes(doc, routes, service_names)
 
 
-def _unsupported(doc: Document, path: PathKey, feature: str) -> None:
-    doc.error(path, f"{feature} is not supported yet by this gateway; remove this key", key=True)
-
-
 def _check_hostport(doc: Document, path: PathKey, value: str) -> None:
     port = value.rpartition(":")[2]
     if port.isdigit() and not 0 < int(port) < 65536:
@@ -322,9 +315,6 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
         if not isinstance(route, dict):
             continue
         path: PathKey = ("routes", i)
-        for (_, _, key), feature in ((k, v) for k, v in UNSUPPORTED.items() if len(k) == 3):
-            if key in route:
-                _unsupported(doc, (*path, key), feature)
         _check_action(doc, path, route)
         service = route.get("service")
         if isinstance(service, str):
@@ -340,6 +330,14 @@ def _check_routes(doc: Document, routes: list[JSON], service_names: list[str]) -
             _check_route_auth(doc, (*path, "auth"), route["auth"])
         if isinstance(route.get("cache"), dict):
             _check_cache(doc, (*path, "cache"), route)
+        if isinstance(route.get("aggregate"), dict):
+            _check_aggregate(doc, (*path, "aggregate"), route["aggregate"], service_names)
+        compose = route.get("compose")
+        handler = compose.get("handler") if isinstance(compose, dict) else None
+        if isinstance(handler, str) and HANDLER_NAME.fullmatch(handler) and "service" not in route:
+            _, problem = load_handler(handler, doc.file)
+            if problem:
+                doc.error((*path, "compose", "handler"), problem)
 
 
 def _check_cache(doc: Document, path: PathKey, route: dict[str, JSON]) -> None:
@@ -347,6 +345,25 @@ def _check_cache(doc: Document, path: PathKey, route: dict[str, JSON]) -> None:
     if isinstance(key_by, list) and "consumer" in key_by and not route.get("auth"):
         i = key_by.index("consumer")
         doc.error((*path, "key_by", i), "keying by consumer needs auth on this route")
+
+
+HANDLER_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*")
+RESERVED_PARTS: Final = frozenset({"partial"})  # the answer's own member
+
+
+def _check_aggregate(
+    doc: Document, path: PathKey, parts: dict[str, JSON], service_names: list[str]
+) -> None:
+    for name, part in parts.items():
+        if name in RESERVED_PARTS:
+            doc.error((*path, name), f"{name!r} names the answer's list of failed parts", key=True)
+        if not isinstance(part, dict):
+            continue
+        _check_service_name(doc, (*path, name, "service"), part.get("service"), service_names)
+        if isinstance(part.get("path"), str):
+            template = parse_template(part["path"])
+            if isinstance(template, str):
+                doc.error((*path, name, "path"), template)
 
 
 _ORIGIN: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+")

@@ -9,6 +9,9 @@ GatewayError
     (these four close the connection: the rest of its bytes cannot be trusted)
   UpstreamError
     UpstreamUnavailable 502 · NoHealthyTarget 503 · PoolExhausted 503 · UpstreamTimeout 504
+  PartFailed 502 · PartTimedOut 504 (an aggregate's required part; named, never its address)
+  CallFailed 502 · CallTimedOut 504 (a compose handler's ctx.call that it did not handle)
+  HandlerRefused (the status a compose handler's ctx.fail gave) · HandlerFailed 500
 ResponseAborted: a failure after the response started; the connection is dropped.
 """
 
@@ -28,6 +31,7 @@ logger = logging.getLogger(__name__)
 upstream_log = logging.getLogger("gateway.upstream")
 
 PROBLEM_TYPE: Final = "application/problem+json"
+_NO_MEMBERS: Final[Mapping[str, object]] = {}
 
 
 class GatewayError(Exception):
@@ -41,6 +45,7 @@ class GatewayError(Exception):
         self.detail = detail
         self.headers = dict(headers or {})
         self.call: UpstreamCall | None = None  # the upstream call that failed, if one did
+        self.members: Mapping[str, object] = _NO_MEMBERS  # extra problem members ("steps")
 
 
 class BadRequest(GatewayError):
@@ -131,6 +136,39 @@ class UpstreamTimeout(UpstreamError):
     kind = "timeout"
 
 
+class PartFailed(GatewayError):
+    status, title, slug = 502, "Bad Gateway", "part-failed"
+
+
+class PartTimedOut(PartFailed):
+    status, title, slug = 504, "Gateway Timeout", "part-timed-out"
+
+
+class CallFailed(GatewayError):
+    status, title, slug = 502, "Bad Gateway", "call-failed"
+
+
+class CallTimedOut(CallFailed):
+    status, title, slug = 504, "Gateway Timeout", "call-timed-out"
+
+
+class HandlerRefused(GatewayError):
+    """`ctx.fail(status, detail)`: the handler ends the request with that status (4xx/5xx);
+    its compensations have run."""
+
+    slug = "handler-refused"
+
+    def __init__(self, status: int, detail: str, title: str) -> None:
+        super().__init__(detail)
+        self.status, self.title = status, title
+
+
+class HandlerFailed(GatewayError):
+    """A compose handler raised: 500, without the traceback (that is logged once)."""
+
+    status, title, slug = 500, "Internal Server Error", "handler-failed"
+
+
 class ResponseAborted(Exception):
     """The upstream failed after the response started: the client must see a broken body."""
 
@@ -189,6 +227,8 @@ def problem_response(request: web.BaseRequest, error: GatewayError) -> web.Respo
         "detail": error.detail or error.title,
         "request_id": exchange.request_id if exchange else None,
     }
+    if error.members:
+        body.update(error.members)
     response = ProblemResponse(
         status=error.status, text=json.dumps(body), content_type=PROBLEM_TYPE, headers=error.headers
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import assert_never
 
+from gateway.actions.aggregate import aggregate_action
+from gateway.actions.compose import compose_action
 from gateway.actions.forward import forward_action
 from gateway.auth.apikeys import ApiKeyAuthenticator
 from gateway.auth.forward import forward_authenticator
@@ -114,8 +116,10 @@ def build_action(
             return forward_action(route, services[action.service], config.max_message_bytes), (
                 "forward"
             )
-        case AggregateAction() | ComposeAction():  # validation refuses them in this build
-            raise NotImplementedError(f"{route.name}: {type(action).__name__} is not built yet")
+        case AggregateAction():
+            return aggregate_action(route, action, services), "aggregate"
+        case ComposeAction():
+            return compose_action(route, action, services), "compose"
         case _:
             assert_never(action)
 

@@ -135,12 +135,13 @@ def routes_answer(gateway: Gateway) -> dict[str, object]:
     """This process's /routes."""
     table, services = gateway.table, gateway.services  # one consistent snapshot
     warnings = gateway.status.warnings
-    out = [_route(route, services[route.config.service], warnings) for route in table.routes]
+    out = [_route(route, services.get(route.config.service), warnings) for route in table.routes]
     return {"version_hash": gateway.config.version_hash, "routes": out}
 
 
-def _route(route: Route, service: Service, warnings: list[str]) -> dict[str, object]:
-    """One route the way Traefik's API shows it: its settings, status and errors."""
+def _route(route: Route, service: Service | None, warnings: list[str]) -> dict[str, object]:
+    """One route the way Traefik's API shows it: its settings, status and errors. An
+    aggregate or compose route has no one service: "" and no targets."""
     rc = route.config
     mine = [w for w in warnings if f": {rc.name}." in w or f": {rc.name}:" in w]
     return {
@@ -157,7 +158,7 @@ def _route(route: Route, service: Service, warnings: list[str]) -> dict[str, obj
                 "circuit": t.breaker.state.name.lower(),
                 "in_flight": t.in_flight,
             }
-            for t in service.targets
+            for t in (service.targets if service is not None else ())
         ],
         "status": "warning" if mine else "ok",
         "errors": mine,

@@ -7,10 +7,11 @@ every fan-out part calls it; the forwarder knows nothing of targets.
 
 What is retried (up to `retries` times, each retry spending from the budget):
   - a connect error or connect timeout: nothing reached the target, so any method may go on;
-  - a reset before the response, or a 502/503/504: only idempotent requests whose body can be
-    sent again: none, or one of at most REPLAY_LIMIT bytes by Content-Length, which is read
-    into memory first when the service has retries (as Envoy and nginx buffer it); a bigger
-    or chunked body streams through once and is not retried;
+  - a reset before the response, or a 502/503/504: only idempotent requests (or a compose
+    call with an Idempotency-Key) whose body can be sent again: none, or one of at most
+    REPLAY_LIMIT bytes by Content-Length, which is read into memory first when the service
+    has retries (as Envoy and nginx buffer it); a bigger or chunked body streams through once
+    and is not retried;
   - never a read timeout (the target may still be working), and never once the response has
     been handed back: from then on bytes may have reached the client;
   - never a full pool: with `max_connections` requests in flight the answer is a 503 at once
@@ -333,7 +334,7 @@ class Service:
         deadline = None if timeout.total is None else self._clock() + timeout.total
         self._reading += 1  # a reload must not close the pool under it (see `busy`)
         try:
-            body, replayable = await self._replayable(method, headers, body)
+            body, replayable = await self._replayable(method, headers, body, kind)
         except GatewayError as error:
             error.call = call
             raise
@@ -365,9 +366,12 @@ class Service:
                     return reply
                 reply.release()
 
-    async def _replayable(self, method: str, headers: Headers, body: Body) -> tuple[Body, bool]:
-        """(the body to send, may the request be sent again); see the module docstring."""
-        if method not in IDEMPOTENT_METHODS:
+    async def _replayable(
+        self, method: str, headers: Headers, body: Body, kind: str = "forward"
+    ) -> tuple[Body, bool]:
+        """(the body to send, may the request be sent again); see the module docstring. A
+        compose handler's call (kind "call") that carries an Idempotency-Key may be, too."""
+        if method not in IDEMPOTENT_METHODS and not (kind == "call" and _keyed(headers)):
             return body, False
         if body is None or isinstance(body, bytes):
             return body, True
@@ -492,6 +496,10 @@ def _end_streams(session: aiohttp.ClientSession) -> None:
             protocol._payload.set_exception(
                 aiohttp.ClientConnectionError("the service's pool was closed")
             )
+
+
+def _keyed(headers: Headers) -> bool:
+    return any(name.lower() == "idempotency-key" for name, _ in headers)
 
 
 def _content_length(headers: Headers) -> int | None:

@@ -211,6 +211,19 @@ async def test_routes_lists_each_route_with_its_stages_targets_and_status(
     assert (first["status"], first["errors"]) == ("ok", [])
 
 
+async def test_routes_lists_an_aggregate_route_without_a_service(
+    aiohttp_client: AiohttpClient, echo_upstream: TestServer
+) -> None:
+    routes = ECHO_ROUTES + "  - prefix: /home\n    aggregate: {a: {service: echo, path: /a}}\n"
+    _, admin = await serve_both(aiohttp_client, compile_gateway(routes, echo=echo_upstream))
+
+    body = await (await admin.get("/routes")).json()
+
+    home = body["routes"][-1]
+    assert (home["prefix"], home["service"], home["targets"]) == ("/home", "", [])
+    assert home["stages"][-1] == "aggregate"
+
+
 async def test_config_shows_the_file_as_written_its_hash_and_no_expanded_secret(
     aiohttp_client: AiohttpClient, echo_upstream: TestServer
 ) -> None:

@@ -63,11 +63,10 @@ CASES = [
         ],
     ),
     (
-        "unsupported_feature_is_named",
-        HEAD + "  - prefix: /a\n    aggregate: {a: {service: inventory, path: /a}}\n",
+        "aggregate_part_names_a_known_service",
+        HEAD + "  - prefix: /a\n    aggregate: {a: {service: inventroy, path: /a}}\n",
         [
-            "routes.yaml:6:5: routes.0.aggregate: fan-out aggregation is not supported yet by this gateway;"
-            " remove this key"
+            "routes.yaml:6:30: routes.0.aggregate.a.service: unknown service 'inventroy'; did you mean 'inventory'?"
         ],
     ),
     (

@@ -65,3 +65,23 @@ def test_explain_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixt
 
     assert code == 1
     assert "routes.0.strip: unknown key 'strip'" in capsys.readouterr().err
+
+
+def test_explain_lists_an_aggregates_parts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        ROUTES
+        + "  - prefix: /home\n    aggregate:\n"
+        + "      all: {service: inventory, path: /devices}\n"
+        + "      one: {service: inventory, path: '/devices/{rest}', required: false}\n"
+    )
+
+    code = main(["explain", "--config", str(path), "GET", "/home/7"])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "  part:     all: GET inventory /devices\n" in out
+    assert "  part:     one: GET inventory /devices/{rest} (optional)\n" in out
+    assert "  stages:   body_limit > aggregate" in out

@@ -121,14 +121,12 @@ async def test_an_invited_request_runs_its_request_phase_once(
         (
             "  - {prefix: /a, service: s, compose: {handler: 'shop.orders:place'}}",
             [
-                "r.yaml:5:30: routes.0.compose: compose handlers is not supported yet by this gateway; remove this key",
                 "r.yaml:5:30: routes.0.compose: a route has one action: 'service' and 'compose' cannot both be set",
             ],
         ),
         (
             "  - {prefix: /a, compose: {handler: not-a-name}}",
             [
-                "r.yaml:5:18: routes.0.compose: compose handlers is not supported yet by this gateway; remove this key",
                 "r.yaml:5:37: routes.0.compose.handler: must be package.module:function",
             ],
         ),

@@ -37,7 +37,7 @@ from tests.polling import free_port, poll_until
 from tests.processes.inventory_process import REPO_ROOT
 
 # What the build reads. A build input added later goes here too (the build fails without it).
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "schemas")
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "schemas", "examples")
 PACKAGES = ("gateway", "inventory")  # each carries the schemas
 SHARED = ("sqlshelf",)  # packages both import (no schemas)
 BUILD_SECONDS = 120.0  # a bound, not the expectation: a warm pip cache builds in ~5 s
@@ -113,6 +113,8 @@ def test_the_wheel_carries_the_schemas_the_typing_markers_the_dashboard_and_ever
             assert wheel.read(f"gateway/servers/static/{asset.name}") == asset.read_bytes()
     assert {"gateway/py.typed", "inventory/py.typed", "gateway/stages/__init__.py"} <= names
     assert {"sqlshelf/__init__.py", "sqlshelf/py.typed"} <= names
+    # the compose handlers routes.yaml names, and the shop example with its routes
+    assert {"examples/home.py", "examples/shop/handlers.py", "examples/shop/routes.yaml"} <= names
     assert not [name for name in names if name.endswith(".pyc") or name.startswith("tests/")]
 
 
