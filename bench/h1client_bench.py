@@ -1,5 +1,5 @@
-"""The lean upstream client (gateway/upstream/h1client.py) against aiohttp's ClientSession, set up as the
-gateway sets it up today (gateway/upstream.py), on small GETs to bench/upstream.py.
+"""The lean upstream client (gateway/upstream/h1client.py) against aiohttp's ClientSession, set
+up as the gateway set it up before (gateway/upstream/service.py make_session), on small GETs to bench/upstream.py.
 
 Both clients run in this process on uvloop, one at a time, interleaved over rounds, each with
 `--concurrency` requests in flight over keep-alive connections and the same proxy-like
@@ -36,8 +36,8 @@ from yarl import URL
 ROOT: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's gateway, not an installed one
 
-from gateway.upstream.h1client import Limit, Pool  # noqa: E402
 from gateway.config.model import Timeouts  # noqa: E402
+from gateway.upstream.h1client import Limit, Pool  # noqa: E402
 from gateway.upstream.service import ProxyRequest, _upstream_socket  # noqa: E402
 
 HOST: Final = "127.0.0.1"

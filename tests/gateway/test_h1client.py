@@ -1,5 +1,5 @@
-"""The lean upstream client (gateway/upstream/h1client.py) against raw-socket upstreams, most of which
-misbehave on purpose: framing both ways, 1xx and 101, bodiless responses, keep-alive and its
+"""The lean upstream client (gateway/upstream/h1client.py) against raw-socket upstreams, most of
+which misbehave on purpose: framing both ways, 1xx and 101, bodiless responses, keep-alive and its
 end, malformed responses, the three timeouts, cancellation, flow control both ways, TLS, and
 a property test that round-trips random heads and bodies byte for byte.
 
@@ -29,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.config.model import Timeouts
 from gateway.upstream.h1client import (
     MAX_HEAD,
     PAUSE_AT,
@@ -47,7 +48,6 @@ from gateway.upstream.h1client import (
     TotalTimeout,
     UpstreamClosed,
 )
-from gateway.config.model import Timeouts
 from tests.polling import eventually
 
 LOOPS: Final = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
