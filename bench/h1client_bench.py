@@ -1,5 +1,6 @@
 """The lean upstream client (gateway/upstream/h1client.py) against aiohttp's ClientSession, set
-up as the gateway set it up before (gateway/upstream/service.py make_session), on small GETs to bench/upstream.py.
+up as the gateway set it up before (upstream/service.py make_session), on small GETs to
+bench/upstream.py.
 
 Both clients run in this process on uvloop, one at a time, interleaved over rounds, each with
 `--concurrency` requests in flight over keep-alive connections and the same proxy-like
