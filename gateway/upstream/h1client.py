@@ -24,8 +24,8 @@ upstream cost (issue 17). This client does only what an HTTP/1.1 proxy client mu
   bytes were written (`sent`) and whether the connection was a pooled one (`reused`).
 
 Timeouts (gateway.model.Timeouts): `connect` covers the TCP and TLS handshakes; `read` is the
-silence allowed while someone waits for response bytes (a consumer that stops reading stops
-that clock); `total` bounds the whole exchange, connect and body included. One timer per
+silence allowed while someone waits for response bytes once the request body is sent (as
+aiohttp's sock_read; a consumer that stops reading stops that clock); `total` bounds the whole exchange, connect and body included. One timer per
 connection serves both, re-armed only when it fires, never per read or per request.
 
 H1Error                        every failure; .sent: request bytes were written,
@@ -64,6 +64,7 @@ from aiohttp import StreamReader
 from yarl import URL
 
 from gateway.config.model import Timeouts
+from gateway.http.errors import ClientFailure
 
 RECV_BUFFER: Final = 65536  # bytes read from the socket at a time, into one reused buffer
 PAUSE_AT: Final = 131072  # bytes of body the consumer has not taken: stop reading the socket
@@ -86,8 +87,9 @@ Headers = Sequence[tuple[str, str]]
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
 
 
-class H1Error(Exception):
-    """Any failure of an upstream exchange; the message never names the address."""
+class H1Error(ClientFailure):
+    """Any failure of an upstream exchange; the message never names the address (nor does
+    `summary`, what the gateway's problem detail says: gateway/http/errors.py)."""
 
     sent: bool = False  # request bytes were handed to the transport
     reused: bool = False  # the connection had served a request before (from the pool)
@@ -96,17 +98,25 @@ class H1Error(Exception):
 class ConnectError(H1Error):
     """No connection: refused, unreachable, unknown name, TLS handshake or certificate."""
 
+    summary = "connection refused or unreachable"
+
 
 class PoolFull(H1Error):
     """Every connection the service allows (max_connections) is in use."""
+
+    pool_full = True
 
 
 class UpstreamClosed(H1Error):
     """The connection ended (closed or reset) before a response head arrived."""
 
+    summary = "connection closed before a response"
+
 
 class ProtocolError(H1Error):
     """The upstream's bytes are not an HTTP/1.1 response (or not the end of one)."""
+
+    summary = "malformed response"
 
 
 class IncompleteBody(ProtocolError):
@@ -116,6 +126,9 @@ class IncompleteBody(ProtocolError):
 class RequestBodyError(H1Error):
     """The request body could not be sent as declared: its source raised (the error is the
     cause) or it gave more or fewer bytes than its Content-Length."""
+
+    client_fault = True
+    summary = "the request body could not be sent"
 
 
 class H1Timeout(H1Error, TimeoutError):
@@ -174,6 +187,7 @@ class Pool:
     __slots__ = (
         "_after_target",
         "_base",
+        "_busy",
         "_closed",
         "_host",
         "_idle",
@@ -213,6 +227,7 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.rcvbuf = rcvbuf
         self._idle: list[_Connection] = []  # a stack: the last one in is the first one out
+        self._busy: set[_Connection] = set()  # in an exchange: `abort` ends them
         self._closed = False
 
     @property
@@ -355,7 +370,13 @@ class Pool:
                 raise TotalTimeout("the exchange took longer than its total timeout") from None
             raise ConnectTimeout("the connection was not established in time") from None
         except ssl_module.SSLError as exc:
-            raise ConnectError(f"TLS handshake failed: {exc.reason or 'error'}") from exc
+            error = ConnectError(f"TLS handshake failed: {exc.reason or 'error'}")
+            error.summary = (
+                "its TLS certificate could not be verified"
+                if isinstance(exc, ssl_module.SSLCertVerificationError)
+                else "the TLS handshake failed"
+            )
+            raise error from exc
         except OSError as exc:
             raise ConnectError("connection refused or unreachable") from exc
         return conn
@@ -385,6 +406,7 @@ class Pool:
     def _ended(self, conn: _Connection, reusable: bool) -> None:
         """An exchange is over: keep the connection for the next request or close it."""
         self.limit.busy -= 1
+        self._busy.discard(conn)
         if reusable and not self._closed and not conn._closed:
             now = conn._loop.time()
             conn._idle_since = now
@@ -407,12 +429,24 @@ class Pool:
         for conn in idle:
             conn._close()
 
+    def abort(self) -> None:
+        """`close`, and fail the exchanges in progress too: a body being read raises
+        IncompleteBody (its relay then breaks the client's response), a head awaited
+        UpstreamClosed."""
+        self.close()
+        for conn in list(self._busy):
+            if conn._head_done:
+                conn._fail(IncompleteBody("the pool was closed mid-body"))
+            else:
+                conn._fail(UpstreamClosed("the pool was closed before a response"))
+
 
 class Response:
     """A response head and its body, read with `read_chunk` (or `async for`).
 
-    `headers` keeps the upstream's names, order and repeats, decoded as latin-1 (every byte
-    maps to one character: encode with latin-1 to get the bytes back). After a 101 the body
+    `headers` keeps the upstream's names, order and repeats, decoded as aiohttp's server
+    decodes a request's (UTF-8, surrogateescape: encode so to get the bytes back, and valid
+    UTF-8 is relayed as it came). After a 101 the body
     is the raw byte stream of the new protocol, and the connection is never reused."""
 
     __slots__ = ("_conn", "headers", "reason", "status", "version")
@@ -420,7 +454,7 @@ class Response:
     def __init__(self, conn: _Connection) -> None:
         self._conn: _Connection | None = conn
         self.status = conn._status
-        self.reason = conn._reason.decode("latin-1")
+        self.reason = conn._reason.decode("utf-8", "surrogateescape")
         self.headers = conn._headers
         self.version = conn._version  # "1.1" or "1.0"
 
@@ -467,6 +501,8 @@ class Response:
                 self._conn = None
                 conn._end(False)
                 raise
+
+    readany = read_chunk  # the relay's Body protocol (gateway/http/pipeline.py), no extra frame
 
     async def read(self, limit: int = 1 << 20) -> bytes:
         """The whole body (for small ones: health checks, tests); over `limit` bytes it
@@ -618,6 +654,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._parser_spent = False
         self._reset(head_only, read, deadline)
         self._active = True
+        self._pool._busy.add(self)
         transport = self._transport
         assert transport is not None
         if body is None:
@@ -717,6 +754,8 @@ class _Connection(asyncio.BufferedProtocol):
         when = deadline
         read = self._read_timeout
         if self._waiter is not None and read is not None:
+            if not self._body_done:  # still sending the request body: the clock starts after
+                self._last = now
             expires = self._last + read
             if now >= expires:
                 self._fail(ReadTimeout(f"no response bytes for {read:g}s"))
@@ -757,6 +796,7 @@ class _Connection(asyncio.BufferedProtocol):
             if length is None:
                 transport.write(b"0\r\n\r\n")
             self._body_done = True
+            self._last = self._loop.time()  # the read timeout runs from the body's end
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -866,7 +906,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self._head_done:
             self._fail(IncompleteBody("the connection ended mid-body"))
         elif exc is not None:
-            self._fail(UpstreamClosed("the connection was reset before a response"))
+            reset = UpstreamClosed("the connection was reset before a response")
+            reset.summary = "connection reset"
+            self._fail(reset)
         else:
             self._fail(UpstreamClosed("the connection closed before a response"))
 
@@ -915,7 +957,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._head_done:  # a chunked body's trailers are not relayed
-            self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            self._headers.append(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            )
             self._head_bytes += len(name) + len(value)
             if self._head_bytes > MAX_HEAD:
                 self._error = ProtocolError(f"the response head is over {MAX_HEAD} bytes")
