@@ -23,10 +23,11 @@ upstream cost (issue 17). This client does only what an HTTP/1.1 proxy client mu
   connection, when nothing of a response had arrived; every error says whether request
   bytes were written (`sent`) and whether the connection was a pooled one (`reused`).
 
-Timeouts (gateway.model.Timeouts): `connect` covers the TCP and TLS handshakes; `read` is the
-silence allowed while someone waits for response bytes once the request body is sent (as
-aiohttp's sock_read; a consumer that stops reading stops that clock); `total` bounds the whole exchange, connect and body included. One timer per
-connection serves both, re-armed only when it fires, never per read or per request.
+Timeouts (gateway.config.model.Timeouts): `connect` covers the TCP and TLS handshakes; `read`
+is the silence allowed while someone waits for response bytes once the request body is sent
+(as aiohttp's sock_read; a consumer that stops reading stops that clock); `total` bounds the
+whole exchange, connect and body included. One timer per connection serves both, re-armed
+only when it fires, never per read or per request.
 
 H1Error                        every failure; .sent: request bytes were written,
   │                            .reused: on a pooled keep-alive connection
