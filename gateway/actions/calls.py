@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDictProxy
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.actions.forward import upstream_headers
 from gateway.config.model import RouteConfig
-from gateway.http.errors import GatewayError, UpstreamTimeout
+from gateway.http.errors import ClientFailure, GatewayError, UpstreamTimeout
 from gateway.http.exchange import Exchange, UpstreamCall
+from gateway.http.pipeline import Body
 from gateway.upstream.service import Headers, Service
 
 # Client headers a sub-request never carries: they describe the client's body (not sent),
@@ -85,14 +86,15 @@ async def fetch(
     body, which carry the call too."""
     reply = await service.send(method, path_qs, headers, body, budget(service, seconds), kind=kind)
     response, call = reply.response, reply.call
+    answered = CIMultiDictProxy(CIMultiDict(response.headers))
     try:
         async with asyncio.timeout(seconds):
-            data = await _read_capped(response.content, response.content_length, limit)
+            data = await _read_capped(response, _length(answered), limit)
     except TimeoutError as exc:
         error: GatewayError = UpstreamTimeout(f"service {service.name!r} did not answer in time")
         error.call, call.outcome = call, "timeout"
         raise error from exc
-    except aiohttp.ClientError as exc:
+    except ClientFailure as exc:
         error = GatewayError(f"service {service.name!r} broke off its answer")
         error.call, call.outcome = call, "aborted"
         raise error from exc
@@ -101,10 +103,15 @@ async def fetch(
         raise
     finally:
         reply.release()
-    return Fetched(response.status, response.headers, data, call)
+    return Fetched(response.status, answered, data, call)
 
 
-async def _read_capped(content: aiohttp.StreamReader, length: int | None, limit: int) -> bytes:
+def _length(headers: CIMultiDictProxy[str]) -> int | None:
+    value = headers.get(hdrs.CONTENT_LENGTH, "")
+    return int(value) if value.isdigit() else None
+
+
+async def _read_capped(content: Body, length: int | None, limit: int) -> bytes:
     detail = f"its answer is larger than this route's max_part_bytes ({limit} bytes)"
     if length is not None and length > limit:
         raise BodyTooLarge(detail)

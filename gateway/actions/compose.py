@@ -288,6 +288,9 @@ def compose_action(
                 error.members = {**error.members, "steps": ctx.steps}
             raise
         except TimeoutError as exc:
+            for step in ctx.steps:  # a call the deadline cut short got no answer: it failed
+                if "state" not in step:
+                    step.update(status=None, state="failed")
             await ctx.compensate()
             late = CallTimedOut(f"the compose handler did not answer within {deadline} s")
             late.members = {"steps": ctx.steps}

@@ -17,7 +17,7 @@ from gateway.config.model import DEFAULT_MAX_MESSAGE_BYTES, RouteConfig
 from gateway.http.bodywatch import BodyWatch
 from gateway.http.errors import GatewayError, UpstreamUnavailable
 from gateway.http.exchange import TRACEPARENT, X_REQUEST_ID, Exchange
-from gateway.http.hopbyhop import REQUEST_DROP, connection_listed, relayed
+from gateway.http.hopbyhop import REQUEST_DROP, connection_listed, relayed_pairs
 from gateway.http.pipeline import Action, UpstreamResponse
 from gateway.http.proxies import X_FORWARDED_FOR
 from gateway.http.routing import strip
@@ -114,14 +114,14 @@ def forward_action(
             upstream.close()
             reply.release()
             raise UpstreamUnavailable(f"service {service.name!r} switched protocols unasked")
-        upstream_headers_in = upstream.headers
+        relay_headers, had_server, had_type = relayed_pairs(upstream.headers)
         exchange.from_upstream = True
-        exchange.upstream_had_server = hdrs.SERVER in upstream_headers_in
-        exchange.upstream_had_type = hdrs.CONTENT_TYPE in upstream_headers_in
+        exchange.upstream_had_server = had_server
+        exchange.upstream_had_type = had_type
         return UpstreamResponse(
             upstream.status,
-            relayed(upstream_headers_in),
-            upstream.content,
+            relay_headers,
+            upstream,
             reason=upstream.reason,
             release=reply.release,
             call=reply.call,

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from aiohttp import hdrs
-from multidict import CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.auth.identity import Identity, RequestFacts
 from gateway.config.model import ForwardAuthConfig
@@ -126,12 +126,16 @@ class ForwardAuth:
             response = reply.response
             status = response.status
             if 200 <= status < 300:
-                return _identity(response.headers, self._copy)
+                return _identity(CIMultiDictProxy(CIMultiDict(response.headers)), self._copy)
             if status in (401, 403):
-                return status, response.headers.get(hdrs.WWW_AUTHENTICATE)
+                return status, _first(response.headers, "www-authenticate")
         finally:
             reply.release()  # an unread body closes the connection instead of pooling it
         raise AuthUnavailable(f"the auth service {name!r} answered {status}: no decision")
+
+
+def _first(headers: list[tuple[str, str]], lowered: str) -> str | None:
+    return next((value for name, value in headers if name.lower() == lowered), None)
 
 
 def _identity(headers: CIMultiDictProxy[str], copy: tuple[istr, ...]) -> Identity:

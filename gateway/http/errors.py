@@ -13,6 +13,8 @@ GatewayError
   CallFailed 502 · CallTimedOut 504 (a compose handler's ctx.call that it did not handle)
   HandlerRefused (the status a compose handler's ctx.fail gave) · HandlerFailed 500
 ResponseAborted: a failure after the response started; the connection is dropped.
+ClientFailure: the base of the upstream client's errors (upstream/h1client.py), which
+  `upstream_failure` translates: the one place they become the gateway's.
 """
 
 from __future__ import annotations
@@ -177,16 +179,46 @@ class ResponseAborted(Exception):
         self.response = response
 
 
-def upstream_failure(exc: TimeoutError | aiohttp.ClientError, service: str) -> UpstreamError:
-    """Translate a client-library failure before the first response byte; the detail names
-    the service, never its address. Timeouts first: aiohttp's subclass TimeoutError."""
+class ClientFailure(Exception):
+    """A failure of the upstream HTTP client (gateway/upstream/h1client.py's H1Error is one):
+    what `upstream_failure` needs to know of it, so this layer never imports the client."""
+
+    summary: str = "connection error"  # for the problem's detail: never an address
+    pool_full: ClassVar[bool] = False  # max_connections in use: 503 at once, nothing sent
+    client_fault: ClassVar[bool] = False  # the request body's source failed: not the target
+
+
+UpstreamFailure = TimeoutError | aiohttp.ClientError | ClientFailure
+
+
+def upstream_failure(exc: UpstreamFailure, service: str) -> UpstreamError:
+    """Translate a client failure before the first response byte; the detail names the
+    service, never its address. Timeouts first: the clients' subclass TimeoutError."""
+    if isinstance(exc, ClientFailure) and exc.pool_full:
+        return PoolExhausted(
+            f"service {service!r} has no free connection (max_connections)",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"service {service!r} did not answer in time")
     return UpstreamUnavailable(f"service {service!r} failed: {_describe(exc)}")
 
 
-def _describe(exc: aiohttp.ClientError) -> str:
+def send_failure(exc: UpstreamFailure, service: str, cut: Exception | None) -> GatewayError:
+    """`upstream_failure`, unless the request's side failed: `cut` (why the gateway cut the
+    request body: a 408, a 413), or a body whose source broke. Only an UpstreamError is the
+    target's doing (its breaker hears it)."""
+    if isinstance(cut, GatewayError):
+        return cut
+    if isinstance(exc, ClientFailure) and exc.client_fault:
+        return BadRequest("the request body could not be read")
+    return upstream_failure(exc, service)
+
+
+def _describe(exc: aiohttp.ClientError | ClientFailure) -> str:
     match exc:
+        case ClientFailure():
+            return exc.summary
         case aiohttp.ClientConnectorCertificateError():
             return "its TLS certificate could not be verified"
         case aiohttp.ClientConnectorSSLError():

@@ -4,6 +4,7 @@ never passed along as they came; the one filter for headers relayed back to a cl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from aiohttp import hdrs
@@ -55,3 +56,28 @@ def relayed(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     """An upstream response's headers minus hop-by-hop ones (RFC 9110 §7.6.1)."""
     drop = connection_listed(headers, HOP_BY_HOP)
     return [(name, value) for name, value in headers.items() if name.lower() not in drop]
+
+
+def relayed_pairs(
+    headers: Sequence[tuple[str, str]],
+) -> tuple[list[tuple[str, str]], bool, bool]:
+    """`relayed` for a header list (the upstream client's), in one pass: the headers to relay,
+    and whether the upstream sent a Server and a Content-Type."""
+    out: list[tuple[str, str]] = []
+    listed: set[str] | None = None
+    server = content_type = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP:
+            if lowered == "connection":
+                tokens = {token.strip().lower() for token in value.split(",")}
+                listed = tokens if listed is None else listed | tokens
+            continue
+        if lowered == "server":
+            server = True
+        elif lowered == "content-type":
+            content_type = True
+        out.append((name, value))
+    if listed:
+        out = [(name, value) for name, value in out if name.lower() not in listed]
+    return out, server, content_type

@@ -16,14 +16,24 @@ What is retried (up to `retries` times, each retry spending from the budget):
     been handed back: from then on bytes may have reached the client;
   - never a full pool: with `max_connections` requests in flight the answer is a 503 at once
     (waiting for a connection would only make the client wait, and then retry, twice).
+
+Requests go out through the lean HTTP/1.1 client (upstream/h1client.py): one keep-alive pool
+per target, all of a service's pools sharing its `max_connections`. A pooled connection that
+the target closed while idle leaves the pool when the loop sees its EOF; when the close
+crosses a new request instead, an idempotent request whose body is bytes or none is sent once
+more on a new connection to the same target, if nothing of a response had come back (the
+connection was stale, the target did not fail: not a retry, not counted). aiohttp's
+ClientSession (`session`) serves WebSocket upgrades only (actions/websocket.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,19 +43,19 @@ import aiohttp
 from aiohttp import hdrs
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.config.model import IDEMPOTENT_METHODS, ServiceConfig, TargetConfig, Timeouts
 from gateway.config.tls import client_ssl
 from gateway.http.errors import (
     BadRequest,
+    ClientFailure,
     GatewayError,
     NoHealthyTarget,
     PoolExhausted,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
-    upstream_failure,
+    send_failure,
 )
 from gateway.http.exchange import UpstreamCall
 from gateway.upstream.balance import make_balancer
@@ -58,11 +68,12 @@ from gateway.upstream.breaker import (
     Ticket,
     worker_count,
 )
+from gateway.upstream.h1client import ConnectError, Limit, Pool, Response
 
 upstream_log = logging.getLogger("gateway.upstream")
 
 RETRY_STATUSES: Final = frozenset({502, 503, 504})
-_CONNECT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+_CONNECT_ERRORS: Final = (ConnectError, aiohttp.ClientConnectorError)  # nothing was sent
 _DEFAULT_RETRY_AFTER: Final = 5.0  # seconds, when no health check or circuit says better
 REPLAY_LIMIT: Final = 65536  # bytes of an idempotent request's body kept for a retry
 Body = aiohttp.StreamReader | AsyncIterable[bytes] | bytes | None
@@ -114,6 +125,7 @@ class Target:
     current_weight: int = 0  # smooth weighted round-robin state
     host_header: str | None = None  # discovered: Host names the name, the URL the address
     server_hostname: str | None = None  # discovered https target: the name its TLS verifies
+    pool: Pool | None = None  # its keep-alive connections; the Service sets it
 
     @property
     def url(self) -> str:
@@ -123,7 +135,9 @@ class Target:
         return self.healthy and self.breaker.allows()
 
 
-def _targets(config: ServiceConfig, clock: Clock, previous: Service | None) -> tuple[Target, ...]:
+def _targets(
+    config: ServiceConfig, clock: Clock, previous: Service | None, pool: Callable[[str], Pool]
+) -> tuple[Target, ...]:
     """The service's targets. A target whose URL the `previous` version of the service also
     had keeps that one's health verdict and circuit breaker (a reload that changes another
     setting must not bring a target the checks took out back, nor forget an open circuit)."""
@@ -136,7 +150,7 @@ def _targets(config: ServiceConfig, clock: Clock, previous: Service | None) -> t
             if config.circuit_breaker is not None
             else AlwaysClosed(label, clock)
         )
-        target = Target(target_config, label, breaker)
+        target = Target(target_config, label, breaker, pool=pool(target_config.url))
         old = next((t for t in left if t.url == target_config.url), None)
         if old is not None:
             left.remove(old)
@@ -155,9 +169,7 @@ class Reply:
 
     __slots__ = ("_released", "call", "response", "target")
 
-    def __init__(
-        self, response: aiohttp.ClientResponse, target: Target, call: UpstreamCall
-    ) -> None:
+    def __init__(self, response: Response, target: Target, call: UpstreamCall) -> None:
         self.response = response
         self.target = target
         self.call = call
@@ -168,7 +180,7 @@ class Reply:
             return
         self._released = True
         self.target.in_flight -= 1
-        self.response.release()  # back to the pool, or closed when the body was not read out
+        self.response.release()  # back to the pool, or closed when the body did not all come
 
 
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
@@ -180,7 +192,18 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     )
 
 
+@functools.lru_cache(maxsize=256)
+def lean_timeouts(timeout: aiohttp.ClientTimeout) -> Timeouts:
+    """`client_timeout` undone: what the lean client takes (a route's override is one object
+    made at compile time, so this is a cache hit per request)."""
+    connect = timeout.sock_connect if timeout.sock_connect is not None else timeout.connect
+    return Timeouts(connect=connect, read=timeout.sock_read, total=timeout.total)
+
+
 UPSTREAM_RCVBUF: Final = 65536  # bytes; the kernel doubles it for its own bookkeeping
+# What the lean client's sockets get: the same cap, so a download to a client that stopped
+# reading holds at most this in the kernel (plus h1client's PAUSE_AT in the process).
+LEAN_RCVBUF: Final = UPSTREAM_RCVBUF
 
 
 def _upstream_socket(info: tuple[int, int, int, str, tuple[object, ...]]) -> socket.socket:
@@ -194,8 +217,20 @@ def _upstream_socket(info: tuple[int, int, int, str, tuple[object, ...]]) -> soc
     return sock
 
 
+def _ssl_context(config: ServiceConfig) -> ssl.SSLContext | None:
+    """The TLS context of the service's https targets: the contexts aiohttp made at import
+    (system CAs, or none checked when `tls.verify` is off), or one with the service's CAs."""
+    if not any(t.url.startswith("https:") for t in config.targets):
+        return None
+    chosen = client_ssl(config.tls)
+    if isinstance(chosen, ssl.SSLContext):
+        return chosen
+    connector = aiohttp.connector
+    return connector._SSL_CONTEXT_VERIFIED if chosen else connector._SSL_CONTEXT_UNVERIFIED
+
+
 def make_session(config: ServiceConfig) -> aiohttp.ClientSession:
-    """One keep-alive pool per service. Cookies are never stored: clients share the pool."""
+    """aiohttp's pool for the service's WebSocket upgrades. Cookies are never stored."""
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
             limit=config.max_connections,
@@ -225,7 +260,10 @@ class Service:
         """`previous`: the service this one replaces on a reload (see `_targets`)."""
         self.config = config
         self.name = config.name
-        self.targets = _targets(config, clock, previous)
+        self._limit = Limit(config.max_connections)
+        self._ssl = _ssl_context(config)
+        self._timeouts = config.timeouts
+        self.targets = _targets(config, clock, previous, self._pool)
         self.balancer = make_balancer(config.balance)
         self._single = self.targets[0] if len(self.targets) == 1 else None
         self._draining: list[Target] = []  # left out by discovery, requests still in flight
@@ -241,8 +279,28 @@ class Service:
         # whole exchange, retries included.
         self.send: Send = self._send_retrying if config.retries else self._attempt
 
+    def _pool(
+        self, url: str, host_header: str | None = None, server_hostname: str | None = None
+    ) -> Pool:
+        return Pool(
+            url,
+            self._limit,
+            self._timeouts,
+            ssl=self._ssl,
+            rcvbuf=LEAN_RCVBUF,
+            host_header=host_header,
+            server_hostname=server_hostname,
+        )
+
+    def _pool_of(self, target: Target) -> Pool:
+        """A target made elsewhere (DNS discovery, tests) gets its pool when first used; a
+        discovered one names its host in Host and in TLS, and is reached at its address."""
+        target.pool = self._pool(target.url, target.host_header, target.server_hostname)
+        return target.pool
+
     @property
     def session(self) -> aiohttp.ClientSession:
+        """aiohttp's pool, for WebSocket upgrades only (actions/websocket.py)."""
         if self._session is None:  # created lazily: it needs a running loop
             if self._closed:  # never open a pool nobody would close
                 raise UpstreamUnavailable(f"service {self.name!r} was removed")
@@ -268,7 +326,12 @@ class Service:
         self.targets, self._single = targets, targets[0] if len(targets) == 1 else None
 
     async def close(self) -> None:
+        """Close every connection; a response still streaming breaks (its client sees a
+        broken body, as for any upstream failure mid-response)."""
         self._closed = True
+        for target in self.targets:
+            if target.pool is not None:
+                target.pool.abort()
         if self._session is not None:
             _end_streams(self._session)
             await self._session.close()
@@ -436,24 +499,21 @@ class Service:
         call.attempts += 1
         target.in_flight += 1
         try:
-            response = await self.session.request(
+            pool = target.pool or self._pool_of(target)
+            response = await pool.request(
                 method,
-                URL(target.url + path_qs, encoded=True),
-                headers=headers
-                if target.host_header is None
-                else [*headers, (hdrs.HOST, target.host_header)],
-                data=body,
-                allow_redirects=False,
-                timeout=timeout or self.timeout,
-                server_hostname=target.server_hostname,
+                path_qs,
+                headers,
+                body,
+                self._timeouts if timeout is None else lean_timeouts(timeout),
+                retry_stale=method in IDEMPOTENT_METHODS,  # the client checks the body is bytes
             )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            failure = upstream_failure(exc, self.name)
+        except (TimeoutError, ClientFailure) as exc:
             target.in_flight -= 1
-            cut = body_error() if body_error is not None else None
-            if isinstance(cut, GatewayError):  # our side cut the body: not the target's fault
+            failure = send_failure(exc, self.name, body_error() if body_error else None)
+            if not isinstance(failure, UpstreamError):  # the request's side: not the target's
                 target.breaker.abandon(ticket)
-                raise _failed(call, started, cut, "body_cut") from failure
+                raise _failed(call, started, failure, "body_cut") from exc
             target.breaker.failure(ticket)
             upstream_log.warning("%s: %s", target.label, failure.detail)
             raise _failed(call, started, failure) from exc
