@@ -25,6 +25,13 @@ the generation first and, when it moved, forgets this worker's memory copies (th
 again from the file on demand). A store whose generation moved since its lookup is not written
 (a response fetched before a write must not be stored after it).
 
+Hits do not wait for the thread: the generation is mirrored in an 8-byte file beside the
+database (`GENERATION_NAME`), mmap'd shared by every worker and written inside the drop's
+transaction, so the event loop reads it with a memory load. `CacheStore` keeps a bounded map of
+hot entries (filled from thread lookups and successful puts, only under the generation the
+mirror shows) and clears it whenever the mirror moves: a hit is then a dict probe on the loop,
+and a write through any worker still makes the next lookup everywhere a miss.
+
 All file work runs on one thread the store owns (like the inventory's store), never on the
 event loop. A file that is not a database, or of another format, is logged, moved aside
 (`NAME.corrupt-TIMESTAMP`) and replaced by an empty one, under an exclusive `flock` so two
@@ -37,10 +44,12 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import mmap
 import os
 import pickle
 import shelve
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +68,9 @@ from sqlshelf import SqliteMapError, SqliteMapping
 logger = logging.getLogger("gateway.cache")
 
 FILE_NAME: Final = "responses.sqlite3"
+GENERATION_NAME: Final = "responses.generation"  # the generation, mirrored for the loop (mmap)
+_GENERATION: Final = struct.Struct("<q")
+HOT_ENTRIES: Final = 1024  # at most this many hot entries per worker (and max_entries, max_bytes)
 THREAD_NAME: Final = "gateway-cache"
 FORMAT: Final = 1  # the entry layout; a file holding another is moved aside
 _FORMAT_KEY: Final = "\x01format"  # meta rows sort before every path ("/...")
@@ -70,6 +82,43 @@ Stored = Entry | VaryMarker
 
 def _size(value: Stored) -> int:
     return value.size if isinstance(value, Entry) else 64
+
+
+def _resolve(
+    get: Callable[[str], Stored | None],
+    path: str,
+    parts: tuple[str, ...],
+    headers: Mapping[str, str],
+) -> tuple[str, Entry | None, VaryMarker | None]:
+    """(key, entry, the Vary marker it was found through) in the mapping behind `get`: the base
+    key, then, when that holds a Vary marker, the variant's key."""
+    key = digest(path, parts)
+    value = get(key)
+    marker = None
+    if isinstance(value, VaryMarker):
+        marker = value
+        key = digest(path, (*parts, *vary_values(value.names, headers)))
+        value = get(key)
+        value = None if isinstance(value, VaryMarker) else value
+    return key, value, marker
+
+
+def _keys(
+    path: str, parts: tuple[str, ...], vary: tuple[str, ...], headers: Mapping[str, str]
+) -> tuple[str, str]:
+    """(base key, entry key) of a response stored with these Vary names."""
+    base = digest(path, parts)
+    return base, digest(path, (*parts, *vary_values(vary, headers))) if vary else base
+
+
+def _open_generation(path: Path) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size < _GENERATION.size:
+            os.ftruncate(fd, _GENERATION.size)  # zeros: generation 0
+        return mmap.mmap(fd, _GENERATION.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)  # the mapping keeps the file
 
 
 class _BoundedLRU(LRUCache):  # type: ignore[misc]  # cachetools is not annotated
@@ -150,6 +199,7 @@ class Found:
     entry: Entry | None
     key: str  # the entry's key (the variant's when the response varies)
     generation: int  # the file's generation when looked up
+    marker: VaryMarker | None = None  # the Vary marker the entry was found through
 
 
 class CacheFile:
@@ -166,8 +216,12 @@ class CacheFile:
             if _FORMAT_KEY not in self.shelf:
                 self.shelf[_FORMAT_KEY] = FORMAT
             self._trim()
+            self.generation_map = _open_generation(directory / GENERATION_NAME)
+            with self.db.transaction():  # drops write both under this lock: agree on the larger
+                self.generation = max(self._generation(), self.mirrored())
+                self.shelf[_GENERATION_KEY] = self.generation
+                _GENERATION.pack_into(self.generation_map, 0, self.generation)
         self.cache = _Shelved(self.shelf, bounds, self._evicted)
-        self.generation = self._generation()
 
     def _evicted(self) -> None:
         self.evictions += 1
@@ -207,21 +261,21 @@ class CacheFile:
         value = self.shelf.get(_GENERATION_KEY, 0)
         return value if isinstance(value, int) else 0
 
+    def mirrored(self) -> int:
+        """The generation as the mmap'd mirror shows it: a memory read, safe on the loop."""
+        value: int = _GENERATION.unpack_from(self.generation_map)[0]
+        return value
+
     def lookup(self, path: str, parts: tuple[str, ...], headers: Mapping[str, str]) -> Found:
         generation = self._generation()
         if generation != self.generation:  # another worker (or a replica) dropped entries
             self.generation = generation
             self.cache.forget()
-        key = digest(path, parts)
-        value = self.cache.lookup(key)
-        if isinstance(value, VaryMarker):
-            key = digest(path, (*parts, *vary_values(value.names, headers)))
-            value = self.cache.lookup(key)
-            value = None if isinstance(value, VaryMarker) else value
+        key, value, marker = _resolve(self.cache.lookup, path, parts, headers)
         if value is not None and not value.usable_stale(time.time()):
             del self.cache[key]  # past any use, stale_if_error included
             value = None
-        return Found(value, key, generation)
+        return Found(value, key, generation, marker)
 
     def put(
         self,
@@ -238,12 +292,9 @@ class CacheFile:
         with self.db.transaction():
             if self._generation() != generation:
                 return False  # invalidated while this response was on its way
-            base = digest(path, parts)
+            base, key = _keys(path, parts, vary, headers)
             if vary:
                 self.cache[base] = VaryMarker(vary, entry.stale_until)
-                key = digest(path, (*parts, *vary_values(vary, headers)))
-            else:
-                key = base
             self.cache[key] = entry
         return True
 
@@ -253,7 +304,9 @@ class CacheFile:
             found = {k for p in prefixes for k in self.db.keys_with_prefix(p)}
             for key in found:
                 del self.db[key]
-            self.shelf[_GENERATION_KEY] = self._generation() + 1
+            generation = max(self._generation(), self.mirrored()) + 1
+            self.shelf[_GENERATION_KEY] = generation
+            _GENERATION.pack_into(self.generation_map, 0, generation)  # before the commit
         return len(found)
 
     def stored_bytes(self) -> int:
@@ -263,6 +316,7 @@ class CacheFile:
     def close(self) -> None:
         self.shelf.close()  # closes the connection, on this (its) thread
         self.cache.persistent_dict = None  # nothing left for the library's __del__ to close
+        self.generation_map.close()
 
 
 def path_prefixes(paths: list[str]) -> list[bytes]:
@@ -299,9 +353,10 @@ def _flock(path: Path) -> Iterator[None]:
 
 
 class CacheStore:
-    """The asynchronous face: each call is one job on the store's thread. Opening is queued
-    first at construction, so the store is usable at once; if the file cannot be opened at all
-    (a directory that cannot be made), every lookup misses and nothing is stored."""
+    """The asynchronous face: each call is one job on the store's thread, except a lookup the
+    hot map answers (see the module docstring). Opening is queued first at construction, so the
+    store is usable at once; if the file cannot be opened at all (a directory that cannot be
+    made), every lookup misses and nothing is stored."""
 
     def __init__(self, config: CacheStoreConfig) -> None:
         self.config = config
@@ -311,10 +366,17 @@ class CacheStore:
         self._failing = False
         self.stored_bytes = 0  # this worker's LRU, after the last job (read by metrics)
         self.evictions = 0
+        # Loop side only: hot entries valid under _hot_generation, oldest first.
+        self._mirror: CacheFile | None = None  # set once open: its mmap'd generation is read
+        self._hot: dict[str, Stored] = {}
+        self._hot_bytes = 0
+        self._hot_generation = -1
+        self._hot_max = min(config.max_entries, HOT_ENTRIES)
 
     def _open(self) -> None:
         try:
             self._file = CacheFile(Path(self.config.directory), self.config)
+            self._mirror = self._file
         except Exception as exc:  # never stops start-up: the routes serve, uncached
             logger.error(
                 "the response cache is off: cannot open %s (%s)", self.config.directory, exc
@@ -338,10 +400,48 @@ class CacheStore:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
+    def _hot_now(self) -> int:
+        """The mirrored generation (-1 before the file is open); the hot map is cleared when it
+        is not the one the map was filled under."""
+        mirror = self._mirror
+        generation = -1 if mirror is None else mirror.mirrored()
+        if generation != self._hot_generation:
+            self._hot.clear()
+            self._hot_bytes = 0
+            self._hot_generation = generation
+        return generation
+
+    def _remember(self, generation: int, key: str, value: Stored) -> None:
+        """Hot from now on, if read under the generation the mirror still shows."""
+        size = _size(value)
+        if generation < 0 or generation != self._hot_now() or size > self.config.max_bytes:
+            return
+        old = self._hot.pop(key, None)
+        if old is not None:
+            self._hot_bytes -= _size(old)
+        self._hot[key] = value
+        self._hot_bytes += size
+        while len(self._hot) > self._hot_max or self._hot_bytes > self.config.max_bytes:
+            self._hot_bytes -= _size(self._hot.pop(next(iter(self._hot))))
+
+    def hot_count(self) -> int:
+        return len(self._hot)
+
     async def lookup(self, path: str, parts: tuple[str, ...], headers: Mapping[str, str]) -> Found:
+        generation = self._hot_now()
+        if self._hot:
+            key, entry, marker = _resolve(self._hot.get, path, parts, headers)
+            if entry is not None:
+                if entry.usable_stale(time.time()):
+                    return Found(entry, key, generation, marker)
+                self._hot_bytes -= _size(self._hot.pop(key))  # the thread deletes it
         found: Found = await self._run(
             Found(None, "", -1), lambda f: f.lookup(path, parts, headers)
         )
+        if found.entry is not None:
+            if found.marker is not None:
+                self._remember(found.generation, digest(path, parts), found.marker)
+            self._remember(found.generation, found.key, found.entry)
         return found
 
     async def put(
@@ -358,6 +458,11 @@ class CacheStore:
         stored: bool = await self._run(
             False, lambda f: f.put(path, parts, vary, headers, entry, generation)
         )
+        if stored:
+            base, key = _keys(path, parts, vary, headers)
+            if vary:
+                self._remember(generation, base, VaryMarker(vary, entry.stale_until))
+            self._remember(generation, key, entry)
         return stored
 
     async def drop_paths(self, paths: list[str]) -> int:
@@ -374,6 +479,9 @@ class CacheStore:
         return stats
 
     async def close(self) -> None:
+        self._mirror = None  # the loop stops reading the mmap before the thread closes it
+        self._hot_now()
+
         def close() -> None:
             if self._file is not None:
                 self._file.close()

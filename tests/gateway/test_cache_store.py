@@ -4,14 +4,18 @@ subset in gateway/cache/policy.py."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from multidict import CIMultiDict
 
-from gateway.cache import policy
-from gateway.cache.store import CacheFile, path_prefixes, subtree_prefixes
+from gateway.cache import policy, store
+from gateway.cache.store import CacheFile, CacheStore, path_prefixes, subtree_prefixes
 from gateway.config.model import CachePolicy, CacheStoreConfig
 
 RULE = CachePolicy(ttl=60.0, stale_if_error=30.0)
@@ -106,6 +110,67 @@ def test_a_file_with_more_rows_than_max_entries_is_trimmed_on_open(tmp_path: Pat
     smaller = CacheFile(tmp_path, CacheStoreConfig(max_entries=4))
     assert rows(smaller) == 4
     smaller.close()
+
+
+@contextmanager
+def thread_busy(s: CacheStore) -> Iterator[None]:
+    """The store's one thread held by another job: a lookup that completes meanwhile was
+    answered on the loop, from the hot map."""
+    gate = threading.Lock()
+    assert gate.acquire(blocking=False)
+    s._executor.submit(gate.acquire)
+    try:
+        yield
+    finally:
+        gate.release()
+
+
+async def test_a_hot_hit_is_a_miss_right_after_a_write_through_another_workers_file(
+    tmp_path: Path,
+) -> None:
+    config = CacheStoreConfig(directory=str(tmp_path))
+    a, b = CacheStore(config), CacheStore(config)
+    headers = {"accept": "application/json"}
+    generation = (await a.lookup("/h", ("/h",), headers)).generation
+    assert await a.put("/h", ("/h",), ("accept",), headers, entry(b"v"), generation)
+    assert await a.put("/p", ("/p",), (), {}, entry(b"w"), generation)
+    assert (await a.lookup("/p", ("/p",), {})).entry is not None  # hot from the put
+    with thread_busy(a):
+        hot = await asyncio.wait_for(a.lookup("/h", ("/h",), headers), 5)
+        assert hot.entry is not None
+        assert hot.entry.body == b"v"
+        assert hot.key == policy.digest("/h", ("/h", "accept=application/json"))
+        assert (await asyncio.wait_for(a.lookup("/p", ("/p",), {}), 5)).entry is not None
+    assert await b.drop_paths(["/h"]) >= 1  # the write went through the other worker
+    assert (await a.lookup("/h", ("/h",), headers)).entry is None
+    found = await a.lookup("/p", ("/p",), {})  # not dropped: read again, hot again
+    assert found.entry is not None
+    assert found.generation == generation + 1
+    with thread_busy(a):
+        assert (await asyncio.wait_for(a.lookup("/p", ("/p",), {}), 5)).entry is not None
+    await a.close()
+    await b.close()
+
+
+async def test_the_hot_map_is_bounded_by_entries_and_drops_the_oldest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = CacheStore(CacheStoreConfig(directory=str(tmp_path / "a"), max_entries=5))
+    monkeypatch.setattr(store, "HOT_ENTRIES", 3)  # below max_entries here: the cap applies
+    capped = CacheStore(CacheStoreConfig(directory=str(tmp_path / "b"), max_entries=50))
+    for s, bound in ((small, 5), (capped, 3)):
+        generation = (await s.lookup("/x", ("/x",), {})).generation
+        for i in range(8):
+            assert await s.put(f"/x/{i}", (f"/x/{i}",), (), {}, entry(), generation)
+        assert s.hot_count() == bound
+        with thread_busy(s):
+            newest = await asyncio.wait_for(s.lookup("/x/7", ("/x/7",), {}), 5)
+            assert newest.entry is not None
+            oldest = asyncio.ensure_future(s.lookup("/x/0", ("/x/0",), {}))
+            await asyncio.sleep(0)  # a hot answer completes in the task's first step
+            assert not oldest.done()  # not hot: it waits for the thread
+        await oldest
+        await s.close()
 
 
 def test_path_and_subtree_prefixes_respect_segments() -> None:
