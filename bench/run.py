@@ -752,21 +752,7 @@ def bench(args: argparse.Namespace) -> Results:
                     )
         auth_phase(results, loadgen, bases["gateway"], auth_headers, list(pids.values()), args)
         results.compose = compose_phase.measure(bases["gateway"], args.rounds)
-        results.rate_limits = ratelimit_phase.measure(
-            start=processes.start,
-            pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
-            pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
-            wait_ready=wait_ready,
-            run_load=loadgen.run,
-            free_ports=free_ports,
-            env=env,
-            upstream_url=upstream_url,
-            out=OUT,
-            rounds=args.rounds,
-            duration=args.duration,
-            warmup=args.warmup,
-            startup_deadline=STARTUP_DEADLINE,
-        )
+        results.rate_limits = measure_ratelimit(processes, loadgen, env, upstream_url, args, pin)
         results.cache = cache_phase.measure(
             start=processes.start,
             pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
@@ -869,8 +855,33 @@ def measure_tracing(
     )
 
 
-def tracing_only(args: argparse.Namespace) -> int:
-    """`--only tracing`: the upstream and the tracing phase, nothing else; the report is
+def measure_ratelimit(
+    processes: Processes,
+    loadgen: LoadGen,
+    env: dict[str, str],
+    upstream_url: str,
+    args: argparse.Namespace,
+    pin: bool,
+) -> list[ratelimit_phase.StoreRun]:
+    return ratelimit_phase.measure(
+        start=processes.start,
+        pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+        pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
+        wait_ready=wait_ready,
+        run_load=loadgen.run,
+        free_ports=free_ports,
+        env=env,
+        upstream_url=upstream_url,
+        out=OUT,
+        rounds=args.rounds,
+        duration=args.duration,
+        warmup=args.warmup,
+        startup_deadline=STARTUP_DEADLINE,
+    )
+
+
+def phase_only(args: argparse.Namespace) -> int:
+    """`--only tracing|ratelimit`: the upstream and that phase, nothing else; the report is
     printed (bench/RESULTS.md is left as it is)."""
     pin = can_pin() and not args.no_pin
     if pin:
@@ -890,14 +901,19 @@ def tracing_only(args: argparse.Namespace) -> int:
             ),
         )
         wait_ready(upstream, upstream_url + "/small", time.monotonic() + STARTUP_DEADLINE)
-        run = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
+        if args.only == "tracing":
+            run = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
+            lines, judged = tracing_phase.section(run), tracing_phase.verdicts(run)
+        else:
+            runs = measure_ratelimit(processes, loadgen, env, upstream_url, args, pin)
+            lines, judged = ratelimit_phase.section(runs), ratelimit_phase.verdicts(runs)
     except BenchError as error:
         print(f"bench failed: {error}", file=sys.stderr)
         return 1
     finally:
         processes.stop_all()
-    print("\n".join(["", f"load generator: {loadgen.description}", *tracing_phase.section(run)]))
-    for budget, measured, passed in tracing_phase.verdicts(run):
+    print("\n".join(["", f"load generator: {loadgen.description}", *lines]))
+    for budget, measured, passed in judged:
         print(f"{verdict_text(passed).strip('*'):>12}  {budget}: {measured}")
     return 0
 
@@ -1316,7 +1332,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
-        "--only", choices=("tracing",), help="run one phase alone (printed, not written)"
+        "--only",
+        choices=("tracing", "ratelimit"),
+        help="run one phase alone (printed, not written)",
     )
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="Markdown file to write (bench/RESULTS.md)"
@@ -1339,8 +1357,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
-    if args.only == "tracing":
-        return tracing_only(args)
+    if args.only is not None:
+        return phase_only(args)
     started = time.monotonic()
     try:
         results = bench(args)
