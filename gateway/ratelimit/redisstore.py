@@ -52,10 +52,18 @@ return {1, ahead}
 """
 
 
+def _expire(batch: list[tuple[str, RateLimitPolicy, asyncio.Future[Decision]]]) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(TimeoutError())
+
+
 class RedisStore:
     """Checks issued in the same event-loop iteration go to Redis together: one pipeline (no
     MULTI), one EVALSHA per check, so each check is still one atomic script, and the batch
     costs one round trip and one write instead of one per check."""
+
+    bounded: Final = True  # every check is answered within store.timeout, by its batch's timer
 
     def __init__(self, config: RateLimitStoreConfig) -> None:
         assert config.redis is not None
@@ -77,6 +85,16 @@ class RedisStore:
 
     async def _flush(self) -> None:
         batch, self._pending = self._pending, []
+        # One timer per batch bounds each of its checks (so the guard needs none per check).
+        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, batch)
+        try:
+            await self._answer(batch)
+        finally:
+            timer.cancel()
+
+    async def _answer(
+        self, batch: list[tuple[str, RateLimitPolicy, asyncio.Future[Decision]]]
+    ) -> None:
         try:
             if len(batch) == 1:  # nothing to batch: redis-py's script call, EVAL on NOSCRIPT
                 key, policy, future = batch[0]
