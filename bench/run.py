@@ -752,21 +752,7 @@ def bench(args: argparse.Namespace) -> Results:
                     )
         auth_phase(results, loadgen, bases["gateway"], auth_headers, list(pids.values()), args)
         results.compose = compose_phase.measure(bases["gateway"], args.rounds)
-        results.rate_limits = ratelimit_phase.measure(
-            start=processes.start,
-            pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
-            pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
-            wait_ready=wait_ready,
-            run_load=loadgen.run,
-            free_ports=free_ports,
-            env=env,
-            upstream_url=upstream_url,
-            out=OUT,
-            rounds=args.rounds,
-            duration=args.duration,
-            warmup=args.warmup,
-            startup_deadline=STARTUP_DEADLINE,
-        )
+        results.rate_limits = measure_ratelimit(processes, loadgen, env, upstream_url, args, pin)
         results.cache = cache_phase.measure(
             start=processes.start,
             pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
@@ -869,8 +855,33 @@ def measure_tracing(
     )
 
 
+def measure_ratelimit(
+    processes: Processes,
+    loadgen: LoadGen,
+    env: dict[str, str],
+    upstream_url: str,
+    args: argparse.Namespace,
+    pin: bool,
+) -> list[ratelimit_phase.StoreRun]:
+    return ratelimit_phase.measure(
+        start=processes.start,
+        pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+        pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
+        wait_ready=wait_ready,
+        run_load=loadgen.run,
+        free_ports=free_ports,
+        env=env,
+        upstream_url=upstream_url,
+        out=OUT,
+        rounds=args.rounds,
+        duration=args.duration,
+        warmup=args.warmup,
+        startup_deadline=STARTUP_DEADLINE,
+    )
+
+
 def phase_only(args: argparse.Namespace) -> int:
-    """`--only tracing|cache`: the upstream and that phase, nothing else; the report is
+    """`--only tracing|cache|ratelimit`: the upstream and that phase, nothing else; the report is
     printed (bench/RESULTS.md is left as it is)."""
     pin = can_pin() and not args.no_pin
     if pin:
@@ -890,9 +901,11 @@ def phase_only(args: argparse.Namespace) -> int:
             ),
         )
         wait_ready(upstream, upstream_url + "/small", time.monotonic() + STARTUP_DEADLINE)
-        phase: Any = cache_phase if args.only == "cache" else tracing_phase
-        if args.only == "cache":
-            run: Any = cache_phase.measure(
+        if args.only == "tracing":
+            run: Any = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
+            lines, judged = tracing_phase.section(run), tracing_phase.verdicts(run)
+        elif args.only == "cache":
+            run = cache_phase.measure(
                 start=processes.start,
                 pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
                 wait_ready=wait_ready,
@@ -906,15 +919,17 @@ def phase_only(args: argparse.Namespace) -> int:
                 warmup=args.warmup,
                 startup_deadline=STARTUP_DEADLINE,
             )
+            lines, judged = cache_phase.section(run), cache_phase.verdicts(run)
         else:
-            run = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
+            runs = measure_ratelimit(processes, loadgen, env, upstream_url, args, pin)
+            lines, judged = ratelimit_phase.section(runs), ratelimit_phase.verdicts(runs)
     except BenchError as error:
         print(f"bench failed: {error}", file=sys.stderr)
         return 1
     finally:
         processes.stop_all()
-    print("\n".join(["", f"load generator: {loadgen.description}", *phase.section(run)]))
-    for budget, measured, passed in phase.verdicts(run):
+    print("\n".join(["", f"load generator: {loadgen.description}", *lines]))
+    for budget, measured, passed in judged:
         print(f"{verdict_text(passed).strip('*'):>12}  {budget}: {measured}")
     return 0
 
@@ -1333,7 +1348,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument(
-        "--only", choices=("tracing", "cache"), help="run one phase alone (printed, not written)"
+        "--only",
+        choices=("tracing", "cache", "ratelimit"),
+        help="run one phase alone (printed, not written)",
     )
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="Markdown file to write (bench/RESULTS.md)"

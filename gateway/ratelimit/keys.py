@@ -68,15 +68,17 @@ class HeaderMaker:
     __slots__ = ("_limit", "_policy")
 
     def __init__(self, policy: RateLimitPolicy) -> None:
-        self._limit = str(policy.burst)
-        self._policy = policy_text(policy)
+        self._limit = (RATELIMIT_LIMIT, str(policy.burst))
+        self._policy = (RATELIMIT_POLICY, policy_text(policy))
 
     def headers(self, decision: Decision) -> tuple[tuple[str, str], ...]:
+        reset = decision.reset
+        whole = int(reset)  # ceil for the non-negative reset, without math.ceil's call
         return (
-            (RATELIMIT_LIMIT, self._limit),
+            self._limit,
             (RATELIMIT_REMAINING, str(decision.remaining)),
-            (RATELIMIT_RESET, str(math.ceil(decision.reset))),
-            (RATELIMIT_POLICY, self._policy),
+            (RATELIMIT_RESET, str(whole if whole == reset else whole + 1)),
+            self._policy,
         )
 
 

@@ -1,7 +1,8 @@
 """The shared store: every worker and replica takes from one bucket per key in Redis.
 
 One check is one EVALSHA of the script below (redis-py's registered script: EVAL once if the
-server does not know it yet), so it is atomic and one round trip. The script reads the Redis
+server does not know it yet), so it is atomic; checks made in the same event-loop iteration
+share one pipeline, so a batch is one round trip. The script reads the Redis
 server's TIME, so gateways with skewed clocks still agree, and stores each bucket with PX at
 the moment it is full again: an idle key expires on its own. The client is made on the event
 loop at the first check, with socket timeouts at `store.timeout` and no retries (the guard in
@@ -10,6 +11,8 @@ store.py owns the time budget), and closed at shutdown.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 from typing import Any, Final
 
@@ -18,6 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.config.model import RateLimitPolicy, RateLimitStoreConfig
 from gateway.config.redisurl import SENTINEL_SCHEMES, parse_sentinel
@@ -48,20 +52,108 @@ return {1, ahead}
 """
 
 
+def _expire(batch: list[tuple[str, RateLimitPolicy, asyncio.Future[Decision]]]) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(TimeoutError())
+
+
 class RedisStore:
+    """Checks issued in the same event-loop iteration go to Redis together: one pipeline (no
+    MULTI), one EVALSHA per check, so each check is still one atomic script, and the batch
+    costs one round trip and one write instead of one per check."""
+
+    bounded: Final = True  # every check is answered within store.timeout, by its batch's timer
+
     def __init__(self, config: RateLimitStoreConfig) -> None:
         assert config.redis is not None
         self._url = config.redis
         self._timeout = config.timeout
         self._client: aioredis.Redis | None = None
         self._script: AsyncScript | None = None
+        self._pending: list[tuple[str, RateLimitPolicy, asyncio.Future[Decision]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
 
     async def hit(self, key: str, policy: RateLimitPolicy) -> Decision:
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._pending.append((key, policy, future))
+        if len(self._pending) == 1:  # the first of this iteration: its flush runs after it
+            task = asyncio.create_task(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        # One timer per batch bounds each of its checks (so the guard needs none per check).
+        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, batch)
+        try:
+            await self._answer(batch)
+        finally:
+            timer.cancel()
+
+    async def _answer(
+        self, batch: list[tuple[str, RateLimitPolicy, asyncio.Future[Decision]]]
+    ) -> None:
+        try:
+            if len(batch) == 1:  # nothing to batch: redis-py's script call, EVAL on NOSCRIPT
+                key, policy, future = batch[0]
+                replies: list[Any] = [await self._one(key, policy)]
+            else:
+                replies = await self._many(batch)
+                unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if unknown:  # a fresh or restarted Redis: load the script once, ask those again
+                    assert self._client is not None
+                    await self._client.script_load(TAKE_SCRIPT)
+                    again = await self._many([batch[i] for i in unknown])
+                    for i, reply in zip(unknown, again, strict=True):
+                        replies[i] = reply
+        except Exception as exc:  # the whole batch failed: each waiting check hears it
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, policy, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its guard gave up waiting
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                admitted, ahead = reply
+                future.set_result(decided(admitted == 1, int(ahead), policy))
+
+    async def _one(self, key: str, policy: RateLimitPolicy) -> Any:
         script = self._script or self._connect()
-        admitted, ahead = await script(
-            keys=[KEY_PREFIX + key], args=[policy.interval_us, policy.capacity_us]
-        )
-        return decided(admitted == 1, int(ahead), policy)
+        return await script(keys=[KEY_PREFIX + key], args=[policy.interval_us, policy.capacity_us])
+
+    async def _many(self, batch: list[tuple[str, RateLimitPolicy, Any]]) -> list[Any]:
+        """One write of every EVALSHA, then their replies in order, on one pooled connection
+        (redis-py's Pipeline would do the same with more Python per command). An error reply
+        (NOSCRIPT) is that check's answer; a failed connection is the whole batch's."""
+        script = self._script or self._connect()
+        assert self._client is not None
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            commands = [
+                ("EVALSHA", script.sha, 1, KEY_PREFIX + key, policy.interval_us, policy.capacity_us)
+                for key, policy, _ in batch
+            ]
+            await connection.send_packed_command(
+                connection.pack_commands(commands), check_health=False
+            )
+            replies: list[Any] = []
+            for _ in batch:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as error:  # read whole: the next reply follows
+                    replies.append(error)
+        except BaseException:
+            await connection.disconnect(nowait=True)  # replies may be left unread on it
+            raise
+        finally:
+            await pool.release(connection)
+        return replies
 
     def _connect(self) -> AsyncScript:
         self._client = client(self._url, self._timeout)
@@ -69,6 +161,10 @@ class RedisStore:
         return self._script
 
     async def close(self) -> None:
+        for task in list(self._flushes):  # their checks' guards answer them
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         client, self._client, self._script = self._client, None, None
         if client is not None:
             await client.aclose()

@@ -12,16 +12,19 @@ from gateway.http.errors import RateLimited
 from gateway.http.exchange import Exchange
 from gateway.http.pipeline import Answer
 from gateway.ratelimit.keys import RETRY_AFTER, HeaderMaker, retry_after, subject_of
+from gateway.ratelimit.memory import MemoryStore
 from gateway.ratelimit.store import RateLimitStore
 
 
 class RateLimitStage:
     """Request phase only: one token for the request's key, or 429."""
 
-    __slots__ = ("bucket", "detail", "maker", "policy", "store", "subject")
+    __slots__ = ("bucket", "detail", "maker", "policy", "store", "subject", "take")
 
     def __init__(self, route: RouteConfig, policy: RateLimitPolicy, store: RateLimitStore) -> None:
         self.policy, self.store = policy, store
+        # The memory store's take is synchronous: called directly, no coroutine per request.
+        self.take = store.take if isinstance(store, MemoryStore) else None
         self.subject = subject_of(policy.key)
         self.bucket = f"rl:{route.prefix}|"  # per route: by prefix, stable across reloads
         self.maker = HeaderMaker(policy)
@@ -31,7 +34,11 @@ class RateLimitStage:
 
     async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
         key = self.bucket + self.subject(exchange, request.headers)
-        decision = await self.store.hit(key, self.policy)
+        take = self.take
+        if take is not None:
+            decision = take(key, self.policy)
+        else:
+            decision = await self.store.hit(key, self.policy)
         if decision.checked:
             exchange.response_headers += self.maker.headers(decision)
         if not decision.allowed:

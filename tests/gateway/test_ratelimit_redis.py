@@ -119,6 +119,26 @@ async def test_the_script_is_loaded_again_after_redis_forgets_it(redis: RedisSer
         await probe.aclose()
 
 
+async def test_checks_made_together_share_one_round_trip_and_stay_exact(
+    redis: RedisServer,
+) -> None:
+    store = RedisStore(RateLimitStoreConfig(redis=redis.url))
+    probe = redis_client(redis.url, 2.0)
+    policy = RateLimitPolicy(limit=1, per=3600.0, burst=20)
+    key = f"rl:batch-{redis.namespace}|ip:1"
+    try:
+        await probe.script_flush()  # the batch meets NOSCRIPT: the script is loaded once
+        before = (await probe.info("stats"))["total_connections_received"]
+        decisions = await asyncio.gather(*(store.hit(key, policy) for _ in range(40)))
+        after = (await probe.info("stats"))["total_connections_received"]
+        assert after - before == 1  # one batch on one connection, not a connection per check
+        assert sorted(d.remaining for d in decisions if d.allowed) == list(range(20))
+        assert sum(not d.allowed for d in decisions) == 20
+    finally:
+        await store.close()
+        await probe.aclose()
+
+
 @pytest.mark.parametrize(("on_error", "outage_status"), [("allow", 200), ("deny", 503)])
 async def test_redis_killed_mid_test_is_decided_by_on_store_error_then_recovers(
     make_gateway: MakeGateway,
