@@ -11,9 +11,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
+from gateway.cache.invalidate import CHANNEL
 from tests.cache_upstream import CountingUpstream
 from tests.polling import eventually
 from tests.processes.procs import GatewayProcess
@@ -101,6 +103,21 @@ async def test_concurrent_misses_across_two_workers_reach_the_upstream_at_most_t
         await gateway.stop()
 
 
+async def both_subscribed(url: str) -> None:
+    """Poll Redis until two subscribers (the two replicas) listen on the invalidation channel:
+    each subscribes once it has started, and a message is only delivered to listeners."""
+    client = aioredis.from_url(url)
+    try:
+
+        async def two() -> bool:
+            counts = await client.pubsub_numsub(CHANNEL)
+            return bool(counts) and int(counts[0][1]) >= 2
+
+        await eventually(two, within=5.0)
+    finally:
+        await client.aclose()
+
+
 async def test_replicas_sharing_redis_drop_each_others_entries_on_a_write(
     tmp_path: Path, up_server: TestServer, upstream: CountingUpstream, redis: RedisServer
 ) -> None:
@@ -111,6 +128,7 @@ async def test_replicas_sharing_redis_drop_each_others_entries_on_a_write(
         for gateway in (first, second):
             seen = await fetch_each_on_a_new_connection(gateway.url + path, 2)
             assert [cache for _, cache in seen] == ["MISS", "HIT"]  # each its own file
+        await both_subscribed(redis.url)  # a drop published before that would reach one replica
         async with aiohttp.ClientSession() as session, session.delete(first.url + path) as resp:
             assert resp.status == 200
 
