@@ -152,6 +152,7 @@ class Gateway:
         self.status = LoadStatus(True, time.time(), result.config.version_hash, [], warnings)
         config_log.info("reload applied: version %s", result.config.version_hash[:12])
         if removed:
+            self._retired.extend(removed)  # now: a shutdown before the task runs closes them
             task = asyncio.get_running_loop().create_task(
                 self._retire(removed, config.drain_timeout), name="retire services"
             )
@@ -181,8 +182,8 @@ class Gateway:
 
     async def _retire(self, removed: list[Service], drain_timeout: float) -> None:
         """Close the pools of services a reload removed or replaced, once their requests
-        (streams and WebSockets included) are done, or after `drain_timeout`."""
-        self._retired.extend(removed)
+        (streams and WebSockets included) are done, or after `drain_timeout`. They are in
+        `_retired` from the reload on, so a shutdown meanwhile closes them too."""
         await close_later(removed, drain_timeout)
         self._retired = [s for s in self._retired if s not in removed]
 
