@@ -753,20 +753,7 @@ def bench(args: argparse.Namespace) -> Results:
         auth_phase(results, loadgen, bases["gateway"], auth_headers, list(pids.values()), args)
         results.compose = compose_phase.measure(bases["gateway"], args.rounds)
         results.rate_limits = measure_ratelimit(processes, loadgen, env, upstream_url, args, pin)
-        results.cache = cache_phase.measure(
-            start=processes.start,
-            pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
-            wait_ready=wait_ready,
-            run_load=loadgen.run,
-            free_ports=free_ports,
-            env=env,
-            upstream_url=upstream_url,
-            out=OUT,
-            rounds=args.rounds,
-            duration=args.duration,
-            warmup=args.warmup,
-            startup_deadline=STARTUP_DEADLINE,
-        )
+        results.cache = measure_cache(processes, loadgen, env, upstream_url, args, pin)
         results.workers = workers_phase.measure(
             start=processes.start,
             pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
@@ -880,6 +867,30 @@ def measure_ratelimit(
     )
 
 
+def measure_cache(
+    processes: Processes,
+    loadgen: LoadGen,
+    env: dict[str, str],
+    upstream_url: str,
+    args: argparse.Namespace,
+    pin: bool,
+) -> cache_phase.CacheRun:
+    return cache_phase.measure(
+        start=processes.start,
+        pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
+        wait_ready=wait_ready,
+        run_load=loadgen.run,
+        free_ports=free_ports,
+        env=env,
+        upstream_url=upstream_url,
+        out=OUT,
+        rounds=args.rounds,
+        duration=args.duration,
+        warmup=args.warmup,
+        startup_deadline=STARTUP_DEADLINE,
+    )
+
+
 def phase_only(args: argparse.Namespace) -> int:
     """`--only tracing|cache|ratelimit`: the upstream and that phase, nothing else; the report is
     printed (bench/RESULTS.md is left as it is)."""
@@ -905,20 +916,7 @@ def phase_only(args: argparse.Namespace) -> int:
             run: Any = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
             lines, judged = tracing_phase.section(run), tracing_phase.verdicts(run)
         elif args.only == "cache":
-            run = cache_phase.measure(
-                start=processes.start,
-                pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
-                wait_ready=wait_ready,
-                run_load=loadgen.run,
-                free_ports=free_ports,
-                env=env,
-                upstream_url=upstream_url,
-                out=OUT,
-                rounds=args.rounds,
-                duration=args.duration,
-                warmup=args.warmup,
-                startup_deadline=STARTUP_DEADLINE,
-            )
+            run = measure_cache(processes, loadgen, env, upstream_url, args, pin)
             lines, judged = cache_phase.section(run), cache_phase.verdicts(run)
         else:
             runs = measure_ratelimit(processes, loadgen, env, upstream_url, args, pin)
