@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.cache import policy
@@ -253,10 +253,12 @@ class CacheStage:
 
 class _Tee:
     """The response body as it arrives, for the relay; a copy is kept while it fits the cap
-    and stored when the body ended (b""), before that end is handed on."""
+    and stored when the body is complete, before its end is handed on. With a Content-Length
+    that is before the last bytes go out: a client that has them all may ask again at once
+    (another worker included) and must find the entry."""
 
-    __slots__ = ("_fresh", "_headers", "_kept", "_notes", "_now", "_path", "_release",
-                 "_size", "_source", "_stage", "_storing", "_up", "_vary")  # fmt: skip
+    __slots__ = ("_fresh", "_headers", "_kept", "_length", "_notes", "_now", "_path",
+                 "_release", "_size", "_source", "_stage", "_storing", "_up", "_vary")  # fmt: skip
 
     def __init__(
         self,
@@ -277,6 +279,8 @@ class _Tee:
         self._kept: list[bytes] | None = []
         self._size = 0
         self._storing = False  # the entry is being written: that gives the slot back
+        length = headers.get(hdrs.CONTENT_LENGTH, "")
+        self._length = int(length) if length.isdigit() else None
 
     async def readany(self) -> bytes:
         try:
@@ -293,15 +297,20 @@ class _Tee:
                     self._kept = None  # too big: stream on, hold nothing
                 else:
                     kept.append(chunk)
+                    if self._size == self._length:  # complete: store before the last bytes go
+                        await self._store(kept)
             return chunk
         if kept is not None:
-            self._kept = None
-            self._storing = True
-            await _finish_anyway(self._stage._store(
-                self._path, self._notes, self._up, self._headers, b"".join(kept), self._vary,
-                self._fresh, self._now,
-            ))  # fmt: skip
+            await self._store(kept)
         return b""
+
+    async def _store(self, kept: list[bytes]) -> None:
+        self._kept = None
+        self._storing = True
+        await _finish_anyway(self._stage._store(
+            self._path, self._notes, self._up, self._headers, b"".join(kept), self._vary,
+            self._fresh, self._now,
+        ))  # fmt: skip
 
     def release(self) -> None:
         """The relay is done with the body (whole, or the client left): the slot goes back."""
