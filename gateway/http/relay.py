@@ -12,16 +12,34 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from gateway.http.errors import ClientFailure, ResponseAborted
-from gateway.http.exchange import Exchange
+from gateway.http.exchange import Exchange, apply_headers
 from gateway.http.pipeline import UpstreamResponse
 
 
-class _HeadWithBody(web.StreamResponse):
-    """A streamed response whose head waits for the first body write (or the end) and goes
-    out with it: aiohttp's own web.Response does so too. `prepare` still runs every
-    on_response_prepare handler (apply_exchange) at once."""
+class _Relayed(web.StreamResponse):
+    """A streamed response that applies its Exchange's header edits itself, just before its
+    head is serialized: what the app's on_response_prepare hook (`apply_exchange`) does for
+    the gateway's other answers, without the signal dispatch, a coroutine and a lookup of
+    the Exchange per response."""
+
+    _exchange: Exchange
+
+    async def _start(self, request: web.BaseRequest) -> AbstractStreamWriter:
+        # aiohttp's StreamResponse._start, with `apply_headers` for `request._prepare_hook`.
+        self._req = request
+        writer = self._payload_writer = request._payload_writer
+        await self._prepare_headers()
+        apply_headers(self._exchange, self._headers)
+        await self._write_headers()
+        return writer
+
+
+class _HeadWithBody(_Relayed):
+    """A relayed response whose head waits for the first body write (or the end) and goes
+    out with it: aiohttp's own web.Response does so too."""
 
     _send_headers_immediately = False
 
@@ -35,8 +53,9 @@ async def relay(
         if isinstance(body, bytes):  # made whole by the gateway (a preflight, a cache hit)
             return web.Response(status=up.status, reason=up.reason, headers=up.headers, body=body)
         buffered = getattr(body, "buffered", None)  # the upstream client's: bytes waiting
-        kind = _HeadWithBody if buffered is not None and buffered() else web.StreamResponse
+        kind = _HeadWithBody if buffered is not None and buffered() else _Relayed
         response = kind(status=up.status, reason=up.reason, headers=up.headers)
+        response._exchange = exchange
         await response.prepare(request)
         while True:
             try:

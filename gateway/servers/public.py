@@ -24,7 +24,7 @@ from gateway.http.errors import (
 from gateway.http.exchange import EXCHANGE, Exchange, apply_exchange, start_exchange
 from gateway.http.pipeline import Answer, Chain, Prepared, UpstreamResponse
 from gateway.http.relay import relay
-from gateway.http.routing import Route, RouteTable, normalize_path, split_target
+from gateway.http.routing import Route, RouteTable, normalize_path
 from gateway.runtime.reload import Reloader
 from gateway.runtime.state import GATEWAY, Gateway
 
@@ -45,8 +45,10 @@ def make_dispatch(gateway: Gateway) -> Handler:
     access_log, metrics, tracer = gateway.access_log, gateway.metrics, gateway.tracer
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
-        exchange = request.get(EXCHANGE)
-        if exchange is None:  # else the Expect handler began it (and its request phase)
+        # Only a request that says `Expect` can have met the Expect handler, which began its
+        # Exchange and request phase; the header test is cheaper than the request's mapping.
+        exchange = request.get(EXCHANGE) if hdrs.EXPECT in request.headers else None
+        if exchange is None:
             exchange = start_exchange(request)
             request[EXCHANGE] = exchange
             if tracer is not None:
@@ -90,7 +92,7 @@ def make_dispatch(gateway: Gateway) -> Handler:
         finally:
             metrics.active -= 1
             sent = exchange.bytes_out or sent  # relayed body bytes, even if the client left
-            received = request.content.total_bytes if request.body_exists else 0
+            received = request.content.total_bytes  # 0 for a request without a body
             seconds = time.perf_counter() - exchange.started
             metrics.observe(exchange, request.method, status, received, sent, seconds)
             access_log.record(request, exchange, status, received, sent, seconds)
@@ -108,12 +110,19 @@ def enter(table: RouteTable, request: web.Request, exchange: Exchange) -> Route:
     raw = request.raw_path
     if not raw.startswith("/"):
         raw = origin_form(request)
-    path, exchange.query = split_target(raw)
-    exchange.client, exchange.forwarded_for = table.clients.resolve(request)
-    exchange.path = normalize_path(path)
-    route = table.match(request.method, exchange.path)
-    exchange.route = route.config.name
-    exchange.service = route.config.service
+    path, mark, query = raw.partition("?")  # split_target, inline
+    exchange.query = mark + query
+    clients = table.clients
+    if clients.trusted:
+        exchange.client, exchange.forwarded_for = clients.resolve(request)
+    else:  # no trusted proxy: the peer is the client, whatever X-Forwarded-For says
+        exchange.client = request.remote or ""
+    if "%" in path or "/." in path or "//" in path:  # else it is normalized already
+        path = normalize_path(path)
+    exchange.path = path
+    route = table.match(request.method, path)
+    exchange.route = route.name
+    exchange.service = route.service
     return route
 
 
