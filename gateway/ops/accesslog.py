@@ -372,13 +372,57 @@ def _reopen(handler: logging.FileHandler) -> None:
     logger.info("access log reopened: %s", path)
 
 
-# RFC 3339 UTC times with milliseconds: the seconds part is formatted once a second (one
-# tuple swapped in whole, so any thread may read it), the milliseconds come from a table.
-_second: list[tuple[int, str]] = [(-1, "")]
-_MILLIS: Final = (*(f".{ms:03d}+00:00" for ms in range(1000)), ".999+00:00")  # [1000]: rounding
+# RFC 3339 UTC times with milliseconds: the text of the last millisecond is kept (requests
+# come many a millisecond under load), the seconds part is formatted once a second. Each cache
+# is one tuple swapped in whole, so any thread may read it.
+_stamp: list[tuple[int, str]] = [(-1, "")]  # (milliseconds since the epoch, its text)
+_second: list[tuple[int, str]] = [(-1, "")]  # (seconds since the epoch, "YYYY-MM-DDTHH:MM:SS")
+_MILLIS: Final = tuple(f".{ms:03d}+00:00" for ms in range(1000))
 # JSON string, escaped to ASCII (C-accelerated): bytes that were not UTF-8 arrive as lone
 # surrogates, which only an ASCII escape can write.
 _q: Final = json.encoder.encode_basestring_ascii
+# The parts of a line that repeat from request to request, made once: the route, service,
+# target and status of a line; an upstream call but its time. Keyed by names the config
+# validated and small numbers, so they stay small; cleared if they ever grow past this.
+_FRAGMENTS_MAX: Final = 4096
+_routing: dict[tuple[str, str, str, int], str] = {}
+_call_parts: dict[tuple[str, str, str, int, int, str], tuple[str, str]] = {}
+
+
+def _time_text(at: float) -> str:
+    milliseconds = int(at * 1000)
+    second = milliseconds // 1000
+    cached = _second[0]
+    if cached[0] != second:
+        cached = _second[0] = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    text = cached[1] + _MILLIS[milliseconds - second * 1000]
+    _stamp[0] = (milliseconds, text)
+    return text
+
+
+def _routing_text(route: str, service: str, target: str, status: int) -> str:
+    if len(_routing) >= _FRAGMENTS_MAX:
+        _routing.clear()
+    text = _routing[(route, service, target, status)] = (
+        f'"route":{_name(route)},"service":{_name(service)},"target":{_name(target)},'
+        f'"status":{status:d},'
+    )
+    return text
+
+
+def _call_text(call: UpstreamCall, key: tuple[str, str, str, int, int, str]) -> tuple[str, str]:
+    if len(_call_parts) >= _FRAGMENTS_MAX:
+        _call_parts.clear()
+    parts = _call_parts[key] = (
+        f'{{"service":"{call.service}","kind":"{call.kind}","target":{_name(call.target)},'
+        f'"attempts":{call.attempts:d},"ms":',
+        f',"status":{call.status:d},"outcome":"{call.outcome}"}}',
+    )
+    return parts
+
+
+def _name(name: str) -> str:
+    return f'"{name}"' if name else "null"
 
 
 def access_line(
@@ -406,47 +450,27 @@ def access_line(
     `upstream_ms` describe the first call. The query string is not logged (it may carry
     tokens); a target is shown by its label ("inventory#0"), never its address.
 
-    Written for speed (it runs once a request, on the event loop): one f-string, no helper
-    call for the optional fields. request_id (validated by start_exchange), trace_id (hex),
-    method (an HTTP token), route, service and target (names the config validated) never need
-    escaping; the rest may."""
-    second = int(at)
-    stamp = _second[0]
-    if stamp[0] != second:
-        stamp = _second[0] = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
-    if not calls:
-        listed = ""
-    elif len(calls) == 1:
-        listed = _call_json(calls[0], upstream_ms, upstream)
-    else:
-        listed = ",".join([_call_json(call, upstream_ms, upstream) for call in calls])
-    route_json = f'"{route}"' if route else "null"
-    service_json = f'"{service}"' if service else "null"
-    target_json = f'"{target}"' if target else "null"
-    consumer_json = _q(consumer) if consumer else "null"
-    cache_json = _q(cache) if cache else "null"
-    return (
-        f'{{"time":"{stamp[1]}{_MILLIS[int((at - second) * 1000)]}","request_id":"{request_id}",'
-        f'"trace_id":"{trace_id}","client":{_q(client)},"method":"{method}","path":{_q(path)},'
-        f'"route":{route_json},"service":{service_json},"target":{target_json},'
-        f'"status":{status:d},"bytes_in":{bytes_in:d},"bytes_out":{bytes_out:d},'
-        f'"total_ms":{total_ms:.3f},"upstream_ms":{upstream},"consumer":{consumer_json},'
-        f'"cache":{cache_json},"retries":{retries:d},"calls":[{listed}]}}'
+    Written for speed (it runs once a request, on the event loop): one f-string, the parts
+    that repeat from request to request looked up, no helper call in the common case.
+    request_id (validated by start_exchange), trace_id (hex), method (an HTTP token), route,
+    service and target (names the config validated) never need escaping; the rest may."""
+    stamp = _stamp[0]
+    time_text = stamp[1] if stamp[0] == int(at * 1000) else _time_text(at)
+    routing = _routing.get((route, service, target, status)) or _routing_text(
+        route, service, target, status
     )
-
-
-def _call_json(call: UpstreamCall, upstream_ms: float | None, upstream: str) -> str:
-    """One upstream call's object; its `ms` reuses the line's `upstream_ms` text when equal."""
-    ms = call.ms
-    if ms == upstream_ms:
-        ms_json = upstream
-    else:
-        ms_json = "null" if ms is None else f"{ms:.3f}"
-    target = call.target
-    target_json = f'"{target}"' if target else "null"
+    upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
+    listed = ""
+    for call in calls:
+        key = (call.service, call.kind, call.target, call.attempts, call.status, call.outcome)
+        before, after = _call_parts.get(key) or _call_text(call, key)
+        ms = call.ms  # the first call's is the line's upstream_ms, formatted once
+        ms_text = upstream if ms == upstream_ms else "null" if ms is None else f"{ms:.3f}"
+        listed = f"{listed},{before}{ms_text}{after}" if listed else f"{before}{ms_text}{after}"
     return (
-        f'{{"service":"{call.service}","kind":"{call.kind}","target":{target_json},'
-        f'"attempts":{call.attempts:d},"ms":{ms_json},"status":{call.status:d},'
-        f'"outcome":"{call.outcome}"}}'
+        f'{{"time":"{time_text}","request_id":"{request_id}","trace_id":"{trace_id}",'
+        f'"client":{_q(client)},"method":"{method}","path":{_q(path)},{routing}'
+        f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"total_ms":{total_ms:.3f},'
+        f'"upstream_ms":{upstream},"consumer":{_q(consumer) if consumer else "null"},'
+        f'"cache":{_q(cache) if cache else "null"},"retries":{retries},"calls":[{listed}]}}'
     )
