@@ -197,6 +197,10 @@ class CatchAll(web.AbstractResource):
         self._route = web.ResourceRoute("*", handler, self, expect_handler=expect)
 
     @property
+    def route(self) -> web.ResourceRoute:
+        return self._route
+
+    @property
     def canonical(self) -> str:
         return "/"
 
@@ -225,7 +229,8 @@ class CatchAll(web.AbstractResource):
 def create_app(gateway: Gateway) -> web.Application:
     app = web.Application()  # no middlewares: see dispatch; parser limits: GatewayServer
     app[GATEWAY] = gateway
-    catch_all = CatchAll(make_dispatch(gateway), make_expect(gateway))
+    dispatch, expect = make_dispatch(gateway), make_expect(gateway)
+    catch_all = CatchAll(dispatch, expect)
     app.router.register_resource(catch_all)
 
     async def resolve(request: web.Request) -> web.UrlMappingMatchInfo:
@@ -234,6 +239,21 @@ def create_app(gateway: Gateway) -> web.Application:
         return (await catch_all.resolve(request))[0]
 
     app.router.resolve = resolve  # type: ignore[method-assign]  # see resolve's comment
+    # What every request's match is: the catch-all, in this app. Frozen, so one serves all.
+    match = web.UrlMappingMatchInfo({}, catch_all.route)
+    match.add_app(app)
+    match.freeze()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        # Application._handle for an app with one resource and no middleware: the same steps
+        # without the router's resolve and a new match per request (7 calls per request).
+        request._match_info = match
+        if request.headers.get(hdrs.EXPECT):
+            await expect(request)  # it answers nothing itself: dispatch goes on from there
+            await request.writer.drain()
+        return await dispatch(request)
+
+    app._handle = handle  # type: ignore[method-assign]  # what the app's server calls
     app.on_response_prepare.append(apply_exchange)
     app.cleanup_ctx.append(_lifecycle)
     return app

@@ -60,6 +60,7 @@ from gateway.http.errors import (
 from gateway.http.exchange import UpstreamCall
 from gateway.upstream.balance import make_balancer
 from gateway.upstream.breaker import (
+    NOT_LET_THROUGH,
     AlwaysClosed,
     Circuit,
     CircuitBreaker,
@@ -366,12 +367,15 @@ class Service:
         if not candidates and tried:
             candidates = [t for t in self.targets if t.available()]
         if not candidates:
-            raise NoHealthyTarget(
-                f"service {self.name!r} has no healthy target",
-                headers={"Retry-After": str(self._retry_after())},
-            )
+            raise self._none_healthy()
         target = self.balancer.pick(candidates)
         return target, target.breaker.claim()
+
+    def _none_healthy(self) -> NoHealthyTarget:
+        return NoHealthyTarget(
+            f"service {self.name!r} has no healthy target",
+            headers={"Retry-After": str(self._retry_after())},
+        )
 
     def _retry_after(self) -> int:
         """Seconds until some target may take traffic again (at least 1)."""
@@ -491,11 +495,13 @@ class Service:
         if self._closed:  # a request that matched a table a reload replaced long ago
             raise _failed(call, started, UpstreamUnavailable(f"service {self.name!r} was removed"))
         single = self._single
-        if single is not None and not tried and single.healthy and single.breaker.allows():
-            # One target, first attempt, and it may take traffic (`choose`, inline).
+        if single is not None and not tried and single.healthy:  # `choose`, inline
             if single.in_flight >= self._max_connections:
                 raise _failed(call, started, self._exhausted())
-            target, ticket = single, single.breaker.claim()
+            ticket = single.breaker.claim()  # it says whether the circuit lets it through
+            if ticket == NOT_LET_THROUGH:
+                raise _failed(call, started, self._none_healthy())
+            target = single
         else:
             if self._pool_full():  # at once: never queue for a connection, never retried
                 raise _failed(call, started, self._exhausted())
