@@ -61,23 +61,21 @@ def relayed(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
 def relayed_pairs(
     headers: Sequence[tuple[str, str]],
 ) -> tuple[list[tuple[str, str]], bool, bool]:
-    """`relayed` for a header list (the upstream client's), in one pass: the headers to relay,
-    and whether the upstream sent a Server and a Content-Type."""
-    out: list[tuple[str, str]] = []
-    listed: set[str] | None = None
-    server = content_type = False
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered in HOP_BY_HOP:
-            if lowered == "connection":
-                tokens = {token.strip().lower() for token in value.split(",")}
-                listed = tokens if listed is None else listed | tokens
-            continue
-        if lowered == "server":
-            server = True
-        elif lowered == "content-type":
-            content_type = True
-        out.append((name, value))
-    if listed:
-        out = [(name, value) for name, value in out if name.lower() not in listed]
-    return out, server, content_type
+    """`relayed` for a header list (the upstream client's): the headers to relay, and whether
+    the upstream sent a Server and a Content-Type. Most responses carry no hop-by-hop header
+    at all, which one C-level test over the lowered names tells."""
+    lowered = [name.lower() for name, _ in headers]
+    if HOP_BY_HOP.isdisjoint(lowered):
+        out = list(headers)
+    else:
+        out = []
+        listed: set[str] = set()
+        for pair, name in zip(headers, lowered, strict=True):
+            if name in HOP_BY_HOP:
+                if name == "connection":
+                    listed.update(token.strip().lower() for token in pair[1].split(","))
+                continue
+            out.append(pair)
+        if listed:
+            out = [(name, value) for name, value in out if name.lower() not in listed]
+    return out, "server" in lowered, "content-type" in lowered

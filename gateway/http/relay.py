@@ -115,38 +115,47 @@ class RelayedResponse(web.StreamResponse):
         """Write `data` (framed) after the head if that has not gone yet, and the body's end
         when `last`; raise ConnectionResetError when the client has gone."""
         if data:
-            if self._must_be_empty_body:
-                data = b""  # a HEAD, 204 or 304 answer carries no body, whatever came
-            elif (remaining := self._remaining) is not None:
+            remaining = self._remaining
+            if remaining is not None:
                 if len(data) > remaining:  # never past the declared length (as aiohttp)
                     data = data[:remaining]
                 self._remaining = remaining - len(data)
-        parts: tuple[bytes, ...]
+            elif self._must_be_empty_body:
+                data = b""  # a HEAD, 204 or 304 answer carries no body, whatever came
+        head = self._head
         if self._chunked_out:
             if data:
-                framing = b"%x\r\n" % len(data)
-                parts = (framing, data, b"\r\n0\r\n\r\n" if last else b"\r\n")
+                end = b"\r\n0\r\n\r\n" if last else b"\r\n"
+                parts: tuple[bytes, ...] = (b"%x\r\n" % len(data), data, end)
             else:
                 parts = (_LAST_CHUNK,) if last else ()
+            if head is not None:
+                parts = (head, *parts)
+        elif head is None:
+            if not data:
+                return
+            parts = (data,)
         else:
-            parts = (data,) if data else ()
-        head = self._head
+            parts = (head, data) if data else (head,)
         if head is not None:
             self._head = None
-            parts = (head, *parts)
-        if not parts:
-            return
+        if parts:
+            self._write(parts)
+
+    def _write(self, parts: tuple[bytes, ...]) -> None:
         protocol = self._protocol
         transport = protocol.transport if protocol is not None else None
         if transport is None or transport.is_closing():
             raise ClientConnectionResetError("Cannot write to closing transport")
-        size = sum(map(len, parts))
         if len(parts) == 1:
+            size = len(parts[0])
             transport.write(parts[0])
-        elif size < JOIN_BELOW:
-            transport.write(b"".join(parts))
-        else:  # uvloop's writelines sends them together without joining them into a copy
-            transport.writelines(parts)
+        else:
+            size = sum(map(len, parts))
+            if size < JOIN_BELOW:
+                transport.write(b"".join(parts))
+            else:  # uvloop's writelines sends them together without joining them into a copy
+                transport.writelines(parts)
         writer = self._payload_writer
         assert writer is not None
         writer.output_size += size  # what aiohttp's writer counts (handle_error reads it)

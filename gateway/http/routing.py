@@ -64,12 +64,14 @@ class Route:
 
     config: RouteConfig
     chain: Chain
-    name: str = field(init=False)  # config.name and config.service, read once a request
+    name: str = field(init=False)  # config.name, .service and .methods: read every request
     service: str = field(init=False)
+    methods: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", self.config.name)
         object.__setattr__(self, "service", self.config.service)
+        object.__setattr__(self, "methods", self.config.methods)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -93,21 +95,27 @@ class RouteTable:
 
     def match(self, method: str, path: str) -> Route:
         """The route for a normalized path, or RouteNotFound / MethodNotAllowed."""
-        probe = path
-        end = 0  # probe: the path cut to the deepest prefix any route has, no trailing "/"
-        for _ in range(self._depth):
-            end = path.find("/", end + 1)
-            if end < 0:
-                probe = path.rstrip("/") or "/"
-                break
+        # probe: the path cut to the deepest prefix any route has, without a trailing "/"
+        depth = self._depth
+        if depth == 1:  # a table of one-segment prefixes (and "/")
+            end = path.find("/", 1)
+            probe = (path.rstrip("/") or "/") if end < 0 else path[:end]
         else:
-            probe = path[:end] or "/"
+            probe = path
+            end = 0
+            for _ in range(depth):
+                end = path.find("/", end + 1)
+                if end < 0:
+                    probe = path.rstrip("/") or "/"
+                    break
+            else:
+                probe = path[:end] or "/"
         groups = self._groups
         while True:
             group = groups.get(probe)
             if group is not None:
                 for route in group:
-                    if method in route.config.methods:
+                    if method in route.methods:
                         return route
                 return self._refuse(method, group)
             if probe == "/":

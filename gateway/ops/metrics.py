@@ -12,9 +12,11 @@ scraped). Label values are bounded: routes are `routes.N` or
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Final
 
 from prometheus_client import (
@@ -212,22 +214,17 @@ class Metrics:
         stats = self._pending.get(key)
         if stats is None:
             stats = self._pending[key] = _Stats(ex.service)
-        stats.count += 1
-        stats.seconds += seconds
-        stats.bytes_in += bytes_in
+        stats.seconds.append(seconds)  # counted, summed and bucketed at flush
+        if bytes_in:
+            stats.bytes_in += bytes_in
         stats.bytes_out += bytes_out
-        stats.buckets[bisect_left(_BOUNDS, seconds)] += 1  # first bucket with le >= seconds
         calls = ex.calls
         if not calls:
             pass
         elif len(calls) == 1 and calls[0].attempts == 1 and calls[0].outcome == "ok":
             call = calls[0]  # a forward that went well: what most requests are
-            upstream = call.ms
-            if upstream is not None:  # the main call: the route's service
-                upstream /= 1000
-                stats.upstream_count += 1
-                stats.upstream_seconds += upstream
-                stats.upstream_buckets[bisect_left(_BOUNDS, upstream)] += 1
+            if call.ms is not None:  # the main call: the route's service
+                stats.upstream.append(call.ms)
             labels = (call.service, call.kind, "ok")
             self._calls[labels] = self._calls.get(labels, 0) + 1
         else:
@@ -242,10 +239,7 @@ class Metrics:
         one call (auth sub-requests, aggregate parts)."""
         upstream = calls[0].ms  # the main call: the route's service
         if upstream is not None:
-            upstream /= 1000
-            stats.upstream_count += 1
-            stats.upstream_seconds += upstream
-            stats.upstream_buckets[bisect_left(_BOUNDS, upstream)] += 1
+            stats.upstream.append(upstream)
         for call in calls:  # every upstream call: the forward, auth sub-requests, parts
             labels = (call.service, call.kind, call.outcome or "unknown")
             self._calls[labels] = self._calls.get(labels, 0) + 1
@@ -263,15 +257,15 @@ class Metrics:
         for (route, method, status_class), stats in pending.items():
             name = route or "none"
             klass = _STATUS_CLASS.get(status_class, "other")
-            self.requests.labels(name, method, klass).inc(stats.count)
-            _add_buckets(self.latency.labels(name), stats.buckets, stats.seconds)
+            self.requests.labels(name, method, klass).inc(len(stats.seconds))
+            _add_buckets(self.latency.labels(name), stats.seconds)
             if stats.bytes_in:
                 self.bytes_in.labels(name).inc(stats.bytes_in)
             if stats.bytes_out:
                 self.bytes_out.labels(name).inc(stats.bytes_out)
-            if stats.upstream_count:
+            if stats.upstream:  # milliseconds
                 child = self.upstream_latency.labels(stats.service)
-                _add_buckets(child, stats.upstream_buckets, stats.upstream_seconds)
+                _add_buckets(child, [ms / 1000 for ms in stats.upstream])
         if self.spans_dropped:
             self.trace_drops.inc(self.spans_dropped)
             self.spans_dropped = 0
@@ -326,41 +320,30 @@ _UPSTREAM_FAULTS: Final = frozenset(
 
 
 class _Stats:
-    """Sums of one (route, method, status class) between two flushes, with the upstream
-    latency of its service (a route has one service) alongside."""
+    """What one (route, method, status class) saw between two flushes: each request's
+    seconds (appended: counted, summed and put in buckets at flush, in C-level passes), body
+    bytes, and the upstream milliseconds of its service (a route has one service)."""
 
-    __slots__ = (
-        "buckets",
-        "bytes_in",
-        "bytes_out",
-        "count",
-        "seconds",
-        "service",
-        "upstream_buckets",
-        "upstream_count",
-        "upstream_seconds",
-    )
+    __slots__ = ("bytes_in", "bytes_out", "seconds", "service", "upstream")
 
     def __init__(self, service: str) -> None:
         self.service = service
-        self.count = 0
-        self.seconds = 0.0
+        self.seconds: list[float] = []
         self.bytes_in = 0
         self.bytes_out = 0
-        self.buckets = [0] * len(_BOUNDS)
-        self.upstream_count = 0
-        self.upstream_seconds = 0.0
-        self.upstream_buckets = [0] * len(_BOUNDS)
+        self.upstream: list[float] = []
 
 
-def _add_buckets(child: Histogram, counts: list[int], total: float) -> None:
+def _add_buckets(child: Histogram, observed: list[float]) -> None:
     """Add many observations at once. prometheus-client has only `observe(one)`, so this
     reaches for the per-bucket values it keeps (`_buckets`, `_sum`; the same objects back the
     multiprocess files); tests/gateway/test_metrics.py checks the result through the parser."""
-    for bucket, count in zip(child._buckets, counts, strict=True):
-        if count:
-            bucket.inc(count)
-    child._sum.inc(total)
+    # Each observation in the first bucket whose `le` is at least it.
+    counts = collections.Counter(map(partial(bisect_left, _BOUNDS), observed))
+    buckets = child._buckets
+    for index, count in counts.items():
+        buckets[index].inc(count)
+    child._sum.inc(math.fsum(observed))
 
 
 class _TargetCollector(Collector):
