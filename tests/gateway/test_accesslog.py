@@ -458,3 +458,41 @@ async def test_an_access_log_that_cannot_be_reopened_keeps_writing_to_the_old_fi
     [error] = [json.loads(e) for e in stdout.getvalue().splitlines() if "cannot reopen" in e]
     assert error["level"] == "error"
     assert "still writing to the old file" in error["message"]
+
+
+def line_time(at: float) -> str:
+    line = access_line(
+        at, "rid", "0" * 32, "c", "GET", "/", "", "", "", 200, 0, 0, 1.0, None, "", "", 0
+    )  # fmt: skip
+    value = json.loads(line)["time"]
+    assert isinstance(value, str)
+    return value
+
+
+def test_line_times_are_right_within_a_millisecond_across_milliseconds_and_seconds() -> None:
+    # The text of the last millisecond is kept: the same millisecond, the next one and the
+    # next second must each read as themselves, in whatever order they come.
+    assert line_time(1.5) == "1970-01-01T00:00:01.500+00:00"
+    assert line_time(1.5004) == "1970-01-01T00:00:01.500+00:00"
+    assert line_time(1.5011) == "1970-01-01T00:00:01.501+00:00"
+    assert line_time(1.9995) == "1970-01-01T00:00:01.999+00:00"
+    assert line_time(2.0001) == "1970-01-01T00:00:02.000+00:00"
+    assert line_time(1.5) == "1970-01-01T00:00:01.500+00:00"  # back again: not the cached one
+    now = time.time()
+    assert datetime.fromisoformat(line_time(now)).timestamp() == pytest.approx(now, abs=0.001)
+
+
+def test_the_parts_a_line_keeps_for_reuse_stay_bounded() -> None:
+    from gateway.http.exchange import UpstreamCall
+    from gateway.ops.accesslog import _FRAGMENTS_MAX, _call_parts, _routing
+
+    for i in range(_FRAGMENTS_MAX + 100):  # more names than a config could ever hold
+        call = UpstreamCall(f"s{i}", "forward", f"s{i}#0", 1, 1.0, 200, "ok")
+        line = access_line(
+            1.5, "rid", "0" * 32, "c", "GET", "/", f"routes.{i}", f"s{i}", f"s{i}#0", 200, 0, 0,
+            1.0, 1.0, "", "", 0, (call,),
+        )  # fmt: skip
+        parsed = json.loads(line)
+        assert (parsed["route"], parsed["calls"][0]["service"]) == (f"routes.{i}", f"s{i}")
+    assert len(_routing) <= _FRAGMENTS_MAX
+    assert len(_call_parts) <= _FRAGMENTS_MAX

@@ -10,6 +10,7 @@ from pytest_aiohttp import AiohttpServer
 
 from gateway.config.model import CircuitBreakerConfig, RetryBudgetConfig
 from gateway.upstream.breaker import (
+    NOT_LET_THROUGH,
     AlwaysClosed,
     Circuit,
     CircuitBreaker,
@@ -54,6 +55,17 @@ def test_consecutive_failures_open_the_circuit(clock: FakeClock) -> None:
 
     assert (circuit.state, circuit.allows()) == (Circuit.OPEN, False)
     assert circuit.reopens_in() == 30.0
+
+
+def test_claim_alone_says_whether_the_circuit_lets_a_request_through(clock: FakeClock) -> None:
+    # Service.send's one-target path claims without asking allows() first.
+    circuit = tripped(clock)
+    assert circuit.claim() == NOT_LET_THROUGH  # open
+    clock.now += 30.0
+    trial = circuit.claim()
+    assert trial != NOT_LET_THROUGH and circuit.is_trial(trial)  # half-open: the trial
+    assert circuit.claim() == NOT_LET_THROUGH  # its trial is in flight
+    assert AlwaysClosed("lone", clock).claim() != NOT_LET_THROUGH
 
 
 def test_a_success_between_failures_resets_the_count(clock: FakeClock) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.http.exchange import Exchange
+from gateway.http.exchange import Exchange, UpstreamCall
 from gateway.ops.metrics import Metrics
 from gateway.servers.admin import create_admin_app
 from gateway.servers.public import create_app
@@ -225,3 +226,36 @@ def test_gateway_429s_count_as_rate_limit_rejections_and_cache_results_by_route(
     assert value(samples, "gateway_rate_limit_rejections_total", route="routes.3") == 1
     assert value(samples, "gateway_cache_lookups_total", route="routes.3", result="hit") == 2
     assert value(samples, "gateway_cache_lookups_total", route="routes.3", result="miss") == 1
+
+
+def test_each_observation_lands_in_its_bucket_and_the_sums_add_up() -> None:
+    # observe() keeps the seconds and flush() puts them in buckets at once: the histogram
+    # must read as if each had been observed on its own.
+    metrics = Metrics()
+    forward = UpstreamCall("echo", "forward", "echo#0", 1, 2.0, 200, "ok")  # 2 ms to its head
+    for seconds in (0.0005, 0.003, 0.003, 2.0):
+        exchange = Exchange("id", "00-" + "1" * 32 + "-" + "2" * 16 + "-01", route="routes.0")
+        exchange.service, exchange.calls = "echo", (forward,)
+        metrics.observe(exchange, "GET", 200, 0, 10, seconds)
+    metrics.flush()
+    metrics.observe(exchange, "GET", 200, 0, 10, 0.0005)  # after a flush: added on top
+    samples = parse(metrics.render().decode())
+
+    def bucket(le: str, name: str = "gateway_request_duration_seconds", **labels: str) -> float:
+        return value(samples, f"{name}_bucket", le=le, **labels)
+
+    assert bucket("0.001", route="routes.0") == 2
+    assert bucket("0.0025", route="routes.0") == 2
+    assert bucket("0.005", route="routes.0") == 4
+    assert bucket("1.0", route="routes.0") == 4
+    assert bucket("2.5", route="routes.0") == 5
+    assert bucket("+Inf", route="routes.0") == 5
+    assert value(samples, "gateway_request_duration_seconds_sum", route="routes.0") == (
+        pytest.approx(2.007)
+    )
+    upstream = "gateway_upstream_duration_seconds"
+    assert bucket("0.001", upstream, service="echo") == 0
+    assert bucket("0.0025", upstream, service="echo") == 5
+    assert value(samples, f"{upstream}_sum", service="echo") == pytest.approx(0.010)
+    total = "gateway_requests_total"
+    assert value(samples, total, route="routes.0", method="GET", status_class="2xx") == 5
