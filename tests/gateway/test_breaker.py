@@ -63,7 +63,8 @@ def test_claim_alone_says_whether_the_circuit_lets_a_request_through(clock: Fake
     assert circuit.claim() == NOT_LET_THROUGH  # open
     clock.now += 30.0
     trial = circuit.claim()
-    assert trial != NOT_LET_THROUGH and circuit.is_trial(trial)  # half-open: the trial
+    assert trial != NOT_LET_THROUGH  # half-open: the trial
+    assert circuit.is_trial(trial)
     assert circuit.claim() == NOT_LET_THROUGH  # its trial is in flight
     assert AlwaysClosed("lone", clock).claim() != NOT_LET_THROUGH
 
