@@ -1,8 +1,9 @@
 """Log output: one JSON object a line, for access lines and for the gateway's own events.
 
-Nothing here writes on the event loop. Access lines are queued as a small tuple per request
-and handed over in batches to one background thread that formats and writes them; event logs
-(gateway.config, gateway.upstream, ...) go through a `QueueHandler` to a second thread. Both
+Nothing here writes on the event loop. An access line is made on the loop when its request
+ends (one f-string, its repeating parts looked up) and lines are handed over in batches to one
+background thread that joins and writes them; event logs (gateway.config, gateway.upstream,
+...) go through a `QueueHandler` to a second thread. Both
 threads write through the same handler, so lines never interleave, and both drain their queues
 on stop, so no line is lost at shutdown.
 

@@ -1,9 +1,9 @@
 """Prometheus metrics, from prometheus-client. Multiprocess-safe: with --workers N the supervisor
 sets PROMETHEUS_MULTIPROC_DIR and /metrics sums every worker's files.
 
-Per request, `observe()` adds to plain per-label sums (no lock); `flush()` hands them to
-prometheus-client before every scrape and once a second, with the counts of log lines dropped
-(`accesslog.drops`). Target health, circuit state and the last reload's verdict are read at
+Per request, `observe()` adds to plain per-label sums and lists (no lock); `flush()` hands
+them to prometheus-client before every scrape and once a second, with the counts of log lines
+dropped (`accesslog.drops`). Target health, circuit state and the last reload's verdict are read at
 scrape time by collectors of this process (in multiprocess mode: of the worker that was
 scraped). Label values are bounded: routes are `routes.N` or
 `none`, methods outside the known set are `OTHER`, statuses are classes.
