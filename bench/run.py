@@ -856,6 +856,7 @@ def measure_ratelimit(
         pinned_load=lambda argv: pinned(LOAD_CPU, argv, pin),
         wait_ready=wait_ready,
         run_load=loadgen.run,
+        cpu_of=process_cpu,
         free_ports=free_ports,
         env=env,
         upstream_url=upstream_url,
