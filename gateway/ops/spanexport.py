@@ -54,6 +54,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 CHUNK: Final = 128  # records per message
 WINDOW: Final = 8  # messages the child may hold (sent, not yet exported): 1,024 spans
 MAX_MESSAGE: Final = 64 * 1024  # bytes; a bigger chunk is split (a span is at most a few KiB)
+SEND_BUFFER: Final = 2 * WINDOW * MAX_MESSAGE  # the socket's, asked for
 BATCH: Final = 512  # spans the child puts in one OTLP request, from the messages waiting
 POLL: Final = 0.25  # seconds between looks at the child while a send waits
 STUCK_MARGIN: Final = 1.0  # seconds past two export timeouts with no answer: it hangs
@@ -124,19 +125,25 @@ class ExportProcess(SpanExporter):
         return SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Wait until the child has exported every span sent before."""
+        """Wait until every span sent before is exported, or counted lost with a child that
+        died meanwhile."""
         deadline = time.monotonic() + timeout_millis / 1000
         with self._lock:
-            self._flushes += 1
-            token = self._flushes
-            if not self._send(marshal.dumps((_FLUSH, token)), 0, deadline):
-                return False
-            child = self._child
-            while self._flushed < token and child is not None and child.poll() is None:
-                if (left := deadline - time.monotonic()) <= 0 or self._stopping.is_set():
+            while not self._stopping.is_set():
+                self._flushes += 1
+                token = self._flushes
+                if not self._send(marshal.dumps((_FLUSH, token)), 0, deadline):
                     return False
-                self._answers(min(left, POLL))
-            return self._flushed >= token
+                child = self._child
+                assert child is not None  # `_send` has just sent to it
+                while self._flushed < token and child.poll() is None:
+                    if (left := deadline - time.monotonic()) <= 0 or self._stopping.is_set():
+                        return False
+                    self._answers(min(left, POLL))
+                if self._flushed >= token:
+                    return True
+                # It died first: the next `_send` counts what it held and starts another.
+        return False
 
     def shutdown(self, timeout_millis: float = 30000) -> None:
         """Close the gateway's end: the child exports what it holds and exits; it is killed
@@ -268,6 +275,8 @@ class ExportProcess(SpanExporter):
 def _pair() -> tuple[socket.socket, socket.socket]:
     """The gateway's end (a send waits POLL seconds at most) and the child's."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with contextlib.suppress(OSError):  # room for the window (the kernel may cap it)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     ours.settimeout(POLL)
     return ours, theirs
 

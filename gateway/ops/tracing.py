@@ -216,10 +216,11 @@ class Tracer:
                 )
             )  # fmt: skip
 
-    def flush(self) -> None:
-        """Export what is queued now, to the collector (blocking: tests call it off the loop)."""
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Export what is queued now, to the collector, waiting `timeout` seconds at most for
+        the export process (blocking: tests call it off the loop)."""
         self.processor.force_flush()
-        self.exporter.force_flush(int(FLUSH_TIMEOUT * 1000))
+        return self.exporter.force_flush(int(timeout * 1000))
 
     def _prefix(self, name: str) -> str | None:
         """The prefix of route `name` ("routes.N") in the current table."""
