@@ -4,7 +4,8 @@ instead of in the process that serves requests, where that work held the GIL aga
 event loop and doubled what a traced request cost.
 
 The gateway records each span as a `SpanRecord`, a tuple of plain values (gateway/ops/
-tracing.py), which the SDK's BatchSpanProcessor queues and batches as it would spans.
+tracing.py), and the SDK's BatchSpanProcessor queues and batches each request's as it would
+spans.
 `ExportProcess` is what that processor exports to, from its own thread: it sends the records,
 `marshal`led, CHUNK to a message, over a Unix SOCK_SEQPACKET socket pair (a message arrives
 whole or not at all) to `python -m gateway.ops.spanexport`, which makes them ReadableSpans
@@ -117,9 +118,10 @@ class ExportProcess(SpanExporter):
                 self._running()
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        """Send a batch of SpanRecords; wait while the child holds WINDOW messages."""
+        """Send a batch of the processor's items, each a request's SpanRecords (a list); wait
+        while the child holds WINDOW messages."""
         with self._lock:
-            for count, message in _messages(spans):
+            for count, message in _messages([record for group in spans for record in group]):
                 if not self._send(message, count):
                     return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS

@@ -47,8 +47,9 @@ from gateway.config.model import RouteConfig, TracingConfig
 from gateway.http.exchange import TRACEPARENT, Exchange, TraceSpans, UpstreamCall, random_hex
 from gateway.ops.spanexport import ExportProcess, SpanRecord
 
-MAX_QUEUE: Final = 2048  # spans waiting for export; past this they are dropped and counted
-BATCH: Final = 512  # spans per export request
+# The processor's queue holds requests: a request's spans are one item (most have two).
+MAX_QUEUE: Final = 1024  # requests waiting for export; past this their spans are dropped, counted
+BATCH: Final = 256  # requests per batch handed to the export process
 SCHEDULE_MS: Final = 1000  # the processor sends what it has at least this often
 EXPORT_TIMEOUT: Final = 5.0  # seconds one export (its retries included) may take
 FLUSH_TIMEOUT: Final = 3.0  # seconds shutdown waits for the last spans to be sent
@@ -64,9 +65,9 @@ logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
 
 
 class CountingProcessor(BatchSpanProcessor):
-    """BatchSpanProcessor, its queue and thread, carrying SpanRecords to an ExportProcess;
-    the queue is bounded and its overflow counted, not logged (the SDK drops silently but for
-    a warning per span)."""
+    """BatchSpanProcessor, its queue and thread, carrying each request's SpanRecords (one item:
+    the SDK's enqueue costs a system call an item) to an ExportProcess; the queue is bounded
+    and its overflow counted, not logged (the SDK drops silently but for a warning per span)."""
 
     def __init__(
         self,
@@ -85,21 +86,23 @@ class CountingProcessor(BatchSpanProcessor):
         # tests/gateway/test_tracing.py checks the drops are counted.
         self._queue: Sequence[object] = self._batch_processor._queue
         # Queue one, waking the thread at a full batch. The SDK types it for ReadableSpan;
-        # its queue and thread carry any item to the exporter, here SpanRecords.
-        self._put: Callable[[SpanRecord], None] = self._batch_processor.emit  # type: ignore[assignment]
+        # its queue and thread carry any item to the exporter, here lists of SpanRecords.
+        self._put: Callable[[list[SpanRecord]], None] = self._batch_processor.emit  # type: ignore[assignment]
         self._limit = max_queue_size
         self._on_drop = on_drop
         self._exporter = exporter
         self._lost = 0  # of exporter.lost (its thread adds), counted so far
 
-    def emit(self, record: SpanRecord) -> None:
-        """Queue one span (on the loop), or drop and count it when the queue is full."""
+    def emit(self, spans: list[SpanRecord]) -> None:
+        """Queue a request's spans (on the loop), or drop and count them when the queue is
+        full."""
         if self._exporter.lost != self._lost:
             self.count_lost()
         if len(self._queue) >= self._limit:
-            self._on_drop()
+            for _ in spans:
+                self._on_drop()
             return
-        self._put(record)
+        self._put(spans)
 
     def count_lost(self) -> None:
         """Count the spans lost with a dead export child since the last call (on the loop:
@@ -163,11 +166,7 @@ class Tracer:
         spans = exchange.trace
         if spans is None:
             return
-        now_ns, now = time.time_ns(), time.perf_counter()
-
-        def ns(at: float) -> int:
-            return now_ns - int((now - at) * 1e9)
-
+        end, now = time.time_ns(), time.perf_counter()  # ns since the epoch: `now` there
         trace_id = int(exchange.trace_id, 16)
         parent, remote, state = 0, False, ""
         if spans.parent:  # the caller's span, with its tracestate, from the propagator
@@ -191,30 +190,29 @@ class Tracer:
         if failed:
             attributes["error.type"] = str(status)
         server = int(spans.server, 16)
-        end = ns(now)
-        emit = self.processor.emit
-        emit(
+        records: list[SpanRecord] = [
             (
                 f"{method} {route}" if route is not None else method,
-                trace_id, server, state, parent, remote, _SERVER, ns(exchange.started), end,
-                failed, attributes,
+                trace_id, server, state, parent, remote, _SERVER,
+                end - int((now - exchange.started) * 1e9), end, failed, attributes,
             )
-        )  # fmt: skip
+        ]  # fmt: skip
         upstream_id = int(spans.upstream, 16)
         for call in exchange.calls:
             if call.kind in _UPSTREAM_KINDS and upstream_id:
                 span_id, upstream_id = upstream_id, 0  # the id sent in traceparent
             else:
                 span_id = random.getrandbits(64) or 1
-            started = call.started or exchange.started
-            finished = end if call.ms is None else ns(started + call.ms / 1000)
+            start = end - int((now - (call.started or exchange.started)) * 1e9)
+            finished = end if call.ms is None else start + int(call.ms * 1e6)
             name, failed, call_attributes = _client(call, _METHODS.get(call.kind, method))
-            emit(
+            records.append(
                 (
-                    name, trace_id, span_id, state, server, False, _CLIENT, ns(started),
-                    finished, failed, call_attributes,
+                    name, trace_id, span_id, state, server, False, _CLIENT, start, finished,
+                    failed, call_attributes,
                 )
             )  # fmt: skip
+        self.processor.emit(records)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Export what is queued now, to the collector, waiting `timeout` seconds at most for
