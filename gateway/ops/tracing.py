@@ -8,7 +8,7 @@ from what the Exchange recorded (its start; each UpstreamCall's start, time to r
 target label, attempts and status), with explicit timestamps. So a request costs the tracer
 nothing until it ends, and an unsampled one almost nothing at all. A span is recorded as a
 SpanRecord, a tuple of plain values: the child makes it the SDK's ReadableSpan, and encodes
-and sends it, off this process (protobuf encoding is ~25 µs a span; the loop pays ~2).
+and sends it, off this process (protobuf encoding is ~25 µs a span; this one pays ~3).
 
 Propagation (W3C Trace Context). `start_exchange` keeps a valid incoming traceparent or begins
 a trace. `Tracer.begin` then takes the SDK's ParentBased(TraceIdRatioBased) sampler's decision
@@ -19,11 +19,11 @@ sent upstream names that client span, so upstream services join the trace as its
 the end the incoming context (with any tracestate) is read by the SDK's TraceContext
 propagator, and the spans carry those ids.
 
-Export never waits on the request path: spans queue (bounded) for the processor's thread,
-which hands them to the export child (at most spanexport.WINDOW messages ahead of it); when
-the queue is full (a collector down or slow, the child behind) a span is dropped and counted
-(gateway_trace_spans_dropped_total) rather than logged, and so are the spans a child held
-when it died.
+Export never waits on the request path: each request's spans queue (bounded) for the
+processor's thread, which hands them to the export child (at most spanexport.WINDOW messages
+ahead of it); when the queue is full (a collector down or slow, the child behind) they are
+dropped and counted (gateway_trace_spans_dropped_total) rather than logged, and so are the
+spans a child held when it died.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class CountingProcessor(BatchSpanProcessor):
 
     def count_lost(self) -> None:
         """Count the spans lost with a dead export child since the last call (on the loop:
-        at the next span, and at close)."""
+        at the next request's spans, and at close)."""
         lost, self._lost = self._exporter.lost - self._lost, self._exporter.lost
         for _ in range(lost):
             self._on_drop()
