@@ -99,14 +99,19 @@ class CacheStage:
         if policy.bypass_reason(req, self.rule, exchange.consumer) is not None:
             self._mark(exchange, "BYPASS", BYPASS)
             return None
-        parts = policy.base_key(
-            exchange.path + exchange.query, self.rule, exchange.consumer, headers
-        )
+        path = exchange.path
+        parts = policy.base_key(path + exchange.query, self.rule, exchange.consumer, headers)
+        found = self.store.hot(path, parts, headers)  # the usual hit: no await, no notes
+        now = self.clock()
+        hot = None if found is None else found.entry
+        if hot is not None and not req.revalidate and hot.fresh(now):
+            return self._hit(exchange, request, hot, now)
         notes = _Notes(parts, headers, method == "HEAD")
         exchange.cache_state = notes
-        found = await self.store.lookup(exchange.path, parts, headers)
+        if found is None:
+            found = await self.store.lookup(path, parts, headers)
+            now = self.clock()
         notes.generation = found.generation
-        now = self.clock()
         entry = found.entry
         if entry is not None and not req.revalidate and entry.fresh(now):
             return self._hit(exchange, request, entry, now)
