@@ -94,6 +94,8 @@ _CACHE_CONTROL: Final = istr("Cache-Control")
 _PRAGMA: Final = istr("Pragma")
 _AUTHORIZATION: Final = istr("Authorization")
 _COOKIE: Final = istr("Cookie")
+_IF_NONE_MATCH: Final = istr("If-None-Match")
+_IF_MODIFIED_SINCE: Final = istr("If-Modified-Since")
 # The view of most requests (no Cache-Control, Pragma or credentials), made once.
 _PLAIN: Final = {m: RequestView(m, False, False, False) for m in CACHEABLE_METHODS}
 
@@ -261,13 +263,14 @@ def _weak(tag: str) -> str:
 def not_modified(entry: Entry, headers: Mapping[str, str]) -> bool:
     """Whether a conditional request is answered 304 from this fresh entry (RFC 9110 §13.2.2:
     If-None-Match, weakly compared, wins over If-Modified-Since)."""
-    inm = headers.get("If-None-Match")
+    inm = headers.get(_IF_NONE_MATCH)
     if inm is not None:
         if entry.etag is None:
             return inm.strip() == "*"
         mine = _weak(entry.etag)
         return any(t.strip() == "*" or _weak(t.strip()) == mine for t in inm.split(","))
-    ims = http_date(headers.get("If-Modified-Since"))
+    since = headers.get(_IF_MODIFIED_SINCE)
+    ims = None if since is None else http_date(since)
     if ims is None:
         return False
     modified = entry.last_modified if entry.last_modified is not None else entry.stored_at
