@@ -192,7 +192,7 @@ def freshness(
     return Freshness(min(float(lifetime), rule.ttl), max(apparent, float(age)))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # weakref: cache/wire.py keeps encoded heads
 class Entry:
     """One stored response. Wall-clock times (POSIX seconds), so freshness and Age survive a
     restart; pickled into the shared file."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
@@ -22,6 +23,7 @@ from gateway.servers.admin import create_admin_app
 from tests.cache_upstream import CountingUpstream
 from tests.gateway.conftest import GatewayTestServer, compile_gateway
 from tests.gateway.test_accesslog import Lines
+from tests.gateway.test_h1client import Upstream, answering
 from tests.gateway.test_tracing import Collector, collector, flush  # noqa: F401 (a fixture)
 from tests.polling import eventually
 
@@ -281,3 +283,108 @@ async def test_a_hit_is_traced_as_a_server_span_without_upstream_calls(
     assert statuses == [200, 200]
     children = {s.parent_span_id for s in received.spans if s not in roots}
     assert len(children) == 1  # only the miss called upstream
+
+
+# --- the encoded head against the general path -------------------------------------------------
+
+EDITED = """
+version: 1
+store: {{cache_dir: "{dir}"}}
+services:
+  up: {{targets: [$UP]}}
+routes:
+  - {{prefix: /plain, service: up, cache: {{ttl: 60s}}}}
+  - prefix: /cors
+    service: up
+    cache: {{ttl: 60s}}
+    cors: {{origins: [https://app.example], credentials: true}}
+  - {{prefix: /limited, service: up, cache: {{ttl: 60s}}, rate_limit: {{limit: 100, per: 1h}}}}
+  - prefix: /rules
+    service: up
+    cache: {{ttl: 60s}}
+    response_headers:
+      set: {{Cache-Control: "public, max-age=5", X-Extra: "1"}}
+      remove: [Vary, X-Cache]
+  - prefix: /written
+    service: up
+    cache: {{ttl: 60s}}
+    response_headers: {{set: {{Date: "Thu, 01 Jan 2037 00:00:00 GMT"}}}}
+"""
+# The upstream's answer: its own Server and X-Request-ID (a hit replays neither), a Vary, and
+# no Content-Type (a hit then gets aiohttp's default).
+UPSTREAM_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nServer: up/1\r\nX-Request-ID: up-id\r\nCache-Control: max-age=60\r\n"
+    b"Vary: Accept-Language\r\nAccess-Control-Allow-Origin: *\r\nContent-Length: 5\r\n\r\nhello"
+)
+VARYING = frozenset({"date", "x-request-id", "age", "ratelimit-reset"})
+
+
+async def noop_prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """An on_response_prepare handler beside apply_exchange: hits then take the general path."""
+
+
+def normalized(answer: Answer) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Status line, header lines and body, the per-answer values blanked. Lines of different
+    names may come in another order (RFC 9110 §5.3: not significant; the general path
+    replaces a header where it stood, the encoded one writes it after the entry's), so they
+    are sorted by name; lines of one name keep their order."""
+    pairs = [(n.lower(), "-" if n.lower() in VARYING else v) for n, v in answer.pairs]
+    return answer.line, sorted(pairs, key=lambda pair: pair[0]), answer.body
+
+
+@pytest.mark.parametrize(
+    ("path", "lines"),
+    [
+        ("/plain/a", ()),
+        ("/cors/a", ("Origin: https://app.example",)),
+        ("/cors/a", ("Origin: https://other.example",)),
+        ("/limited/a", ()),
+        ("/rules/a", ()),
+        ("/written/a", ()),
+    ],
+)
+@pytest.mark.parametrize(
+    ("version", "connection", "kept"),
+    [("1.1", "", True), ("1.1", CLOSE, False), ("1.0", "", False),
+     ("1.0", "Connection: keep-alive", True)],
+)  # fmt: skip
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_an_encoded_hit_is_the_answer_the_general_path_gives(
+    tmp_path: Path,
+    path: str,
+    lines: tuple[str, ...],
+    version: str,
+    connection: str,
+    kept: bool,
+    method: str,
+) -> None:
+    async with Upstream(answering(UPSTREAM_ANSWER)) as up:
+        answers = []
+        for name in ("encoded", "general"):
+            text = EDITED.format(dir=tmp_path / name).replace("$UP", up.url)
+            server = GatewayTestServer(compile_gateway(text))
+            if name == "general":
+                server.app.on_response_prepare.append(noop_prepare)
+            await server.start_server()
+            try:
+                assert server.port is not None
+                await talk(server.port, get(path, *lines, CLOSE), ["GET"])  # the miss
+                said = (connection,) if connection else ()
+                data = get(path, *lines, *said, method=method, version=version)
+                methods = [method]
+                if kept:
+                    data += get("/plain/last", CLOSE)
+                    methods.append("GET")
+                found, rest = await talk(server.port, data, methods)
+                assert rest == b""
+                answers.append(found)
+            finally:
+                await server.close()
+    (encoded, *after), (general, *_) = answers
+    assert normalized(encoded) == normalized(general)
+    # Both paths ran: the general one replaces the entry's X-Request-ID where it stood (first),
+    # the encoded one writes its own after Date. /written sets Date: the encoded path steps aside.
+    assert general.pairs[0][0] == "X-Request-ID"
+    assert (encoded.pairs[0][0] == "X-Request-ID") == path.startswith("/written")
+    assert encoded.headers.get("x-cache", "HIT") == "HIT"
+    assert len(after) == int(kept)
