@@ -87,6 +87,7 @@ class Wire:
         if (
             entry.status in _BODILESS
             or len(entry.body) > BODY_BYTES
+            or exchange.from_upstream  # never on a hit; apply_exchange would keep its Server
             or not _prepared_by_exchange_alone(request)
         ):
             return None
