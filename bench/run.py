@@ -881,6 +881,7 @@ def measure_cache(
         pinned=lambda argv: pinned(PROXY_CPU, argv, pin),
         wait_ready=wait_ready,
         run_load=loadgen.run,
+        cpu_of=process_cpu,
         free_ports=free_ports,
         env=env,
         upstream_url=upstream_url,

@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.http.errors import ClientFailure, ResponseAborted
 from gateway.http.exchange import Exchange
 from gateway.http.pipeline import UpstreamResponse
+from gateway.http.whole import WholeResponse
 
 
 class _HeadWithBody(web.StreamResponse):
@@ -33,7 +34,7 @@ async def relay(
     body = up.body
     try:
         if isinstance(body, bytes):  # made whole by the gateway (a preflight, a cache hit)
-            return web.Response(status=up.status, reason=up.reason, headers=up.headers, body=body)
+            return WholeResponse(up.status, up.reason, up.headers, body)
         buffered = getattr(body, "buffered", None)  # the upstream client's: bytes waiting
         kind = _HeadWithBody if buffered is not None and buffered() else web.StreamResponse
         response = kind(status=up.status, reason=up.reason, headers=up.headers)
