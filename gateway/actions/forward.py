@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Final
 
 from aiohttp import hdrs, web
+from aiohttp.streams import EmptyStreamReader
 from multidict import istr
 
 from gateway.actions.websocket import is_websocket, proxy_websocket
@@ -29,11 +30,13 @@ X_FORWARDED_PREFIX: Final = istr("X-Forwarded-Prefix")
 
 
 def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteConfig) -> Headers:
-    """The header list for the upstream request (a plain list: aiohttp copies it anyway).
+    """The header list for the upstream request (a plain list: the client encodes it as is).
     Client names holding "_" are dropped unless the route allows them: WSGI and CGI fold
     X_Consumer and X-Consumer into one variable, so one could pass for the other."""
     incoming = request.headers
-    drop = connection_listed(incoming, REQUEST_DROP)
+    drop = REQUEST_DROP
+    if hdrs.CONNECTION in incoming:  # the names it lists are hop-by-hop too
+        drop = connection_listed(incoming, REQUEST_DROP)
     if exchange.upstream_remove:  # a route's remove rules, and the names its set rules own
         drop = drop | exchange.upstream_remove
     if route.underscores_in_headers:  # allowed, but compared as WSGI/CGI read them (_ is -)
@@ -44,11 +47,16 @@ def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteC
         out = [(n, v) for n, v in incoming.items() if "_" not in n and n.lower() not in drop]
     chain = exchange.forwarded_for  # set by dispatch from the trusted-proxy rules
     peer = request.remote or ""
-    trusted = chain is not None
-    host = (trusted and incoming.get(X_FORWARDED_HOST)) or incoming.get(hdrs.HOST)
+    if chain is None:  # the peer is no trusted proxy: what this connection says
+        forwarded_for, proto = peer, request.scheme
+        host = incoming.get(hdrs.HOST)
+    else:  # a trusted proxy: its X-Forwarded-* are believed and extended
+        forwarded_for = f"{chain}, {peer}" if chain else peer
+        proto = incoming.get(X_FORWARDED_PROTO) or request.scheme
+        host = incoming.get(X_FORWARDED_HOST) or incoming.get(hdrs.HOST)
     out += (
-        (X_FORWARDED_FOR, f"{chain}, {peer}" if chain else peer),
-        (X_FORWARDED_PROTO, (trusted and incoming.get(X_FORWARDED_PROTO)) or request.scheme),
+        (X_FORWARDED_FOR, forwarded_for),
+        (X_FORWARDED_PROTO, proto),
         (X_REQUEST_ID, exchange.request_id),
         (TRACEPARENT, exchange.traceparent),
     )
@@ -76,17 +84,21 @@ def forward_action(
     answered whole by actions/websocket.py)."""
     timeout = None if route.timeouts == service.config.timeouts else client_timeout(route.timeouts)
     idle = route.timeouts.read  # also the silence allowed in a client's request body
+    strip_prefix = route.strip_prefix
 
     async def forward(request: web.Request, exchange: Exchange) -> Forwarded:
         headers = upstream_headers(request, exchange, route)
-        path_qs = upstream_path(route, exchange)
-        if is_websocket(request):
+        path = exchange.path  # upstream_path, inline
+        path_qs = (strip(route.prefix, path) if strip_prefix else path) + exchange.query
+        if hdrs.UPGRADE in request.headers and is_websocket(request):
             return await proxy_websocket(
                 request, service, path_qs, headers, exchange, max_message_bytes
             )
         body = exchange.body
-        if body is None and request.body_exists:
-            body = request.content
+        if body is None:
+            content = request.content
+            if type(content) is not EmptyStreamReader:  # request.body_exists, inline
+                body = content
         watch = (
             None
             if body is None or idle is None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import hdrs, web
-from multidict import istr
+from multidict import CIMultiDict, istr
 
 from gateway.config.model import HeaderRules
 
@@ -124,14 +124,19 @@ random_hex: Final = _random.take  # digits for new ids (tracing's span ids)
 
 
 def start_exchange(request: web.BaseRequest) -> Exchange:
-    """Keep a sane client request id and a valid traceparent, or make new ones."""
+    """Keep a sane client request id and a valid traceparent, or make new ones (the digits
+    of both from one draw when both are new, as on most requests)."""
     headers = request.headers
     request_id = headers.get(X_REQUEST_ID)
-    if request_id is None or not _SANE_ID.fullmatch(request_id):
-        request_id = _random.take(32)
     parent = headers.get(TRACEPARENT)
-    if parent is None or not _valid_traceparent(parent):
-        parent = f"00-{_random.take(32)}-{_random.take(16)}-01"
+    if request_id is None or not _SANE_ID.fullmatch(request_id):
+        if parent is None or not _valid_traceparent(parent):
+            digits = _random.take(80)
+            return Exchange(digits[:32], f"00-{digits[32:64]}-{digits[64:]}-01")
+        request_id = _random.take(32)
+    elif parent is None or not _valid_traceparent(parent):
+        digits = _random.take(48)
+        parent = f"00-{digits[:32]}-{digits[32:]}-01"
     return Exchange(request_id, parent)
 
 
@@ -144,11 +149,16 @@ EXCHANGE: Final = web.RequestKey("exchange", Exchange)
 
 
 async def apply_exchange(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """on_response_prepare: runs after aiohttp's own header defaults, before headers are sent."""
+    """on_response_prepare: runs after aiohttp's own header defaults, before headers are sent
+    (the relay's responses call `apply_headers` themselves: http/relay.py)."""
     exchange = request.get(EXCHANGE)
-    if exchange is None:
-        return
-    headers = response.headers
+    if exchange is not None:
+        apply_headers(exchange, response.headers)
+
+
+def apply_headers(exchange: Exchange, headers: CIMultiDict[str]) -> None:
+    """The Exchange's edits of a response's headers: X-Request-ID, aiohttp's defaults undone,
+    then what stages added or removed and the route's response_headers rules."""
     headers[X_REQUEST_ID] = exchange.request_id
     if not exchange.upstream_had_server:
         headers.popall(hdrs.SERVER, None)  # never advertise aiohttp's name and version

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from gateway.config.model import RouteConfig
@@ -64,6 +64,12 @@ class Route:
 
     config: RouteConfig
     chain: Chain
+    name: str = field(init=False)  # config.name and config.service, read once a request
+    service: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.config.name)
+        object.__setattr__(self, "service", self.config.service)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -87,35 +93,39 @@ class RouteTable:
 
     def match(self, method: str, path: str) -> Route:
         """The route for a normalized path, or RouteNotFound / MethodNotAllowed."""
-        probe = self._clip(path)
+        probe = path
+        end = 0  # probe: the path cut to the deepest prefix any route has, no trailing "/"
+        for _ in range(self._depth):
+            end = path.find("/", end + 1)
+            if end < 0:
+                probe = path.rstrip("/") or "/"
+                break
+        else:
+            probe = path[:end] or "/"
+        groups = self._groups
         while True:
-            group = self._groups.get(probe)
+            group = groups.get(probe)
             if group is not None:
                 for route in group:
                     if method in route.config.methods:
                         return route
-                if method == "OPTIONS":  # a CORS route answers preflights (stages/cors.py)
-                    for route in group:
-                        if route.config.cors is not None:
-                            return route
-                allow = ", ".join(sorted({m for r in group for m in r.config.methods}))
-                error = MethodNotAllowed(
-                    f"{method} is not allowed here; allowed: {allow}", headers={"Allow": allow}
-                )
-                error.route = group[0].config.name
-                raise error
+                return self._refuse(method, group)
             if probe == "/":
                 raise RouteNotFound("no route serves this path")
             probe = probe[: probe.rfind("/")] or "/"
 
-    def _clip(self, path: str) -> str:
-        """The path cut to the deepest prefix length any route has, without a trailing '/'."""
-        end = 0
-        for _ in range(self._depth):
-            end = path.find("/", end + 1)
-            if end < 0:
-                return path.rstrip("/") or "/"
-        return path[:end] or "/"
+    def _refuse(self, method: str, group: tuple[Route, ...]) -> Route:
+        """No route of the prefix allows the method: a CORS route for a preflight, else 405."""
+        if method == "OPTIONS":  # a CORS route answers preflights (stages/cors.py)
+            for route in group:
+                if route.config.cors is not None:
+                    return route
+        allow = ", ".join(sorted({m for r in group for m in r.config.methods}))
+        error = MethodNotAllowed(
+            f"{method} is not allowed here; allowed: {allow}", headers={"Allow": allow}
+        )
+        error.route = group[0].config.name
+        raise error
 
 
 def strip(prefix: str, path: str) -> str:

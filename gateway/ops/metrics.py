@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.config.model import ALL_METHODS
-from gateway.http.exchange import Exchange
+from gateway.http.exchange import Exchange, UpstreamCall
 from gateway.ops.accesslog import STREAMS, drops
 from gateway.upstream.breaker import Circuit
 from gateway.upstream.service import Service
@@ -204,16 +204,48 @@ class Metrics:
     def observe(
         self, ex: Exchange, method: str, status: int, bytes_in: int, bytes_out: int, seconds: float
     ) -> None:
-        """Count one answered request. Plain arithmetic on the event loop; `flush()` moves the
-        sums into prometheus-client (and its multiprocess files) before each scrape and once a
-        second, so no lock is taken per request."""
+        """Count one answered request. Plain arithmetic on the event loop (inlined: it runs
+        once a request); `flush()` moves the sums into prometheus-client (and its
+        multiprocess files) before each scrape and once a second, so no lock is taken per
+        request."""
         key = (ex.route, method if method in _KNOWN_METHODS else "OTHER", status // 100)
         stats = self._pending.get(key)
         if stats is None:
             stats = self._pending[key] = _Stats(ex.service)
+        stats.count += 1
+        stats.seconds += seconds
+        stats.bytes_in += bytes_in
+        stats.bytes_out += bytes_out
+        stats.buckets[bisect_left(_BOUNDS, seconds)] += 1  # first bucket with le >= seconds
         calls = ex.calls
-        upstream_ms = calls[0].ms if calls else None  # the main call: the route's service
-        stats.add(seconds, bytes_in, bytes_out, -1.0 if upstream_ms is None else upstream_ms / 1000)
+        if not calls:
+            pass
+        elif len(calls) == 1 and calls[0].attempts == 1 and calls[0].outcome == "ok":
+            call = calls[0]  # a forward that went well: what most requests are
+            upstream = call.ms
+            if upstream is not None:  # the main call: the route's service
+                upstream /= 1000
+                stats.upstream_count += 1
+                stats.upstream_seconds += upstream
+                stats.upstream_buckets[bisect_left(_BOUNDS, upstream)] += 1
+            labels = (call.service, call.kind, "ok")
+            self._calls[labels] = self._calls.get(labels, 0) + 1
+        else:
+            self._observe_calls(stats, calls)
+        if ex.cache and ex.cache in _CACHE_RESULTS:
+            self.cache.labels(ex.route or "none", _CACHE_RESULTS[ex.cache]).inc()
+        if status == 429 and not ex.from_upstream:  # only the rate-limit stage answers 429
+            self.rate_limited.labels(ex.route or "none").inc()
+
+    def _observe_calls(self, stats: _Stats, calls: tuple[UpstreamCall, ...]) -> None:
+        """`observe` for the upstream calls of a request with retries, failures or more than
+        one call (auth sub-requests, aggregate parts)."""
+        upstream = calls[0].ms  # the main call: the route's service
+        if upstream is not None:
+            upstream /= 1000
+            stats.upstream_count += 1
+            stats.upstream_seconds += upstream
+            stats.upstream_buckets[bisect_left(_BOUNDS, upstream)] += 1
         for call in calls:  # every upstream call: the forward, auth sub-requests, parts
             labels = (call.service, call.kind, call.outcome or "unknown")
             self._calls[labels] = self._calls.get(labels, 0) + 1
@@ -221,10 +253,6 @@ class Metrics:
                 self.retries.labels(call.service).inc(call.attempts - 1)
             if call.outcome in _UPSTREAM_FAULTS:
                 self.upstream_errors.labels(call.service, call.outcome).inc()
-        if ex.cache in _CACHE_RESULTS:
-            self.cache.labels(ex.route or "none", _CACHE_RESULTS[ex.cache]).inc()
-        if status == 429 and not ex.from_upstream:  # only the rate-limit stage answers 429
-            self.rate_limited.labels(ex.route or "none").inc()
 
     def flush(self) -> None:
         """Move what `observe()` summed into the prometheus-client metrics."""
@@ -323,18 +351,6 @@ class _Stats:
         self.upstream_count = 0
         self.upstream_seconds = 0.0
         self.upstream_buckets = [0] * len(_BOUNDS)
-
-    def add(self, seconds: float, bytes_in: int, bytes_out: int, upstream: float) -> None:
-        """One request; `upstream` is the seconds until upstream headers, or < 0 for none."""
-        self.count += 1
-        self.seconds += seconds
-        self.bytes_in += bytes_in
-        self.bytes_out += bytes_out
-        self.buckets[bisect_left(_BOUNDS, seconds)] += 1  # first bucket with le >= seconds
-        if upstream >= 0:
-            self.upstream_count += 1
-            self.upstream_seconds += upstream
-            self.upstream_buckets[bisect_left(_BOUNDS, upstream)] += 1
 
 
 def _add_buckets(child: Histogram, counts: list[int], total: float) -> None:

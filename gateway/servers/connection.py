@@ -143,7 +143,9 @@ class GatewayProtocol(RequestHandler):
         if self._request_count != before:  # a head ended: its body (if any) follows
             self._head_bytes = 0
             self._payload = self._messages[-1][1] if self._messages else None
-            self._cancel_head_timer()
+            if (timer := self._head_timer) is not None:  # _cancel_head_timer, inline
+                timer.cancel()
+                self._head_timer = None
             if suspect:  # only then can a head that arrived whole be over the total
                 self._check_heads(self._request_count - before, limit)
             return

@@ -43,6 +43,7 @@ class Circuit(Enum):
 
 Ticket = int  # what `claim()` hands a request and its verdict hands back (see module docstring)
 _NO_VERDICT: Final = -1  # the ticket of a request the breaker did not let through (epochs >= 0)
+NOT_LET_THROUGH: Final = _NO_VERDICT  # what `claim()` returns when the circuit says no
 
 
 class CircuitBreaker:
@@ -87,7 +88,8 @@ class CircuitBreaker:
 
     def claim(self) -> Ticket:
         """The balancer chose this target: the request's ticket for `success()`, `failure()`
-        or `abandon()`. `is_trial(ticket)` says whether it is the half-open trial."""
+        or `abandon()`. `is_trial(ticket)` says whether it is the half-open trial. When the
+        circuit lets no request through (`allows()` is false) it is NOT_LET_THROUGH."""
         if self.state is Circuit.CLOSED:
             return self._epoch
         if self.state is Circuit.OPEN and self.allows():

@@ -300,12 +300,14 @@ class Pool:
             length = _content_length(headers)
             framing = "Transfer-Encoding: chunked\r\n" if length is None else ""
         head = self.encode_head(method, path_qs, headers, framing)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeouts.total is None else loop.time() + timeouts.total
         limit.busy += 1
         conn: _Connection | None = None
         try:
-            conn = self._take(loop)
+            conn = self._take()
+            # A pooled connection knows its loop (asyncio.get_running_loop() is a getpid
+            # system call each time, on CPython).
+            loop = conn._loop if conn is not None else asyncio.get_running_loop()
+            deadline = None if timeouts.total is None else loop.time() + timeouts.total
             while True:
                 if conn is None:
                     conn = await self._connect(loop, timeouts.connect, deadline)
@@ -334,11 +336,11 @@ class Pool:
                 conn._end(False)
             raise
 
-    def _take(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+    def _take(self) -> _Connection | None:
         idle = self._idle
         if not idle:
             return None
-        stale = loop.time() - self.idle_timeout
+        stale = idle[-1]._loop.time() - self.idle_timeout
         while idle:
             conn = idle.pop()
             transport = conn._transport
@@ -856,8 +858,10 @@ class _Connection(asyncio.BufferedProtocol):
             transport = self._transport
             assert transport is not None
             transport.pause_reading()
-        if self._head_done:
-            self._wake()
+        if self._head_done and (waiter := self._waiter) is not None:  # _wake, inline
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _parse(self, nbytes: int) -> None:
         try:
@@ -994,7 +998,8 @@ class _Connection(asyncio.BufferedProtocol):
             raise _Stop
 
     def on_body(self, body: bytes) -> None:
-        self._take_body(body)
+        self._chunks.append(body)  # _take_body, inline: once a read
+        self._buffered += len(body)
 
     def on_message_complete(self) -> None:
         if self._head_done and self._status != 101:  # not the end of a 1xx response

@@ -60,6 +60,7 @@ from gateway.http.errors import (
 from gateway.http.exchange import UpstreamCall
 from gateway.upstream.balance import make_balancer
 from gateway.upstream.breaker import (
+    NOT_LET_THROUGH,
     AlwaysClosed,
     Circuit,
     CircuitBreaker,
@@ -336,6 +337,13 @@ class Service:
             _end_streams(self._session)
             await self._session.close()
 
+    def _exhausted(self) -> PoolExhausted:
+        """max_connections requests are in flight: 503 at once, never queued or retried."""
+        return PoolExhausted(
+            f"service {self.name!r} has no free connection (max_connections)",
+            headers={"Retry-After": "1"},
+        )
+
     def _pool_full(self) -> bool:
         if self._single is not None:
             return self._single.in_flight >= self._max_connections
@@ -359,12 +367,15 @@ class Service:
         if not candidates and tried:
             candidates = [t for t in self.targets if t.available()]
         if not candidates:
-            raise NoHealthyTarget(
-                f"service {self.name!r} has no healthy target",
-                headers={"Retry-After": str(self._retry_after())},
-            )
+            raise self._none_healthy()
         target = self.balancer.pick(candidates)
         return target, target.breaker.claim()
+
+    def _none_healthy(self) -> NoHealthyTarget:
+        return NoHealthyTarget(
+            f"service {self.name!r} has no healthy target",
+            headers={"Retry-After": str(self._retry_after())},
+        )
 
     def _retry_after(self) -> int:
         """Seconds until some target may take traffic again (at least 1)."""
@@ -479,20 +490,25 @@ class Service:
         on every request's await chain."""
         started = 0.0
         if call is None:
-            call, started = UpstreamCall(self.name, kind), time.perf_counter()
-            call.started = started
+            started = time.perf_counter()
+            call = UpstreamCall(self.name, kind, started=started)
         if self._closed:  # a request that matched a table a reload replaced long ago
             raise _failed(call, started, UpstreamUnavailable(f"service {self.name!r} was removed"))
-        if self._pool_full():  # at once: never queue for a connection, never retried
-            full = PoolExhausted(
-                f"service {self.name!r} has no free connection (max_connections)",
-                headers={"Retry-After": "1"},
-            )
-            raise _failed(call, started, full)
-        try:
-            target, ticket = self.choose(tried or ())
-        except UpstreamError as none_left:
-            raise _failed(call, started, none_left) from None
+        single = self._single
+        if single is not None and not tried and single.healthy:  # `choose`, inline
+            if single.in_flight >= self._max_connections:
+                raise _failed(call, started, self._exhausted())
+            ticket = single.breaker.claim()  # it says whether the circuit lets it through
+            if ticket == NOT_LET_THROUGH:
+                raise _failed(call, started, self._none_healthy())
+            target = single
+        else:
+            if self._pool_full():  # at once: never queue for a connection, never retried
+                raise _failed(call, started, self._exhausted())
+            try:
+                target, ticket = self.choose(tried or ())
+            except UpstreamError as none_left:
+                raise _failed(call, started, none_left) from None
         if tried is not None:
             tried.append(target)
         call.target = target.label
