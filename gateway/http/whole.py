@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time, should_remove_content_length
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
+from multidict import CIMultiDict
 
 
 class WholeResponse(web.StreamResponse):
@@ -66,16 +67,8 @@ class WholeResponse(web.StreamResponse):
             headers.popall(hdrs.TRANSFER_ENCODING, None)
         elif self.content_length:
             headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
-        if hdrs.DATE not in headers:
-            headers[hdrs.DATE] = rfc822_formatted_time()
-        headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
         version = request.version
-        if hdrs.CONNECTION not in headers:
-            if keep_alive:
-                if version == HttpVersion10:
-                    headers[hdrs.CONNECTION] = "keep-alive"
-            elif version == HttpVersion11:
-                headers[hdrs.CONNECTION] = "close"
+        add_server_headers(headers, version, keep_alive)
         await request._prepare_hook(self)
         # Buffered: it goes out with the body, in one write (write_eof).
         await writer.write_headers(
@@ -88,3 +81,17 @@ class WholeResponse(web.StreamResponse):
         if self._eof_sent:
             return
         await super().write_eof(b"" if self._must_be_empty_body else self._whole)
+
+
+def add_server_headers(headers: CIMultiDict[str], version: HttpVersion, keep_alive: bool) -> None:
+    """What aiohttp's StreamResponse adds to every head: Date and Server unless set, and the
+    Connection header its keep-alive decision needs for this version (RFC 9112 §9.3)."""
+    if hdrs.DATE not in headers:
+        headers[hdrs.DATE] = rfc822_formatted_time()
+    headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
+    if hdrs.CONNECTION not in headers:
+        if keep_alive:
+            if version == HttpVersion10:
+                headers[hdrs.CONNECTION] = "keep-alive"
+        elif version == HttpVersion11:
+            headers[hdrs.CONNECTION] = "close"
