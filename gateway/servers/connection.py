@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.streams import EMPTY_PAYLOAD, EmptyStreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
@@ -136,7 +136,8 @@ class GatewayProtocol(RequestHandler):
             super().data_received(data)
             return
         before = self._request_count
-        in_head = self._payload is None or self._payload.is_eof()
+        payload = self._payload  # the last request's body: bytes now are a body's, or a head
+        in_head = payload is None or type(payload) is EmptyStreamReader or payload.is_eof()
         limit = self._limits.max_header_bytes
         suspect = in_head and self._head_bytes + len(data) > limit  # the headers may be over
         super().data_received(data)

@@ -12,6 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from gateway.http.errors import (
@@ -254,6 +258,34 @@ def create_app(gateway: Gateway) -> web.Application:
         return await dispatch(request)
 
     app._handle = handle  # type: ignore[method-assign]  # what the app's server calls
+    make_request = app._make_request
+
+    def request_factory(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+        _cls: type[web.Request] = web.Request,
+    ) -> web.Request:
+        # aiohttp's request, with the cached properties every request reads filled in from
+        # what it holds already (the values the properties would compute): each first read
+        # of one would otherwise run a Python frame. An aiohttp whose properties no longer
+        # cache there only ignores these.
+        request = make_request(message, payload, protocol, writer, task, _cls)
+        cache = request._cache
+        cache["headers"] = message.headers
+        cache["method"] = message.method
+        cache["version"] = message.version
+        cache["content"] = payload
+        peer = request._transport_peername  # what the request took from its protocol
+        if peer is not None:
+            cache["remote"] = str(peer[0]) if isinstance(peer, list | tuple) else str(peer)
+        if "scheme" not in cache:  # an absolute-form target set it already
+            cache["scheme"] = "https" if request._transport_sslcontext else "http"
+        return request
+
+    app._make_request = request_factory  # type: ignore[method-assign]  # ...and this
     app.on_response_prepare.append(apply_exchange)
     app.cleanup_ctx.append(_lifecycle)
     return app
