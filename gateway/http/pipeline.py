@@ -5,7 +5,8 @@ chain a route runs. Envoy's decode/encode filter split and lura's proxy stack, i
                     only; no body byte has been read. The first stage that answers ends it
                     (a preflight, a cache hit) and one that raises refuses (401, 413, 429...).
                     It runs before `100 Continue` is decided, so a refused request is never
-                    invited to send its body.
+                    invited to send its body. An answer that is a finished web.StreamResponse
+                    (a cache hit whose bytes the cache encoded) skips the next two phases.
     action          what answers the route: forward | aggregate | compose. It produces an
                     `UpstreamResponse` and never touches the client.
     response phase  each stage's `on_response`, innermost first: edit status and headers, wrap
@@ -65,7 +66,9 @@ class UpstreamResponse:
         self.call = call  # the upstream call it came from; None for the gateway's own answers
 
 
-Answer = UpstreamResponse | None  # what a request-phase stage returns: None goes on
+# What a request-phase stage returns: None goes on. A finished `web.StreamResponse` (a cache
+# hit whose bytes the cache encoded) is sent as it is: it has no response phase and no relay.
+Answer = UpstreamResponse | web.StreamResponse | None
 # What an action gives back: a response to relay, or one it already wrote (a WebSocket).
 Action = Callable[[web.Request, Exchange], Awaitable[UpstreamResponse | web.StreamResponse]]
 
@@ -96,5 +99,5 @@ class Prepared(NamedTuple):
     and the request phase's answer or refusal. The dispatcher goes on from there."""
 
     route: Route | None  # None when routing itself refused it (404, 405)
-    answer: UpstreamResponse | None
+    answer: Answer
     refusal: Exception | None

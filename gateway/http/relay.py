@@ -25,14 +25,15 @@ import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.client_exceptions import ClientConnectionResetError
-from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time, should_remove_content_length
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.helpers import must_be_empty_body, should_remove_content_length
+from aiohttp.http import HttpVersion11
 from aiohttp.http_writer import StreamWriter, _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.http.errors import ClientFailure, ResponseAborted
 from gateway.http.exchange import Exchange, apply_headers
 from gateway.http.pipeline import UpstreamResponse
+from gateway.http.whole import WholeResponse, add_server_headers
 
 JOIN_BELOW: Final = 16384  # bytes: a head and a chunk this small are joined, else writelines
 _LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -96,15 +97,7 @@ class RelayedResponse(web.StreamResponse):
                 self._remaining = length
             if length != 0:
                 headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
-        if hdrs.DATE not in headers:
-            headers[hdrs.DATE] = rfc822_formatted_time()
-        headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
-        if hdrs.CONNECTION not in headers:
-            if keep_alive:
-                if version == HttpVersion10:
-                    headers[hdrs.CONNECTION] = "keep-alive"
-            elif version == HttpVersion11:
-                headers[hdrs.CONNECTION] = "close"
+        add_server_headers(headers, version, keep_alive)
         self._keep_alive = keep_alive
         apply_headers(self._exchange, headers)
         return _serialize_headers(
@@ -193,7 +186,7 @@ async def relay(
     body = up.body
     try:
         if isinstance(body, bytes):  # made whole by the gateway (a preflight, a cache hit)
-            return web.Response(status=up.status, reason=up.reason, headers=up.headers, body=body)
+            return WholeResponse(up.status, up.reason, up.headers, body)
         buffered = getattr(body, "buffered", None)  # the upstream client's: bytes waiting
         waiting = buffered is not None and buffered() > 0
         response = RelayedResponse(up, exchange, defer_head=waiting)

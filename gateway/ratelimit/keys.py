@@ -45,6 +45,16 @@ def subject_of(key: str) -> Subject:
     return _ip
 
 
+def key_of(bucket: str, key: str) -> Subject:
+    """The whole bucket key of a request on a route whose own part is `bucket`: that, then the
+    subject. The default key (`ip`) is one concatenation, its prefix joined once."""
+    if key != "ip":
+        subject = subject_of(key)
+        return lambda exchange, headers: bucket + subject(exchange, headers)
+    ip = bucket + "ip:"
+    return lambda exchange, headers: ip + exchange.client
+
+
 def _ip(exchange: Exchange, headers: Mapping[str, str]) -> str:
     return "ip:" + exchange.client
 
@@ -65,11 +75,12 @@ class HeaderMaker:
     """The rate-limit headers of one route: the fixed ones made once, two values per request.
     RateLimit-Limit is the bucket's size (`burst`), so Remaining never exceeds it."""
 
-    __slots__ = ("_limit", "_policy")
+    __slots__ = ("_capacity", "_interval", "_limit", "_policy")
 
     def __init__(self, policy: RateLimitPolicy) -> None:
         self._limit = (RATELIMIT_LIMIT, str(policy.burst))
         self._policy = (RATELIMIT_POLICY, policy_text(policy))
+        self._interval, self._capacity = policy.interval_us, policy.capacity_us
 
     def headers(self, decision: Decision) -> tuple[tuple[str, str], ...]:
         reset = decision.reset
@@ -78,6 +89,16 @@ class HeaderMaker:
             self._limit,
             (RATELIMIT_REMAINING, str(decision.remaining)),
             (RATELIMIT_RESET, str(whole if whole == reset else whole + 1)),
+            self._policy,
+        )
+
+    def admitted(self, answer: int) -> tuple[tuple[str, str], ...]:
+        """`headers` for an admitted take's signed answer (> 0: microseconds to the bucket's
+        TAT), in integers: the same values, without making a Decision first."""
+        return (
+            self._limit,
+            (RATELIMIT_REMAINING, str((self._capacity - answer) // self._interval)),
+            (RATELIMIT_RESET, str(-(-answer // 1_000_000))),  # whole seconds, rounded up
             self._policy,
         )
 

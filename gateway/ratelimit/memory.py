@@ -6,18 +6,21 @@ so each new key first drops the full buckets at the front of every table: what s
 what was used within the last `burst` intervals. A hard cap (`max_keys`, default 100 000)
 bounds even a client that sprays fresh keys faster than buckets refill; at the cap the least
 recently used bucket goes (that key starts again full: the cap errs towards admitting).
-Exact under concurrency: a take runs to completion on the event loop, with no await inside.
+Exact under concurrency: a take is a plain call that runs to completion on the event loop.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Final
 
 from gateway.config.model import RateLimitPolicy
-from gateway.ratelimit.bucket import Clock, Decision, monotonic_us, take
+from gateway.ratelimit.bucket import Clock, Decision, decided, monotonic_us, step
 
 DEFAULT_MAX_KEYS: Final = 100_000
+
+Taker = Callable[[str], int]  # bucket key -> the take's signed answer (bucket.py)
 
 
 class MemoryStore:
@@ -34,19 +37,30 @@ class MemoryStore:
         return self.take(key, policy)
 
     def take(self, key: str, policy: RateLimitPolicy) -> Decision:
-        now = self._clock()
-        shape = (policy.interval_us, policy.capacity_us)
+        return decided(self.taker(policy)(key), policy)
+
+    def taker(self, policy: RateLimitPolicy) -> Taker:
+        """The take for buckets of `policy`, its table looked up once: what the stage calls per
+        request (a plain call, no coroutine, no Decision)."""
+        interval, capacity = policy.interval_us, policy.capacity_us
+        shape = (interval, capacity)
         table = self._tables.get(shape)
         if table is None:
             table = self._tables[shape] = OrderedDict()
-        tat = table.get(key)
-        if tat is None:
-            self._make_room(table, now)
-            self._size += 1
-        else:
-            table.move_to_end(key)
-        table[key], decision = take(tat, now, policy)
-        return decision
+        clock, move_to_end = self._clock, table.move_to_end
+
+        def take(key: str) -> int:
+            now = clock()
+            tat = table.get(key)
+            if tat is None:
+                self._make_room(table, now)
+                self._size += 1
+            else:
+                move_to_end(key)
+            table[key], answer = step(tat, now, interval, capacity)
+            return answer
+
+        return take
 
     def evict_idle(self) -> None:
         """Drop every bucket that is full again (new keys do this as they come)."""

@@ -1,27 +1,37 @@
 """The shared store: every worker and replica takes from one bucket per key in Redis.
 
-One check is one EVALSHA of the script below (redis-py's registered script: EVAL once if the
-server does not know it yet), so it is atomic; checks made in the same event-loop iteration
-share one pipeline, so a batch is one round trip. The script reads the Redis
-server's TIME, so gateways with skewed clocks still agree, and stores each bucket with PX at
-the moment it is full again: an idle key expires on its own. The client is made on the event
-loop at the first check, with socket timeouts at `store.timeout` and no retries (the guard in
-store.py owns the time budget), and closed at shutdown.
+Every check is made by the one Lua script below, on the Redis server's clock (TIME), and
+stores its bucket with PX at the moment it is full again, so an idle key expires on its own.
+Checks are batched: those made while a round trip is under way (or in the same event-loop
+iteration, for the first) go together as one EVALSHA of the script over all their keys,
+which takes each bucket in turn. A script runs atomically, so each check is atomic (and sees
+every check before it, in its batch or not), and a check costs one round trip, shared with
+its batch: one write, one reply, one script call for the lot. One batch is in flight at a
+time, on one connection held for the store's life (redis-py's, with its hiredis parser;
+redis-py reconnects it after a failure).
+
+Time: each batch has one timer, started when its first check joins, at `store.timeout`. When
+it fires, the batch's checks fail with TimeoutError (the guard in store.py decides them by
+on_store_error), and a round trip still under way is cancelled, which drops its connection.
+So the connection has no timer per read or write of its own; connecting is bounded by
+`socket_connect_timeout` too. The client is made on the event loop at the first check, with
+no retries, and closed at shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.util
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from gateway.config.model import RateLimitPolicy, RateLimitStoreConfig
 from gateway.config.redisurl import SENTINEL_SCHEMES, parse_sentinel
@@ -35,33 +45,59 @@ _NO_SETINFO: Final[dict[str, None]] = (
     else {"lib_name": None, "lib_version": None}
 )
 
-# KEYS[1] the bucket; ARGV[1] microseconds per token; ARGV[2] burst * ARGV[1].
-# Returns {1 admitted | 0 refused, microseconds from now to the bucket's TAT}. bucket.py's
-# take() in Lua; '%.0f' writes the TAT whole (tostring would round it to 14 digits).
+# KEYS: the buckets of a batch. ARGV: runs of keys that share a policy, in KEYS order, three
+# numbers each: how many keys, microseconds per token, burst * that. Returns one signed
+# integer per key: bucket.py's step() in Lua (> 0 admitted: microseconds from now to the TAT;
+# <= 0 refused: minus that). '%.0f' writes the TAT whole (tostring would round it to 14
+# digits). A key twice in one batch is taken twice, the second seeing the first.
 TAKE_SCRIPT: Final = """
-local interval = tonumber(ARGV[1])
-local capacity = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then tat = now end
-local ahead = tat + interval - now
-if ahead > capacity then return {0, tat - now} end
-redis.call('SET', KEYS[1], string.format('%.0f', tat + interval), 'PX', math.ceil(ahead / 1000))
-return {1, ahead}
+local answers, k = {}, 1
+for run = 1, #ARGV, 3 do
+  local interval = tonumber(ARGV[run + 1])
+  local capacity = tonumber(ARGV[run + 2])
+  for _ = 1, tonumber(ARGV[run]) do
+    local tat = tonumber(redis.call('GET', KEYS[k]))
+    if tat == nil or tat < now then tat = now end
+    local ahead = tat + interval - now
+    if ahead > capacity then
+      answers[k] = now - tat
+    else
+      redis.call('SET', KEYS[k], string.format('%.0f', tat + interval),
+                 'PX', math.ceil(ahead / 1000))
+      answers[k] = ahead
+    end
+    k = k + 1
+  end
+end
+return answers
 """
+TAKE_SHA: Final = hashlib.sha1(TAKE_SCRIPT.encode()).hexdigest()  # what EVALSHA names
 
 
-def _expire(batch: list[tuple[str, RateLimitPolicy, asyncio.Future[Decision]]]) -> None:
-    for _, _, future in batch:
-        if not future.done():
-            future.set_exception(TimeoutError())
+class _Batch:
+    """Checks that go to Redis together: their keys, the script's ARGV, a future each."""
+
+    __slots__ = ("args", "futures", "keys", "loop", "policy", "run", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.keys: list[str] = []
+        self.args: list[int] = []
+        self.futures: list[asyncio.Future[int]] = []
+        self.policy: RateLimitPolicy | None = None  # the policy of the last run in `args`
+        self.run = 0  # where in `args` that run's count is
+        self.timer: asyncio.TimerHandle | None = None
+
+    def fail(self, error: Exception) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_exception(error)
 
 
 class RedisStore:
-    """Checks issued in the same event-loop iteration go to Redis together: one pipeline (no
-    MULTI), one EVALSHA per check, so each check is still one atomic script, and the batch
-    costs one round trip and one write instead of one per check."""
+    """The shared store; see the module's docstring for how checks are batched and timed."""
 
     bounded: Final = True  # every check is answered within store.timeout, by its batch's timer
 
@@ -70,123 +106,139 @@ class RedisStore:
         self._url = config.redis
         self._timeout = config.timeout
         self._client: aioredis.Redis | None = None
-        self._script: AsyncScript | None = None
-        self._pending: list[tuple[str, RateLimitPolicy, asyncio.Future[Decision]]] = []
-        self._flushes: set[asyncio.Task[None]] = set()  # referenced until done
+        self._connection: AbstractConnection | None = None
+        self._open: _Batch | None = None  # checks joining, not sent yet
+        self._sending: _Batch | None = None  # the batch in flight
+        self._sender: asyncio.Task[None] | None = None  # sends batches while there are any
+        self._abandoned: _Batch | None = None  # in flight, its time up: the sender cancelled
+        self._closed = False
 
     async def hit(self, key: str, policy: RateLimitPolicy) -> Decision:
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._pending.append((key, policy, future))
-        if len(self._pending) == 1:  # the first of this iteration: its flush runs after it
-            task = asyncio.create_task(self._flush())
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
-        return await future
+        batch = self._open or self._begin()
+        future: asyncio.Future[int] = batch.loop.create_future()
+        batch.futures.append(future)
+        batch.keys.append(KEY_PREFIX + key)
+        if policy is batch.policy:
+            batch.args[batch.run] += 1
+        else:  # a new run: checks of one route come in runs, so ARGV stays short
+            batch.policy, batch.run = policy, len(batch.args)
+            batch.args += (1, policy.interval_us, policy.capacity_us)
+        return decided(await future, policy)
 
-    async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        # One timer per batch bounds each of its checks (so the guard needs none per check).
-        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, batch)
+    def _begin(self) -> _Batch:
+        """A new open batch, its timer started; the sender started if it is not running (its
+        first step comes after this iteration's other checks have joined)."""
+        loop = asyncio.get_running_loop()
+        batch = self._open = _Batch(loop)
+        batch.timer = loop.call_later(self._timeout, self._expire, batch)
+        if self._sender is None:
+            self._sender = loop.create_task(self._send())
+        return batch
+
+    def _expire(self, batch: _Batch) -> None:
+        """The batch's time is up: its checks fail, and if it is in flight its round trip is
+        cancelled (that drops the connection: the reply may never come)."""
+        batch.fail(TimeoutError())
+        if batch is self._open:
+            self._open = None
+        elif batch is self._sending and self._sender is not None:
+            self._abandoned = batch
+            self._sender.cancel()
+
+    async def _send(self) -> None:
         try:
-            await self._answer(batch)
-        finally:
-            timer.cancel()
-
-    async def _answer(
-        self, batch: list[tuple[str, RateLimitPolicy, asyncio.Future[Decision]]]
-    ) -> None:
-        try:
-            if len(batch) == 1:  # nothing to batch: redis-py's script call, EVAL on NOSCRIPT
-                key, policy, future = batch[0]
-                replies: list[Any] = [await self._one(key, policy)]
-            else:
-                replies = await self._many(batch)
-                unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if unknown:  # a fresh or restarted Redis: load the script once, ask those again
-                    assert self._client is not None
-                    await self._client.script_load(TAKE_SCRIPT)
-                    again = await self._many([batch[i] for i in unknown])
-                    for i, reply in zip(unknown, again, strict=True):
-                        replies[i] = reply
-        except Exception as exc:  # the whole batch failed: each waiting check hears it
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, policy, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # its guard gave up waiting
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                admitted, ahead = reply
-                future.set_result(decided(admitted == 1, int(ahead), policy))
-
-    async def _one(self, key: str, policy: RateLimitPolicy) -> Any:
-        script = self._script or self._connect()
-        return await script(keys=[KEY_PREFIX + key], args=[policy.interval_us, policy.capacity_us])
-
-    async def _many(self, batch: list[tuple[str, RateLimitPolicy, Any]]) -> list[Any]:
-        """One write of every EVALSHA, then their replies in order, on one pooled connection
-        (redis-py's Pipeline would do the same with more Python per command). An error reply
-        (NOSCRIPT) is that check's answer; a failed connection is the whole batch's."""
-        script = self._script or self._connect()
-        assert self._client is not None
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            commands = [
-                ("EVALSHA", script.sha, 1, KEY_PREFIX + key, policy.interval_us, policy.capacity_us)
-                for key, policy, _ in batch
-            ]
-            await connection.send_packed_command(
-                connection.pack_commands(commands), check_health=False
-            )
-            replies: list[Any] = []
-            for _ in batch:
+            while (batch := self._open) is not None:
+                self._open, self._sending = None, batch
                 try:
-                    replies.append(await connection.read_response())
-                except ResponseError as error:  # read whole: the next reply follows
-                    replies.append(error)
-        except BaseException:
-            await connection.disconnect(nowait=True)  # replies may be left unread on it
-            raise
+                    if self._closed:
+                        raise ConnectionError("the rate-limit store is closed")
+                    answers = await self._round_trip(batch)
+                except asyncio.CancelledError:
+                    if self._abandoned is not batch or self._closed:
+                        raise  # a shutdown
+                    self._abandoned = None
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()  # only the batch's timer: go on with the next one
+                except Exception as exc:  # the round trip failed: each check hears it
+                    batch.fail(exc)
+                else:
+                    for future, answer in zip(batch.futures, answers, strict=True):
+                        if not future.done():  # else its timer answered it, or it was cancelled
+                            future.set_result(answer)
+                finally:
+                    self._sending = None
+                    if batch.timer is not None:
+                        batch.timer.cancel()
         finally:
-            await pool.release(connection)
-        return replies
+            self._sender = None
 
-    def _connect(self) -> AsyncScript:
-        self._client = client(self._url, self._timeout)
-        self._script = self._client.register_script(TAKE_SCRIPT)
-        return self._script
+    async def _round_trip(self, batch: _Batch) -> list[int]:
+        """One EVALSHA of the whole batch and its reply. A Redis that does not know the script
+        (fresh, restarted, flushed) is sent EVAL of it instead, which caches it there again. A
+        failed write or read, or a cancelled one, makes redis-py drop the connection."""
+        connection = self._connection or await self._connect()
+        count = len(batch.keys)
+        try:
+            await connection.send_packed_command(
+                connection.pack_command("EVALSHA", TAKE_SHA, count, *batch.keys, *batch.args),
+                check_health=False,
+            )
+            answers: list[int] = await connection.read_response()
+        except NoScriptError:  # its reply was read whole: the connection is fine
+            await connection.send_packed_command(
+                connection.pack_command("EVAL", TAKE_SCRIPT, count, *batch.keys, *batch.args),
+                check_health=False,
+            )
+            answers = await connection.read_response()
+        return answers
+
+    async def _connect(self) -> AbstractConnection:
+        if self._client is None:
+            self._client = client(self._url, self._timeout, io_timeouts=False)
+        pool = self._client.connection_pool
+        connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        self._connection = connection  # held, never released to the pool until close
+        return connection
 
     async def close(self) -> None:
-        for task in list(self._flushes):  # their checks' guards answer them
-            task.cancel()
+        self._closed = True
+        sender = self._sender
+        if sender is not None:
+            sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        client, self._client, self._script = self._client, None, None
+                await sender
+        for batch in (self._open, self._sending):
+            if batch is not None:
+                batch.fail(ConnectionError("the rate-limit store is closed"))
+        client, self._client = self._client, None
+        connection, self._connection = self._connection, None
         if client is not None:
+            if connection is not None:
+                await client.connection_pool.release(connection)
             await client.aclose()
 
 
-def client(url: str, timeout: float) -> aioredis.Redis:
+def client(url: str, timeout: float, *, io_timeouts: bool = True) -> aioredis.Redis:
     """A redis-py asyncio client for store.redis: redis://, rediss://, unix:// as redis-py
-    reads them (query options included), or redis+sentinel:// (see gateway/redisurl.py)."""
+    reads them (query options included), or redis+sentinel:// (see gateway/redisurl.py).
+    `timeout` bounds connecting and, unless `io_timeouts` is False (a caller that bounds each
+    round trip itself), each read and write; queries to Sentinels are bounded either way."""
     # No CLIENT SETINFO: it costs a round trip per new connection, and finding redis-py's own
     # version reads package metadata from disk, on the event loop.
-    options: dict[str, Any] = {
+    bounded: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         **_NO_SETINFO,
     }
+    options = bounded if io_timeouts else {**bounded, "socket_timeout": None}
     if url.split("://", 1)[0] not in SENTINEL_SCHEMES:
         return aioredis.Redis.from_url(url, **options)
     where = parse_sentinel(url)
     auth = {"username": where.username, "password": where.password, "ssl": where.tls}
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # not annotated upstream
-        list(where.sentinels), sentinel_kwargs={**options, **auth}, **options
+        list(where.sentinels), sentinel_kwargs={**bounded, **auth}, **options
     )
     master: aioredis.Redis = sentinel.master_for(where.master, db=where.db, **auth)  # type: ignore[arg-type]
     return master

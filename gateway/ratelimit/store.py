@@ -1,8 +1,8 @@
 """The store protocol, the guard every shared store runs behind, and the process's holder.
 
-The guard bounds a check by `store.timeout` (asyncio.timeout, on top of the client's own
-socket timeouts; a store that says it is `bounded` keeps to it itself, as RedisStore does with
-one timer per batch of checks), and when the store is slow or down it decides by
+The guard bounds a check by `store.timeout` (asyncio.timeout; a store that says it is
+`bounded` keeps to it itself, as RedisStore does with one timer per batch of checks, and is
+awaited with no timer of the guard's), and when the store is slow or down it decides by
 `on_store_error`: admit without checking (allow, the default) or refuse with 503 (deny).
 Each failed check is counted; the change from answering to failing is logged once, and the
 first answer after that once. Recovery needs nothing: every check asks the store again.

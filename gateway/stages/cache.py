@@ -1,8 +1,10 @@
 """The response cache as a request/response stage (CONTRACT §10).
 
 `on_request` runs before the body is read: a fresh entry answers at once (HIT, or 304 for a
-matching If-None-Match / If-Modified-Since); otherwise the request goes on (MISS), after
-waiting for another request of the same key that is already upstream (coalesce.py).
+matching If-None-Match / If-Modified-Since), mostly as bytes encoded once per entry and sent
+as they are (gateway/cache/wire.py), else through the relay; otherwise the request goes on
+(MISS), after waiting for another request of the same key that is already upstream
+(coalesce.py).
 `on_response` tees a storable response: the client gets each chunk as it arrives, and the
 entry is written once the body completed within `max_object_bytes` (larger bodies stream on,
 uncached, never held whole). A successful POST, PUT, PATCH or DELETE drops its path and parent
@@ -29,6 +31,7 @@ from gateway.cache.coalesce import MAX_WAIT_SECONDS, Coalescer, Flight
 from gateway.cache.invalidate import Invalidator
 from gateway.cache.policy import Entry, Freshness
 from gateway.cache.store import CacheStore
+from gateway.cache.wire import Wire
 from gateway.config.model import CachePolicy, RouteConfig
 from gateway.http.errors import UpstreamError
 from gateway.http.exchange import Exchange
@@ -85,6 +88,7 @@ class CacheStage:
         self.coalescer = coalescer
         self.invalidator = invalidator
         self.clock = clock
+        self.wire = Wire()  # this route's encoded heads
         t = route.timeouts
         self.wait = t.total or ((t.connect or 0) + (t.read or 0)) or MAX_WAIT_SECONDS
 
@@ -99,14 +103,19 @@ class CacheStage:
         if policy.bypass_reason(req, self.rule, exchange.consumer) is not None:
             self._mark(exchange, "BYPASS", BYPASS)
             return None
-        parts = policy.base_key(
-            exchange.path + exchange.query, self.rule, exchange.consumer, headers
-        )
+        path = exchange.path
+        parts = policy.base_key(path + exchange.query, self.rule, exchange.consumer, headers)
+        found = self.store.hot(path, parts, headers)  # the usual hit: no await, no notes
+        now = self.clock()
+        hot = None if found is None else found.entry
+        if hot is not None and not req.revalidate and hot.fresh(now):
+            return self._hit(exchange, request, hot, now)
         notes = _Notes(parts, headers, method == "HEAD")
         exchange.cache_state = notes
-        found = await self.store.lookup(exchange.path, parts, headers)
+        if found is None:
+            found = await self.store.lookup(path, parts, headers)
+            now = self.clock()
         notes.generation = found.generation
-        now = self.clock()
         entry = found.entry
         if entry is not None and not req.revalidate and entry.fresh(now):
             return self._hit(exchange, request, entry, now)
@@ -196,16 +205,18 @@ class CacheStage:
 
     def _hit(
         self, exchange: Exchange, request: web.Request, entry: Entry, now: float
-    ) -> UpstreamResponse:
+    ) -> UpstreamResponse | web.StreamResponse:
         notes = exchange.cache_state
         if isinstance(notes, _Notes):
             self._finish(notes, False)
         self._mark(exchange, "HIT", HIT)
+        age = entry.age(now)
         if policy.not_modified(entry, request.headers):
             kept = [(n, v) for n, v in entry.headers if n.lower() in policy.NOT_MODIFIED_KEEP]
-            kept.append((AGE, str(entry.age(now))))
+            kept.append((AGE, str(age)))
             return UpstreamResponse(304, kept, b"", reason="Not Modified")
-        return self._answer(entry, now)
+        # Sent as it is when the entry's encoded head serves (cache/wire.py); else relayed.
+        return self.wire.answer(request, exchange, entry, age) or self._answer(entry, age)
 
     def _stale(self, exchange: Exchange, notes: _Notes) -> UpstreamResponse:
         assert notes.stale is not None
@@ -214,12 +225,12 @@ class CacheStage:
             *(h for h in exchange.response_headers if h[0] != X_CACHE),
             *STALE,
         )
-        return self._answer(notes.stale, self.clock())
+        return self._answer(notes.stale, notes.stale.age(self.clock()))
 
     @staticmethod
-    def _answer(entry: Entry, now: float) -> UpstreamResponse:
+    def _answer(entry: Entry, age: int) -> UpstreamResponse:
         """The entry, whole: the relay sends Content-Length, and no body to a HEAD."""
-        headers = [*entry.headers, (AGE, str(entry.age(now)))]
+        headers = [*entry.headers, (AGE, str(age))]
         return UpstreamResponse(entry.status, headers, entry.body, reason=entry.reason)
 
     async def _store(  # and give the coalescing slot back, saying whether it stored

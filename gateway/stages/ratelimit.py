@@ -11,7 +11,8 @@ from gateway.config.model import RateLimitPolicy, RouteConfig
 from gateway.http.errors import RateLimited
 from gateway.http.exchange import Exchange
 from gateway.http.pipeline import Answer
-from gateway.ratelimit.keys import RETRY_AFTER, HeaderMaker, retry_after, subject_of
+from gateway.ratelimit.bucket import decided
+from gateway.ratelimit.keys import RETRY_AFTER, HeaderMaker, key_of, retry_after
 from gateway.ratelimit.memory import MemoryStore
 from gateway.ratelimit.store import RateLimitStore
 
@@ -19,28 +20,34 @@ from gateway.ratelimit.store import RateLimitStore
 class RateLimitStage:
     """Request phase only: one token for the request's key, or 429."""
 
-    __slots__ = ("bucket", "detail", "maker", "policy", "store", "subject", "take")
+    __slots__ = ("detail", "key", "maker", "policy", "store", "take")
 
     def __init__(self, route: RouteConfig, policy: RateLimitPolicy, store: RateLimitStore) -> None:
         self.policy, self.store = policy, store
-        # The memory store's take is synchronous: called directly, no coroutine per request.
-        self.take = store.take if isinstance(store, MemoryStore) else None
-        self.subject = subject_of(policy.key)
-        self.bucket = f"rl:{route.prefix}|"  # per route: by prefix, stable across reloads
+        # The memory store's take is a plain call for this policy's table, answering an int:
+        # no coroutine, no Decision per request.
+        self.take = store.taker(policy) if isinstance(store, MemoryStore) else None
+        # per route: by prefix, stable across reloads
+        self.key = key_of(f"rl:{route.prefix}|", policy.key)
         self.maker = HeaderMaker(policy)
         self.detail = (
             f"this route admits {policy.limit} requests per {policy.per:g}s; try again later"
         )
 
     async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
-        key = self.bucket + self.subject(exchange, request.headers)
+        key = self.key(exchange, request.headers)
         take = self.take
         if take is not None:
-            decision = take(key, self.policy)
+            answer = take(key)
+            if answer > 0:
+                exchange.response_headers += self.maker.admitted(answer)
+                return None
+            decision = decided(answer, self.policy)
         else:
             decision = await self.store.hit(key, self.policy)
-        if decision.checked:
-            exchange.response_headers += self.maker.headers(decision)
+            if not decision.checked:  # the store did not answer: nothing to report
+                return None
+        exchange.response_headers += self.maker.headers(decision)
         if not decision.allowed:
             raise RateLimited(self.detail, headers={RETRY_AFTER: retry_after(decision)})
         return None

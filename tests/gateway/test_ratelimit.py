@@ -111,6 +111,19 @@ def test_the_policy_header_says_limit_and_window_and_burst_only_when_it_differs(
     }
 
 
+def test_the_headers_of_an_admitted_take_are_the_same_made_from_its_answer_or_decision() -> None:
+    policy = RateLimitPolicy(limit=7, per=3.0, burst=4)  # an interval that is not whole ms
+    clock = FakeClock()
+    answers, decisions = MemoryStore(clock).taker(policy), MemoryStore(clock)
+    maker = HeaderMaker(policy)
+    for _ in range(6):
+        answer, decision = answers("k"), decisions.take("k", policy)
+        assert (answer > 0) == decision.allowed
+        if decision.allowed:
+            assert maker.admitted(answer) == maker.headers(decision)
+        clock.now += 123_457
+
+
 BASE = """
 version: 1
 services:

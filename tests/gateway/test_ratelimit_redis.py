@@ -185,3 +185,81 @@ async def test_a_redis_that_never_answers_costs_a_request_at_most_the_store_time
             assert [r.status for r in responses] == [status] * concurrent
             assert elapsed < 0.1 + 0.4, elapsed  # the timeout, plus a loaded machine's slack
         assert store_errors(client) == 11
+
+
+async def test_a_batch_mixing_keys_and_routes_gives_each_bucket_exactly_its_burst(
+    redis: RedisServer,
+) -> None:
+    store = RedisStore(RateLimitStoreConfig(redis=redis.url))
+    probe = redis_client(redis.url, 2.0)
+    small = RateLimitPolicy(limit=1, per=3600.0, burst=3)
+    large = RateLimitPolicy(limit=1, per=60.0, burst=5)
+    keys = [f"rl:/{route}-{redis.namespace}|ip:{client}" for route in "ab" for client in (1, 2)]
+    policies = {key: small if "/a-" in key else large for key in keys}
+    # Interleaved so that keys and policies alternate within the one batch.
+    checks = [key for _ in range(8) for key in keys]
+    try:
+        await store.hit(f"rl:warm-{redis.namespace}|ip:0", small)  # the script is loaded
+        before = await probe.info("commandstats")
+        decisions = await asyncio.gather(*(store.hit(key, policies[key]) for key in checks))
+        after = await probe.info("commandstats")
+        calls = after["cmdstat_evalsha"]["calls"] - before["cmdstat_evalsha"]["calls"]
+        assert calls == 1  # one script call for the whole batch
+        for key in keys:
+            mine = [d for k, d in zip(checks, decisions, strict=True) if k == key]
+            burst = policies[key].burst
+            assert [d.allowed for d in mine] == [True] * burst + [False] * (8 - burst)
+            assert [d.remaining for d in mine[:burst]] == list(range(burst - 1, -1, -1))
+            assert all(d.retry_after > 0 for d in mine[burst:])
+    finally:
+        await store.close()
+        await probe.aclose()
+
+
+async def test_checks_made_during_a_round_trip_go_together_in_the_next_one(
+    redis: RedisServer,
+) -> None:
+    store = RedisStore(RateLimitStoreConfig(redis=redis.url))
+    probe = redis_client(redis.url, 2.0)
+    policy = RateLimitPolicy(limit=1, per=3600.0, burst=100)
+    key = f"rl:follow-{redis.namespace}|ip:1"
+    try:
+        await store.hit(key, policy)  # the script is loaded, the connection made
+        before = (await probe.info("commandstats"))["cmdstat_evalsha"]["calls"]
+        first = asyncio.ensure_future(store.hit(key, policy))
+        await asyncio.sleep(0)  # the first batch (one check) is on its way
+        await asyncio.sleep(0)
+        followers = [asyncio.ensure_future(store.hit(key, policy)) for _ in range(30)]
+        decisions = await asyncio.gather(first, *followers)
+        after = (await probe.info("commandstats"))["cmdstat_evalsha"]["calls"]
+        assert after - before == 2  # the first, then the thirty together
+        assert sorted(d.remaining for d in decisions) == list(range(68, 99))
+    finally:
+        await store.close()
+        await probe.aclose()
+
+
+async def test_a_round_trip_cut_by_the_timeout_never_answers_a_later_check(
+    redis: RedisServer,
+) -> None:
+    """Redis stalls with a check in flight: it times out, and when Redis answers again a
+    later check gets its own answer, not the late reply of the abandoned one."""
+    if not redis.owned:
+        pytest.skip("pauses Redis: needs a private redis-server, not REDIS_URL")
+    store = RedisStore(RateLimitStoreConfig(redis=redis.url, timeout=0.1))
+    policy = RateLimitPolicy(limit=1, per=3600.0, burst=10)
+    used, fresh = f"rl:used-{redis.namespace}|ip:1", f"rl:fresh-{redis.namespace}|ip:1"
+    try:
+        for _ in range(5):
+            await store.hit(used, policy)  # its next answer would say 4 remaining
+        redis.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await store.hit(used, policy)
+            assert time.monotonic() - started < 0.1 + 0.4  # the timeout, plus slack
+        finally:
+            redis.resume()
+        assert (await store.hit(fresh, policy)).remaining == 9  # its own bucket's answer
+    finally:
+        await store.close()

@@ -7,6 +7,8 @@ attributes, the sampling decision, and that a dead collector costs clients nothi
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,17 +16,20 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer, make_mocked_request
+from multidict import istr
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.config.build import load_text
 from gateway.http.exchange import start_exchange
-from gateway.ops import tracing
+from gateway.ops import spanexport, tracing
 from gateway.runtime.state import Gateway
 from tests.gateway.conftest import GatewayClient, GatewayTestServer, base_url, compile_gateway
 from tests.polling import eventually, free_port
@@ -339,7 +344,7 @@ async def test_a_dead_collector_costs_clients_nothing_and_dropped_spans_are_coun
     )
 
     slowest, statuses = 0.0, []
-    for _ in range(100):
+    for _ in range(200):
         started = time.perf_counter()
         response = await client.get("/open")
         await response.read()
@@ -348,11 +353,12 @@ async def test_a_dead_collector_costs_clients_nothing_and_dropped_spans_are_coun
     gateway.metrics.flush()
     dropped = gateway.metrics.registry.get_sample_value("gateway_trace_spans_dropped_total")
 
-    assert statuses == [200] * 100
+    assert statuses == [200] * 200
     assert slowest < 0.5  # loopback requests: milliseconds; an export wait would be seconds
-    # 200 spans, at most 8 queued and one batch of 8 held by the exporter's retries.
+    # 400 spans, 2 a request: at most 8 requests queued, one batch of 8 in the processor's
+    # hands, and WINDOW messages (a batch each) held by the export process, retrying.
     assert dropped is not None
-    assert dropped >= 200 - 2 * small_queue
+    assert dropped >= 400 - 2 * small_queue * (2 + spanexport.WINDOW)
 
 
 async def test_closing_the_gateway_with_a_dead_collector_is_bounded(
@@ -449,3 +455,145 @@ async def test_a_reload_keeps_the_tracing_the_process_started_with(
         assert "changing tracing needs a restart" in caplog.text
     finally:
         await gateway.tracer.close(timeout=0.5)
+
+
+# The export process (gateway/ops/spanexport.py): supervised, bounded, flushed at shutdown.
+
+
+@dataclass
+class GatedCollector(Collector):
+    """A collector whose answers wait until `gate` is set: an export stays in flight."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: int = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.arrived += 1
+        await self.gate.wait()
+        return await super().handle(request)
+
+
+async def test_a_killed_export_process_is_restarted_and_the_spans_it_held_are_counted(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    accounts: TestServer,
+    echo_upstream: TestServer,
+) -> None:
+    received = GatedCollector()
+    app = web.Application()
+    app.router.add_post("/v1/traces", received.handle)
+    server = await aiohttp_server(app)
+    client, gateway = await traced(
+        aiohttp_client, collector=server, accounts=accounts, echo=echo_upstream
+    )
+    assert gateway.tracer is not None
+    exporter = gateway.tracer.exporter
+
+    await client.get("/open")  # its 2 spans: in the export process's POST, which waits
+    await asyncio.to_thread(gateway.tracer.processor.force_flush)
+    await eventually(lambda: received.arrived == 1, within=15.0)
+    first = exporter.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: _dead(first))
+    received.gate.set()
+    later = sent_traceparent(await (await client.get("/open")).json())
+    assert await asyncio.to_thread(gateway.tracer.flush, 15.0)  # to a new export process
+    await client.get("/open")  # the loss is counted on the loop, at the next span
+    gateway.metrics.flush()
+
+    assert exporter.starts == 2
+    assert exporter.pid not in (None, first)
+    assert gateway.metrics.registry.get_sample_value("gateway_trace_spans_dropped_total") == 2
+    assert later[3:35] in {s.trace_id.hex() for s in received.by_name("GET /open")}
+
+
+async def test_a_hung_export_process_is_killed_and_the_spans_it_held_are_counted(
+    collector: tuple[Collector, TestServer],
+) -> None:
+    received, server = collector
+    exporter = spanexport.ExportProcess(
+        f"{base_url(server)}/v1/traces", 0.5, {"service.name": "edge"}, "gateway"
+    )  # 0.5 s export timeout: hung after 2 s without an answer
+    records = [_record(f"span {n}") for n in range((spanexport.WINDOW + 1) * spanexport.CHUNK)]
+    try:
+        await asyncio.to_thread(exporter.start)
+        hung = exporter.pid
+        assert hung is not None
+        os.kill(hung, signal.SIGSTOP)  # it reads nothing more, and answers nothing
+
+        result = await asyncio.to_thread(exporter.export, [records])  # fills the window, waits
+        assert await asyncio.to_thread(exporter.force_flush, 15000)
+    finally:
+        await asyncio.to_thread(exporter.shutdown, 5000)
+
+    assert result is SpanExportResult.SUCCESS
+    assert exporter.starts == 2
+    # What the hung one held (its window, or less if the socket's buffer is smaller) is
+    # counted; the rest went to the next one.
+    assert spanexport.CHUNK <= exporter.lost <= spanexport.WINDOW * spanexport.CHUNK
+    assert [s.name for s in received.spans] == [r[0] for r in records[exporter.lost :]]
+
+
+async def test_the_export_process_rebuilds_what_the_gateway_recorded(
+    collector: tuple[Collector, TestServer],
+) -> None:
+    received, server = collector
+    exporter = spanexport.ExportProcess(
+        f"{base_url(server)}/v1/traces", 5.0, {"service.name": "edge"}, "gateway"
+    )
+    record = _record("GET /api", state="vendor=1,other=x", parent=0x00F067AA0BA902B7, error=True)
+    values = {"http.request.method": istr("GET"), "http.response.status_code": 502}
+    odd = (*record[:-1], values)  # a str subclass: marshal takes exact types only
+    try:
+        assert await asyncio.to_thread(exporter.export, [[odd]]) is SpanExportResult.SUCCESS
+        assert await asyncio.to_thread(exporter.force_flush, 15000)
+    finally:
+        await asyncio.to_thread(exporter.shutdown, 5000)
+
+    (span,) = received.spans
+    assert received.services == {"edge"}
+    assert span.name == "GET /api"
+    assert span.trace_id.hex() == CALLER_TRACE
+    assert span.span_id.hex() == "00000000000000aa"
+    assert span.parent_span_id.hex() == CALLER_SPAN
+    assert span.flags & 0x300 == 0x300  # the parent is remote (and says so)
+    assert span.trace_state == "vendor=1,other=x"
+    assert span.kind == Span.SPAN_KIND_SERVER
+    assert span.status.code == span.status.STATUS_CODE_ERROR
+    assert (span.start_time_unix_nano, span.end_time_unix_nano) == (10**18, 10**18 + 5000)
+    assert attributes(span) == {"http.request.method": "GET", "http.response.status_code": 502}
+
+
+async def test_closing_sends_the_spans_recorded_before_it(
+    aiohttp_client: AiohttpClient,
+    collector: tuple[Collector, TestServer],
+    accounts: TestServer,
+    echo_upstream: TestServer,
+) -> None:
+    received, server = collector
+    client, gateway = await traced(
+        aiohttp_client, collector=server, accounts=accounts, echo=echo_upstream
+    )
+    assert gateway.tracer is not None
+    assert await asyncio.to_thread(gateway.tracer.flush, 15.0)  # the export process is up
+
+    await client.get("/open")
+    await gateway.tracer.close()
+
+    assert {s.name for s in received.spans} == {"GET /open", "GET echo"}
+    assert gateway.tracer.exporter.pid is None  # it has exited
+
+
+def _dead(pid: int) -> bool:
+    """Whether our child `pid` has exited (it is not reaped: its Popen still does that)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _record(
+    name: str, *, state: str = "", parent: int = 0, error: bool = False
+) -> spanexport.SpanRecord:
+    return (
+        name, int(CALLER_TRACE, 16), 0xAA, state, parent, bool(parent), SpanKind.SERVER.value,
+        10**18, 10**18 + 5000, error, {"http.request.method": "GET"},
+    )  # fmt: skip

@@ -1,0 +1,408 @@
+"""The OTLP export of the gateway's spans, from a child process: there the SDK builds its
+ReadableSpans and its OTLPSpanExporter encodes them (protobuf, ~25 µs a span) and POSTs them,
+instead of in the process that serves requests, where that work held the GIL against the
+event loop and doubled what a traced request cost.
+
+The gateway records each span as a `SpanRecord`, a tuple of plain values (gateway/ops/
+tracing.py), and the SDK's BatchSpanProcessor queues and batches each request's as it would
+spans.
+`ExportProcess` is what that processor exports to, from its own thread: it sends the records,
+`marshal`led, CHUNK to a message, over a Unix SOCK_SEQPACKET socket pair (a message arrives
+whole or not at all) to `python -m gateway.ops.spanexport`, which makes them ReadableSpans
+and calls the real OTLPSpanExporter with up to BATCH at a time. Nothing of OTLP is written
+here: the child's request is the SDK's, byte for byte.
+
+Bounded, and never on the loop: the child holds at most WINDOW messages (it answers each
+batch it has exported); past that the processor's thread waits, so its bounded queue fills
+and `CountingProcessor` drops and counts what comes next, as with no child at all.
+
+Supervised from that thread. Started at once, from a thread (fork and exec never run on the
+loop). Restarted when it dies (at once, then after a growing pause while it keeps dying
+young) or hangs (no answer for two export timeouts and a second while it holds messages):
+the spans it held are counted as dropped (`lost`), and the next child gets a new socket
+pair. On shutdown the gateway closes its end: the child exports what it holds and exits, and
+is killed at the flush deadline. It ignores SIGINT, SIGHUP and SIGUSR1 and has a process
+group of its own (a Ctrl-C, a reload, a log reopen are the gateway's); a gateway that dies
+closes its end too, and the child, its parent gone, exits without exporting more.
+
+One child per gateway process: with --workers N, each worker has its own. The child inherits
+the gateway's CPU affinity; nothing here changes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import marshal
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+CHUNK: Final = 128  # records per message
+WINDOW: Final = 8  # messages the child may hold (sent, not yet exported): 1,024 spans
+MAX_MESSAGE: Final = 64 * 1024  # bytes; a bigger chunk is split (a span is at most a few KiB)
+SEND_BUFFER: Final = 2 * WINDOW * MAX_MESSAGE  # the socket's, asked for
+BATCH: Final = 512  # spans the child puts in one OTLP request, from the messages waiting
+POLL: Final = 0.25  # seconds between looks at the child while a send waits
+STUCK_MARGIN: Final = 1.0  # seconds past two export timeouts with no answer: it hangs
+YOUNG: Final = 10.0  # a child that dies sooner than this after its start is restarted later
+MAX_PAUSE: Final = 30.0  # seconds, the longest pause before a restart
+_FLUSH, _DONE, _FLUSHED = "f", "d", "F"  # control messages: (kind, number)
+_IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)  # meant for the gateway
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_UNSET: Final = Status(StatusCode.UNSET)
+_ERROR: Final = Status(StatusCode.ERROR)
+_NO_STATE: Final = TraceState()
+logger = logging.getLogger("gateway.tracing")
+
+# One span: name, trace id, span id, trace state header ("" for none), parent span id (0: a
+# root), parent remote, kind (SpanKind's value), start and end (ns since the epoch), error
+# (the status: ERROR, else UNSET), attributes. Its trace flags say sampled (only sampled
+# spans are recorded). A message is a list of them, or a control tuple.
+SpanRecord = tuple[str, int, int, str, int, bool, int, int, int, bool, dict[str, Any]]
+
+
+class ExportProcess(SpanExporter):
+    """Where the BatchSpanProcessor sends its batches of SpanRecords (not ReadableSpans): the
+    export child (see the module's text). Its methods block: the processor's thread calls
+    them, and `start` and `shutdown` run on threads of their own."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float,
+        resource: Mapping[str, str],
+        scope: str,
+    ) -> None:
+        self._command = [
+            sys.executable, "-m", __name__, endpoint, repr(timeout), json.dumps(dict(resource)),
+            scope,
+        ]  # fmt: skip
+        self._stuck = 2 * timeout + STUCK_MARGIN
+        self._socket, self._child_end = _pair()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._started = 0.0  # monotonic time of the child's start
+        self._pause = 0.0  # before the next restart, while children die young
+        self._in_flight: deque[int] = deque()  # spans of each message the child holds
+        self._flushes = 0  # flush tokens sent
+        self._flushed = 0  # the last token answered
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # the child, the socket and the window
+        self.starts = 0  # children started (the first included)
+        self.lost = 0  # spans a child held when it died or was killed (only this adds)
+
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id (None before it starts, or once it has died)."""
+        child = self._child
+        return child.pid if child is not None and child.poll() is None else None
+
+    def start(self) -> None:
+        """Start the child now rather than at the first export (its imports take a while)."""
+        with self._lock:
+            if not self._stopping.is_set():
+                self._running()
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        """Send a batch of the processor's items, each a request's SpanRecords (a list); wait
+        while the child holds WINDOW messages."""
+        with self._lock:
+            for count, message in _messages([record for group in spans for record in group]):
+                if not self._send(message, count):
+                    return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Wait until every span sent before is exported, or counted lost with a child that
+        died meanwhile."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._lock:
+            while not self._stopping.is_set():
+                self._flushes += 1
+                token = self._flushes
+                if not self._send(marshal.dumps((_FLUSH, token)), 0, deadline):
+                    return False
+                child = self._child
+                assert child is not None  # `_send` has just sent to it
+                while self._flushed < token and child.poll() is None:
+                    if (left := deadline - time.monotonic()) <= 0 or self._stopping.is_set():
+                        return False
+                    self._answers(min(left, POLL))
+                if self._flushed >= token:
+                    return True
+                # It died first: the next `_send` counts what it held and starts another.
+        return False
+
+    def shutdown(self, timeout_millis: float = 30000) -> None:
+        """Close the gateway's end: the child exports what it holds and exits; it is killed
+        when `timeout_millis` pass first. A send waiting for the child gives up at once."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        self._stopping.set()
+        with self._lock:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_WR)
+            child = self._child
+            if child is not None:
+                try:
+                    child.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                with contextlib.suppress(OSError):
+                    self._answers(0.0)
+                self._lose("stopped")
+            self._socket.close()
+            self._child_end.close()
+
+    def _send(self, message: bytes, spans: int, deadline: float | None = None) -> bool:
+        """Hand one message to the child, starting or restarting it as needed; wait while it
+        holds WINDOW messages. False when stopping, or past `deadline`."""
+        progress = time.monotonic()
+        while not self._stopping.is_set():
+            if not self._running():
+                progress = time.monotonic()
+                continue
+            if len(self._in_flight) < WINDOW:
+                try:
+                    self._socket.send(message)
+                except TimeoutError:  # the socket's own limits, smaller than the window
+                    pass
+                except OSError:
+                    logger.exception("trace export: a message cannot be sent: dropped")
+                    return False
+                else:
+                    if spans:
+                        self._in_flight.append(spans)
+                    return True
+            if self._answers(POLL):
+                progress = time.monotonic()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return False
+            if now - progress > self._stuck:
+                logger.warning("trace export process hung: killing it")
+                self._kill()
+        return False
+
+    def _answers(self, wait: float) -> bool:
+        """Read the child's answers, waiting up to `wait` seconds for the first. True when
+        any came."""
+        came = False
+        self._socket.settimeout(wait)
+        try:
+            while data := self._socket.recv(64):
+                kind, number = marshal.loads(data)
+                if kind == _DONE:
+                    for _ in range(min(number, len(self._in_flight))):
+                        self._in_flight.popleft()
+                elif kind == _FLUSHED:
+                    self._flushed = max(self._flushed, number)
+                came = True
+                self._socket.setblocking(False)
+        except (TimeoutError, BlockingIOError):
+            pass
+        finally:
+            self._socket.settimeout(POLL)
+        return came
+
+    def _running(self) -> bool:
+        """True when a child runs; else start one (after the pause, while children die
+        young) and say whether it did."""
+        child = self._child
+        if child is not None and child.poll() is None:
+            return True
+        if child is not None:
+            lived = time.monotonic() - self._started
+            self._pause = 0.0 if lived >= YOUNG else min(MAX_PAUSE, max(1.0, self._pause * 2))
+            logger.warning(
+                "trace export process exited (status %s) after %.1f s; restarting it%s",
+                child.returncode,
+                lived,
+                f" in {self._pause:.0f} s" if self._pause else "",
+            )
+            self._lose("exited")
+            if self._stopping.wait(self._pause):
+                return False
+        try:
+            self._child = subprocess.Popen(
+                self._command,
+                stdin=self._child_end.fileno(),
+                process_group=0,  # a Ctrl-C or a signal to the gateway's group is not for it
+            )
+        except OSError:
+            logger.exception("trace export process cannot start")
+            self._pause = min(MAX_PAUSE, max(1.0, self._pause * 2))
+            self._stopping.wait(self._pause)
+            return False
+        self._started = time.monotonic()
+        self.starts += 1
+        return True
+
+    def _kill(self) -> None:
+        """End a child that hangs; `_running` then restarts it."""
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+
+    def _lose(self, why: str) -> None:
+        """The child is gone: count the spans it held, and give the next one a new socket
+        pair (the old one may hold messages of spans already counted)."""
+        self._child = None
+        lost = sum(self._in_flight)
+        if lost:
+            self.lost += lost
+            logger.warning("trace export process %s holding %d spans: dropped", why, lost)
+        self._in_flight.clear()
+        if not self._stopping.is_set():
+            self._socket.close()
+            self._child_end.close()
+            self._socket, self._child_end = _pair()
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    """The gateway's end (a send waits POLL seconds at most) and the child's."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with contextlib.suppress(OSError):  # room for the window (the kernel may cap it)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    ours.settimeout(POLL)
+    return ours, theirs
+
+
+def _messages(records: Sequence[SpanRecord]) -> Iterator[tuple[int, bytes]]:
+    """The records as messages of at most CHUNK (and MAX_MESSAGE bytes), each with its
+    number of spans."""
+    for at in range(0, len(records), CHUNK):
+        yield from _sized(list(records[at : at + CHUNK]))
+
+
+def _sized(records: list[SpanRecord]) -> Iterator[tuple[int, bytes]]:
+    try:
+        message = marshal.dumps(records)
+    except ValueError:  # an attribute of a str or int subclass (marshal takes exact types)
+        message = marshal.dumps([(*r[:-1], _plain(r[-1])) for r in records])
+    if len(message) <= MAX_MESSAGE:
+        yield len(records), message
+    elif len(records) > 1:
+        half = len(records) // 2
+        yield from _sized(records[:half])
+        yield from _sized(records[half:])
+    else:
+        logger.warning("trace export: a span of %d bytes is too big to send: dropped", len(message))
+
+
+def _plain(attributes: dict[str, Any]) -> dict[str, Any]:
+    """The attributes with values of the exact types marshal takes."""
+    return {str(key): _exact(value) for key, value in attributes.items()}
+
+
+def _exact(value: Any) -> Any:
+    for kind in (bool, str, int, float):  # bool first: it is an int
+        if isinstance(value, kind):
+            return kind(value)
+    return tuple(_exact(item) for item in value)  # a sequence attribute
+
+
+def spans_of(
+    records: Sequence[SpanRecord], resource: Resource, scope: InstrumentationScope
+) -> list[ReadableSpan]:
+    """The SDK's ReadableSpans of `records` (the child's side; tests use it too)."""
+    out = []
+    for (
+        name,
+        trace_id,
+        span_id,
+        state,
+        parent_id,
+        remote,
+        kind,
+        start,
+        end,
+        error,
+        attributes,
+    ) in records:
+        out.append(
+            ReadableSpan(
+                name,
+                SpanContext(
+                    trace_id,
+                    span_id,
+                    False,
+                    _SAMPLED,
+                    TraceState.from_header([state]) if state else _NO_STATE,
+                ),
+                SpanContext(trace_id, parent_id, remote) if parent_id else None,
+                resource,
+                attributes,
+                kind=SpanKind(kind),
+                status=_ERROR if error else _UNSET,
+                start_time=start,
+                end_time=end,
+                instrumentation_scope=scope,
+            )
+        )
+    return out
+
+
+def main(argv: Sequence[str]) -> int:
+    """The child: records from standard input (the socket) to the OTLP endpoint in argv."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    from gateway.ops.accesslog import JsonFormatter
+
+    for sig in _IGNORED:  # the gateway stops this process by closing the socket
+        signal.signal(sig, signal.SIG_IGN)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    parent = os.getppid()
+    endpoint, timeout, resource_json, scope_name = argv
+    exporter = OTLPSpanExporter(endpoint, timeout=float(timeout))
+    resource = Resource(json.loads(resource_json))  # no detectors: no I/O
+    scope = InstrumentationScope(scope_name)
+    source = socket.socket(fileno=sys.stdin.fileno())
+    while data := source.recv(MAX_MESSAGE):  # b"": the gateway closed its end
+        records: list[SpanRecord] = []
+        messages, flushes = 0, []
+        source.setblocking(False)
+        while data:  # with what else waits, up to BATCH spans: one OTLP request
+            message = marshal.loads(data)
+            if isinstance(message, tuple):
+                flushes.append(message[1])
+            else:
+                records += message
+                messages += 1
+            data = b""
+            if len(records) < BATCH:
+                with contextlib.suppress(BlockingIOError):
+                    data = source.recv(MAX_MESSAGE)
+        source.setblocking(True)
+        if os.getppid() != parent:  # the gateway died: nobody waits for these
+            return 0
+        if records:
+            exporter.export(spans_of(records, resource, scope))  # failures: the SDK logs
+        with contextlib.suppress(OSError):  # the gateway went away meanwhile
+            if messages:
+                source.send(marshal.dumps((_DONE, messages)))
+            for token in flushes:
+                source.send(marshal.dumps((_FLUSHED, token)))
+    exporter.shutdown()  # type: ignore[no-untyped-call]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
