@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Final, NamedTuple
 
-from multidict import istr
+from aiohttp import hdrs  # header names as istr: found without folding them first
 
 from gateway.config.model import CachePolicy
 
@@ -76,10 +76,10 @@ class RequestView(NamedTuple):  # a tuple: made on every request of a cached rou
 
 
 def view_request(method: str, headers: Mapping[str, str]) -> RequestView:
-    cc = headers.get(_CACHE_CONTROL)
-    credentials = _AUTHORIZATION in headers or _COOKIE in headers
+    cc = headers.get(hdrs.CACHE_CONTROL)
+    credentials = hdrs.AUTHORIZATION in headers or hdrs.COOKIE in headers
     if not cc:
-        pragma = headers.get(_PRAGMA)
+        pragma = headers.get(hdrs.PRAGMA)
         if pragma is None and not credentials:
             return _PLAIN.get(method) or RequestView(method, False, False, False)
         revalidate = pragma is not None and "no-cache" in pragma.lower()
@@ -89,13 +89,6 @@ def view_request(method: str, headers: Mapping[str, str]) -> RequestView:
     return RequestView(method, "no-store" in found, revalidate, credentials)
 
 
-# Header names as istr: a case-insensitive multidict finds them without folding them first.
-_CACHE_CONTROL: Final = istr("Cache-Control")
-_PRAGMA: Final = istr("Pragma")
-_AUTHORIZATION: Final = istr("Authorization")
-_COOKIE: Final = istr("Cookie")
-_IF_NONE_MATCH: Final = istr("If-None-Match")
-_IF_MODIFIED_SINCE: Final = istr("If-Modified-Since")
 # The view of most requests (no Cache-Control, Pragma or credentials), made once.
 _PLAIN: Final = {m: RequestView(m, False, False, False) for m in CACHEABLE_METHODS}
 
@@ -263,13 +256,13 @@ def _weak(tag: str) -> str:
 def not_modified(entry: Entry, headers: Mapping[str, str]) -> bool:
     """Whether a conditional request is answered 304 from this fresh entry (RFC 9110 §13.2.2:
     If-None-Match, weakly compared, wins over If-Modified-Since)."""
-    inm = headers.get(_IF_NONE_MATCH)
+    inm = headers.get(hdrs.IF_NONE_MATCH)
     if inm is not None:
         if entry.etag is None:
             return inm.strip() == "*"
         mine = _weak(entry.etag)
         return any(t.strip() == "*" or _weak(t.strip()) == mine for t in inm.split(","))
-    since = headers.get(_IF_MODIFIED_SINCE)
+    since = headers.get(hdrs.IF_MODIFIED_SINCE)
     ims = None if since is None else http_date(since)
     if ims is None:
         return False
