@@ -8,8 +8,9 @@ upstream cost (issue 17). This client does only what an HTTP/1.1 proxy client mu
   the same write, a stream with its Content-Length when the headers give one, or chunked;
   while the transport's buffer is full (pause_writing) the body waits for it to drain.
 - Responses are parsed by `httptools` (llhttp, the parser uvicorn uses) out of one receive
-  buffer per connection, reused for every read (a new bytes object per read made glibc trim
-  its heap over and over: three times the CPU per GiB).
+  buffer per pool, reused for every read of its connections (a new bytes object per read
+  made glibc trim its heap over and over: three times the CPU per GiB). A read fills it
+  (256 KiB) while the consumer waits for bytes, and takes 64 KiB while it does not.
 - The body is handed over chunk by chunk (`Response.read_chunk`). Past PAUSE_AT bytes that
   the consumer has not taken, the upstream socket is no longer read until the buffer falls
   below RESUME_BELOW: a slow client costs a fixed amount of memory, never the whole body.
@@ -67,7 +68,13 @@ from yarl import URL
 from gateway.config.model import Timeouts
 from gateway.http.errors import ClientFailure
 
-RECV_BUFFER: Final = 65536  # bytes read from the socket at a time, into one reused buffer
+# Bytes read from an upstream socket at a time, into one buffer per pool that every read of
+# its connections reuses (httptools copies the body out of it before the read returns). A read
+# takes the whole buffer while the consumer waits for bytes (a fast client: 256 KiB reads cost
+# 0.6 CPU s/GiB where 64 KiB ones cost 1.0), and RECV_SMALL while it has not taken the last
+# ones (a slow client: what a response holds stays near PAUSE_AT).
+RECV_BUFFER: Final = 262144
+RECV_SMALL: Final = 65536
 # Bytes of body the consumer has not taken: stop reading the socket. 64 KiB (one read) rather
 # than 128: 200 non-reading clients cost 132 MiB RSS instead of 150 (bench hostile phase), and
 # 1 GiB downloads took no more CPU per byte (bench/PROFILE.md).
@@ -197,7 +204,9 @@ class Pool:
         "_idle",
         "_port",
         "_server_hostname",
+        "_small_view",
         "_ssl",
+        "_view",
         "idle_timeout",
         "limit",
         "rcvbuf",
@@ -238,6 +247,8 @@ class Pool:
         self._idle: list[_Connection] = []  # a stack: the last one in is the first one out
         self._busy: set[_Connection] = set()  # in an exchange: `abort` ends them
         self._closed = False
+        self._view = memoryview(bytearray(RECV_BUFFER))  # see RECV_BUFFER
+        self._small_view = self._view[:RECV_SMALL]
 
     @property
     def idle(self) -> int:
@@ -562,7 +573,6 @@ class _Connection(asyncio.BufferedProtocol):
     __slots__ = (
         "_active",
         "_body_done",
-        "_buf",
         "_buffered",
         "_chunks",
         "_closed",
@@ -606,8 +616,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._pool = pool
         self._loop = loop
         self._transport: asyncio.Transport | None = None
-        self._buf = bytearray(RECV_BUFFER)
-        self._view = memoryview(self._buf)
+        self._view = pool._view  # the pool's receive buffer, shared by its connections
         self._parser = httptools.HttpResponseParser(self)
         self._parser_spent = False
         self._closed = False
@@ -838,7 +847,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+        if self._waiter is not None or not self._head_done:
+            return self._view
+        return self._pool._small_view
 
     def buffer_updated(self, nbytes: int) -> None:
         if not self._active or self._complete:  # bytes out of turn: nothing can trust them
@@ -887,7 +898,7 @@ class _Connection(asyncio.BufferedProtocol):
         elif self._complete:  # a HEAD response's end, or bytes after a response
             if self._head_only and not self._extra:
                 # Nothing may follow a HEAD response's head: it must end this read.
-                self._extra = self._buf[nbytes - 4 : nbytes] != b"\r\n\r\n"
+                self._extra = self._view[nbytes - 4 : nbytes] != b"\r\n\r\n"
         elif self._status == 101 and self._head_done:  # 101 without an Upgrade header
             self._upgraded = True
         else:
