@@ -898,7 +898,7 @@ class _Connection(asyncio.BufferedProtocol):
         elif self._complete:  # a HEAD response's end, or bytes after a response
             if self._head_only and not self._extra:
                 # Nothing may follow a HEAD response's head: it must end this read.
-                self._extra = self._view[nbytes - 4 : nbytes] != b"\r\n\r\n"
+                self._extra = self._view[nbytes - 4 : nbytes].tobytes() != b"\r\n\r\n"
         elif self._status == 101 and self._head_done:  # 101 without an Upgrade header
             self._upgraded = True
         else:
