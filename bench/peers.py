@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Final
 
+import fastgateway
 from run import (
     BENCH,
     HOST,
@@ -45,41 +44,6 @@ from run import (
     process_cpu,
     wait_ready,
 )
-
-FAST_GATEWAY: Final = "5.0.1"
-# The registry this was written against lacks fast-proxy-lite 1.1.3, which 5.0.1 asks for.
-OVERRIDES: Final = '{"fast-proxy-lite": "1.1.2"}'
-PROXY_JS: Final = """const gateway = require('fast-gateway')
-const [upstream, port] = process.argv.slice(2)
-gateway({ routes: [{ prefix: '', target: upstream }] })
-  .start(Number(port)).then(() => console.log('listening', port))
-"""
-
-
-def install_fast_gateway(directory: Path) -> Path | None:
-    """fast-gateway in `directory` (a temporary one), or None when node/npm are missing or
-    the install fails (said on stdout)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        print("fast-gateway: node or npm not on PATH: skipped", flush=True)
-        return None
-    package = (
-        f'{{"name": "fgw-bench", "private": true, "dependencies": {{"fast-gateway":'
-        f' "{FAST_GATEWAY}"}}, "overrides": {OVERRIDES}}}'
-    )
-    (directory / "package.json").write_text(package)
-    (directory / "proxy.js").write_text(PROXY_JS)
-    done = subprocess.run(
-        ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if done.returncode != 0:
-        print(f"fast-gateway: npm install failed: skipped\n{done.stderr[-2000:]}", flush=True)
-        return None
-    return directory / "proxy.js"
 
 
 def tree_cpu(pid: int) -> float:
@@ -178,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                 at["BENCH_ADMIN"],
             ]
             start(name, pinned(PROXY_CPU, argv, pin) if workers == 1 else argv, port, {**env, **at})
-        script = None if args.no_fast_gateway else install_fast_gateway(temp)
+        script = None if args.no_fast_gateway else fastgateway.install(temp)
         if script is not None:
             start(
-                "fast-gateway",
-                pinned(PROXY_CPU, ["node", str(script), upstream_url, str(fgw)], pin),
+                fastgateway.NAME,
+                pinned(PROXY_CPU, fastgateway.command(script, upstream_url, fgw), pin),
                 fgw,
             )
         deadline = time.monotonic() + STARTUP_DEADLINE

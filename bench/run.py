@@ -37,6 +37,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +51,7 @@ from typing import Any, Final, TypeVar
 import aiohttp
 import cache_phase
 import compose_phase
+import fastgateway
 import ratelimit_phase
 import tracing_phase
 import workers_phase
@@ -68,12 +70,16 @@ LOAD_CPU: Final = 1
 MIB: Final = 2**20
 CHUNK: Final = 2**18  # the transfers' write and read size
 TARGETS: Final = ("direct", "baseline", "gateway")
+PEER: Final = fastgateway.NAME  # npm's fast-gateway: request/response cells only, when installed
+PROXIES: Final = frozenset({"gateway", PEER})  # shown as a ratio to the baseline
 TESTS: Final = {"small": ("small JSON GET", "/small"), "64k": ("64 KiB GET", "/64k")}
 STARTUP_DEADLINE: Final = 20.0  # seconds for a process to accept connections
 # Budgets: gateway small-GET req/s >= 0.9 x baseline; peak RSS < 100 MiB; MB/s >= 0.8 x baseline.
 RPS_BUDGET: Final = 0.9
 RSS_BUDGET_MIB: Final = 100.0
 MBPS_BUDGET: Final = 0.8
+# Issue 17: small GET >= 1.8 x baseline and >= npm fast-gateway; 64 KiB GET >= 1.6 x baseline.
+LEAN_BUDGETS: Final = {"small": 1.8, "64k": 1.6}
 # Hostile phase: small-GET req/s with the hostile clients held open >= 0.9 x without them (same
 # phase, interleaved); the gateway's peak RSS meanwhile < 150 MiB.
 HOSTILE_RPS_BUDGET: Final = 0.9
@@ -148,16 +154,21 @@ class Processes:
         return process
 
     def stop_all(self) -> None:
-        for process in reversed(self.running):
+        self.stop(*reversed(self.running))
+        self.running.clear()
+
+    @staticmethod
+    def stop(*processes: Process) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
+        for process in processes:
             if process.popen.poll() is None:
                 process.popen.terminate()
-        for process in reversed(self.running):
+        for process in processes:
             try:
                 process.popen.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()
-        self.running.clear()
 
 
 def wait_ready(process: Process, url: str, deadline: float) -> None:
@@ -624,6 +635,8 @@ class Results:
     warmup: float
     transfer_bytes: int
     cells: dict[tuple[str, str], list[Cell]] = field(default_factory=dict)
+    targets: tuple[str, ...] = TARGETS  # of the request/response cells: PEER too when it ran
+    peer_note: str = ""  # why PEER did not run, when it did not
     transfers: dict[tuple[str, str], list[Transfer]] = field(default_factory=dict)
     hostile_calm: list[Cell] = field(default_factory=list)
     hostile_runs: list[HostileRun] = field(default_factory=list)
@@ -657,9 +670,27 @@ class Results:
         return max(known) if known else None
 
 
-def round_order(round_index: int) -> tuple[str, ...]:
+def round_order(round_index: int, targets: tuple[str, ...] = TARGETS) -> tuple[str, ...]:
     """direct, baseline, gateway in odd rounds; the reverse in even ones."""
-    return TARGETS if round_index % 2 == 0 else TARGETS[::-1]
+    return targets if round_index % 2 == 0 else targets[::-1]
+
+
+def start_peer(
+    processes: Processes, upstream_url: str, temp: Path, args: argparse.Namespace, pin: bool
+) -> tuple[Process, str] | None:
+    """npm's fast-gateway on the proxy's CPU, and its base URL; None (with the reason in
+    stdout) when it is not wanted or cannot be installed."""
+    if args.no_fast_gateway:
+        print(f"{PEER}: --no-fast-gateway: skipped", flush=True)
+        return None
+    script = fastgateway.install(temp)
+    if script is None:
+        return None
+    (port,) = free_ports(1)
+    peer = processes.start(
+        PEER, pinned(PROXY_CPU, fastgateway.command(script, upstream_url, port), pin)
+    )
+    return peer, f"http://{HOST}:{port}"
 
 
 def bench(args: argparse.Namespace) -> Results:
@@ -700,6 +731,7 @@ def bench(args: argparse.Namespace) -> Results:
     base_at = f"{HOST}:{base_port}"
     gw_args = ["--listen", f"{HOST}:{gw_port}", "--admin", f"{HOST}:{admin_port}"]
     processes = Processes()
+    temp = Path(tempfile.mkdtemp(prefix="bench-fast-gateway-"))
     try:
         upstream = processes.start(
             "upstream",
@@ -732,10 +764,19 @@ def bench(args: argparse.Namespace) -> Results:
         for target in TARGETS:
             check_bodies(bases[target], target)
         pids = {t: p.popen.pid for t, p in zip(TARGETS, (upstream, baseline, gateway), strict=True)}
+        peer = start_peer(processes, upstream_url, temp, args, pin)
+        if peer is None:
+            results.peer_note = f"{PEER} did not run (see the bench's output)"
+        else:
+            bases[PEER] = peer[1]
+            wait_ready(peer[0], peer[1] + "/small", time.monotonic() + STARTUP_DEADLINE)
+            check_bodies(peer[1], PEER)
+            pids[PEER] = peer[0].popen.pid
+            results.targets = ("direct", "baseline", PEER, "gateway")
 
         for round_index in range(args.rounds):
             for test, (label, path) in TESTS.items():
-                for target in round_order(round_index):
+                for target in round_order(round_index, results.targets):
                     url = bases[target] + path
                     if args.warmup > 0:
                         loadgen.run(url, args.warmup)
@@ -743,13 +784,16 @@ def bench(args: argparse.Namespace) -> Results:
                     cell = window.close(loadgen.run(url, args.duration))
                     results.cells.setdefault((test, target), []).append(cell)
                     print(
-                        f"round {round_index + 1} {label:>15} {target:>8}: {cell.rps:10.0f} req/s"
+                        f"round {round_index + 1} {label:>15} {target:>12}: {cell.rps:10.0f} req/s"
                         f"  p50 {cell.p50_ms:6.2f} ms  p99 {cell.p99_ms:6.2f} ms"
                         f"  server {cell.server_us or 0:5.0f} µs CPU/req"
                         f"  others {100 * (cell.other_cpu or 0):3.0f}% CPU"
                         + (f"  ERRORS {cell.errors}" if cell.errors else ""),
                         flush=True,
                     )
+        if peer is not None:  # its cells are done: it leaves the CPU to the phases below
+            processes.stop(peer[0])
+            del pids[PEER]
         auth_phase(results, loadgen, bases["gateway"], auth_headers, list(pids.values()), args)
         results.compose = compose_phase.measure(bases["gateway"], args.rounds)
         results.rate_limits = measure_ratelimit(processes, loadgen, env, upstream_url, args, pin)
@@ -811,6 +855,7 @@ def bench(args: argparse.Namespace) -> Results:
                 raise BenchError(f"{process.name} died during the run:\n{process.tail()}")
     finally:
         processes.stop_all()
+        shutil.rmtree(temp, ignore_errors=True)
     with contextlib.suppress(OSError), access_log.open("rb") as lines:
         results.access_lines = sum(1 for _ in lines)
     return results
@@ -1017,6 +1062,33 @@ class Verdict:
     passed: bool | None  # None: not measured
 
 
+def lean_verdicts(results: Results) -> list[Verdict]:
+    """Issue 17's: the gateway against the baseline and against npm fast-gateway."""
+    out: list[Verdict] = []
+    for test, budget in LEAN_BUDGETS.items():
+        gw, base = results.best(test, "gateway"), results.best(test, "baseline")
+        out.append(
+            Verdict(
+                f"gateway {TESTS[test][0]} req/s ≥ {budget} x baseline",
+                f"{gw.rps:,.0f} vs {base.rps:,.0f} req/s = {gw.rps / base.rps:.2f}x",
+                gw.rps >= budget * base.rps,
+            )
+        )
+    against = f"gateway small-GET req/s ≥ {PEER}'s"
+    if ("small", PEER) not in results.cells:
+        out.append(Verdict(against, results.peer_note or f"{PEER} did not run", None))
+        return out
+    gw, peer = results.best("small", "gateway"), results.best("small", PEER)
+    out.append(
+        Verdict(
+            against,
+            f"{gw.rps:,.0f} vs {peer.rps:,.0f} req/s = {gw.rps / peer.rps:.2f}x",
+            gw.rps >= peer.rps,
+        )
+    )
+    return out
+
+
 def verdicts(results: Results) -> list[Verdict]:
     out: list[Verdict] = []
     gw, base = results.best("small", "gateway"), results.best("small", "baseline")
@@ -1028,6 +1100,7 @@ def verdicts(results: Results) -> list[Verdict]:
             ratio >= RPS_BUDGET,
         )
     )
+    out += lean_verdicts(results)
     peaks = {d: results.peak_rss(d, "gateway") for d in ("upload", "download")}
     known = [p for p in peaks.values() if p is not None]
     shown = ", ".join(f"{d} {p:.1f} MiB" for d, p in peaks.items() if p is not None)
@@ -1133,9 +1206,18 @@ def render(results: Results, command: str) -> str:
         "proxy; **baseline** = `bench/baseline.py`, a minimal aiohttp streaming proxy (one "
         "ClientSession, no features); **gateway** = `python -m gateway` with "
         "`bench/routes.bench.yaml` (one catch-all route, one worker, JSON access log on, "
-        f"written to a file: {results.access_lines:,} access lines this run).",
+        f"written to a file: {results.access_lines:,} access lines this run)"
+        + (
+            f"; **{PEER}** = npm's fast-gateway {fastgateway.VERSION} on Node "
+            f"{fastgateway.node_version()} (`bench/fastgateway.py`: a five-line proxy, installed "
+            "by npm into a temporary directory), in the request/response cells only."
+            if PEER in results.targets
+            else f". {results.peer_note}."
+        ),
         f"- Each cell: a {results.warmup:g} s warm-up, then {cell_cmd}. "
-        f"{results.rounds} rounds, targets interleaved (direct → baseline → gateway, reversed "
+        f"{results.rounds} rounds, targets interleaved ("
+        + " → ".join(results.targets)
+        + ", reversed "
         "every other round). Shown: the **best round by req/s**, with that round's p50/p99; "
         "every round's req/s is listed.",
         f"- 1 GiB streams: an aiohttp client in `bench/run.py` POSTs "
@@ -1175,7 +1257,7 @@ def render(results: Results, command: str) -> str:
     ]
     for test, (label, path) in TESTS.items():
         direct, base = results.best(test, "direct"), results.best(test, "baseline")
-        for target in TARGETS:
+        for target in results.targets:
             cell = results.best(test, target)
             rounds = " / ".join(f"{c.rps:,.0f}" for c in results.cells[(test, target)])
             errors = sum(c.errors for c in results.cells[(test, target)])
@@ -1184,7 +1266,7 @@ def render(results: Results, command: str) -> str:
             cpu = "—" if cell.server_us is None else f"{cell.server_us:.0f}"
             lines.append(
                 f"| {label} `{path}` | {target} | {cell.rps:,.0f} | {cell.p50_ms:.2f} | "
-                f"{cell.p99_ms:.2f} | {ratio(cell.rps, base.rps) if target == 'gateway' else '—'}"
+                f"{cell.p99_ms:.2f} | {ratio(cell.rps, base.rps) if target in PROXIES else '—'}"
                 f" | {ratio(cell.rps, direct.rps) if target != 'direct' else '—'} | {cpu} "
                 f"| {rounds} |"
             )
@@ -1347,6 +1429,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hostile-non-readers", type=int, default=200, help="non-reading clients")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--no-fast-gateway", action="store_true", help=f"skip the {PEER} cells")
     parser.add_argument(
         "--only",
         choices=("tracing", "cache", "ratelimit"),
