@@ -1,16 +1,16 @@
-"""The OTLP export of the gateway's spans, from a child process: there the SDK builds its
-ReadableSpans and its OTLPSpanExporter encodes them (protobuf, ~25 µs a span) and POSTs them,
+"""The OTLP export of the gateway's spans, from a child process: there the SDK's ReadableSpans
+are made and its OTLPSpanExporter encodes them (protobuf, ~25 µs a span) and POSTs them,
 instead of in the process that serves requests, where that work held the GIL against the
 event loop and doubled what a traced request cost.
 
-The gateway records each span as a `SpanRecord`, a tuple of plain values (gateway/ops/
-tracing.py), and the SDK's BatchSpanProcessor queues and batches each request's as it would
-spans.
+The gateway records each sampled request as a `RequestRecord`, a tuple of the values its
+spans are made of (gateway/ops/spanrecord.py, which makes them here), and the SDK's
+BatchSpanProcessor queues and batches them as it would spans.
 `ExportProcess` is what that processor exports to, from its own thread: it sends the records,
 `marshal`led, CHUNK to a message, over a Unix SOCK_SEQPACKET socket pair (a message arrives
 whole or not at all) to `python -m gateway.ops.spanexport`, which makes them ReadableSpans
-and calls the real OTLPSpanExporter with up to BATCH at a time. Nothing of OTLP is written
-here: the child's request is the SDK's, byte for byte.
+and calls the real OTLPSpanExporter with up to BATCH requests' at a time. Nothing of OTLP is
+written here: the child's request is the SDK's, byte for byte.
 
 Bounded, and never on the loop: the child holds at most WINDOW messages (it answers each
 batch it has exported); past that the processor's thread waits, so its bounded queue fills

@@ -3,27 +3,39 @@ its route, and one client span per upstream call (the forward, auth sub-requests
 aggregate parts and compose calls), batched by the SDK's BatchSpanProcessor and exported by
 its OTLP/HTTP exporter, which runs in a child process (gateway/ops/spanexport.py).
 
-Nothing is timed twice. The spans are recorded after the request, at the end of dispatch,
-from what the Exchange recorded (its start; each UpstreamCall's start, time to response head,
-target label, attempts and status), with explicit timestamps. So a request costs the tracer
-nothing until it ends, and an unsampled one almost nothing at all. A span is recorded as a
-SpanRecord, a tuple of plain values: the child makes it the SDK's ReadableSpan, and encodes
-and sends it, off this process (protobuf encoding is ~25 µs a span; this one pays ~3).
+Nothing is timed twice, and next to nothing is done here. At the end of dispatch a sampled
+request's values are taken as they are from what the Exchange recorded (its start, path,
+route, client; each UpstreamCall's start, time to response head, target label, attempts and
+status), with the ids `begin` chose and two clock readings, into one RequestRecord, a tuple
+(gateway/ops/spanrecord.py). The spans are made of it in the export child: their names,
+attributes, integer ids and timestamps, the incoming context (with any tracestate) read by
+the SDK's TraceContext propagator, the SDK's ReadableSpans, and their protobuf encoding
+(~25 µs a span). So a request costs the tracer nothing until it ends, an unsampled one next
+to nothing at all (a header comparison and a string comparison), and a sampled one ~2 µs
+here.
+
+The spans: the server span `METHOD PREFIX` (just `METHOD` when no route matched), with
+`http.request.method`, `url.path` (never the query), `url.scheme`, `http.response.status_code`,
+`client.address`, `http.route` and `gateway.route` (when a route matched), `error.type` and
+an error status for a 5xx; each client span `METHOD SERVICE`, the server span's child, with
+`http.request.method`, `gateway.service`, `gateway.call.kind`, `gateway.target` (the label,
+never the address), `gateway.attempts`, `http.request.resend_count` when retried,
+`http.response.status_code` when an answer came, and `error.type` (the outcome, or the 4xx or
+5xx status) and an error status when it failed. A client span ends at the response head.
 
 Propagation (W3C Trace Context). `start_exchange` keeps a valid incoming traceparent or begins
 a trace. `Tracer.begin` then takes the SDK's ParentBased(TraceIdRatioBased) sampler's decision
 by its rule (a remote parent's sampled flag; else the trace id's low 64 bits against the
-ratio's bound, from TraceIdRatioBased itself; tests/gateway/test_tracing.py checks they agree),
-and, for a sampled request, picks the server span's id and the forward call's: the traceparent
-sent upstream names that client span, so upstream services join the trace as its children. At
-the end the incoming context (with any tracestate) is read by the SDK's TraceContext
-propagator, and the spans carry those ids.
+ratio's bound, from TraceIdRatioBased itself, compared as hex digits; tests/gateway/
+test_tracing.py checks they agree), and, for a sampled request, picks the server span's id and
+the forward call's: the traceparent sent upstream names that client span, so upstream
+services join the trace as its children. An unsampled one is sent with the flag cleared.
 
-Export never waits on the request path: each request's spans queue (bounded) for the
-processor's thread, which hands them to the export child (at most spanexport.WINDOW messages
-ahead of it); when the queue is full (a collector down or slow, the child behind) they are
-dropped and counted (gateway_trace_spans_dropped_total) rather than logged, and so are the
-spans a child held when it died.
+Export never waits on the request path: each request's record is one item of the processor's
+(bounded) queue, whose thread hands BATCH at a time to the export child (at most
+spanexport.WINDOW messages ahead of it); when the queue is full (a collector down or slow, the
+child behind) their spans are dropped and counted (gateway_trace_spans_dropped_total) rather
+than logged, and so are the spans a child held when it died.
 """
 
 from __future__ import annotations
