@@ -91,14 +91,13 @@ class CountingProcessor(BatchSpanProcessor):
             max_export_batch_size=self._batch,
             schedule_delay_millis=schedule_delay_millis,
         )
-        # The processor's deque and the event that wakes its thread. `emit` appends to the
-        # deque itself, as the SDK's does, without its per-item checks (its process id, a
-        # system call; a shutdown, which the gateway's close orders after the last request).
-        # The SDK types them for ReadableSpan; its queue and thread carry any item to the
-        # exporter, here RequestRecords. tests/gateway/test_tracing.py checks the drops.
-        processor = self._batch_processor
-        self._queue: deque[RequestRecord] = processor._queue
-        self._wake: threading.Event = processor._worker_awaken
+        # The processor's deque (a fork clears it and keeps it). `emit` appends to it and
+        # wakes the processor's thread itself, as the SDK's emit does, without its checks
+        # per item (the process id, a system call; a shutdown, which the gateway's close
+        # orders after the last request). The SDK types the queue for ReadableSpan; its
+        # thread carries any item to the exporter, here RequestRecords.
+        # tests/gateway/test_tracing.py checks the drops.
+        self._queue: deque[RequestRecord] = self._batch_processor._queue
         self._limit = max_queue_size
         self._on_drop = on_drop
         self._exporter = exporter
@@ -115,8 +114,10 @@ class CountingProcessor(BatchSpanProcessor):
                 self._on_drop()
             return
         queue.appendleft(record)  # the thread pops the oldest, from the right
-        if len(queue) >= self._batch and not self._wake.is_set():
-            self._wake.set()
+        if len(queue) >= self._batch:
+            wake = self._batch_processor._worker_awaken  # read here: a fork makes a new one
+            if not wake.is_set():
+                wake.set()
 
     def count_lost(self) -> None:
         """Count the spans lost with a dead export child since the last call (on the loop:
