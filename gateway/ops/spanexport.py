@@ -1,16 +1,16 @@
-"""The OTLP export of the gateway's spans, from a child process: there the SDK builds its
-ReadableSpans and its OTLPSpanExporter encodes them (protobuf, ~25 µs a span) and POSTs them,
+"""The OTLP export of the gateway's spans, from a child process: there the SDK's ReadableSpans
+are made and its OTLPSpanExporter encodes them (protobuf, ~25 µs a span) and POSTs them,
 instead of in the process that serves requests, where that work held the GIL against the
 event loop and doubled what a traced request cost.
 
-The gateway records each span as a `SpanRecord`, a tuple of plain values (gateway/ops/
-tracing.py), and the SDK's BatchSpanProcessor queues and batches each request's as it would
-spans.
+The gateway records each sampled request as a `RequestRecord`, a tuple of the values its
+spans are made of (gateway/ops/spanrecord.py, which makes them here), and the SDK's
+BatchSpanProcessor queues and batches them as it would spans.
 `ExportProcess` is what that processor exports to, from its own thread: it sends the records,
 `marshal`led, CHUNK to a message, over a Unix SOCK_SEQPACKET socket pair (a message arrives
 whole or not at all) to `python -m gateway.ops.spanexport`, which makes them ReadableSpans
-and calls the real OTLPSpanExporter with up to BATCH at a time. Nothing of OTLP is written
-here: the child's request is the SDK's, byte for byte.
+and calls the real OTLPSpanExporter with up to BATCH requests' at a time. Nothing of OTLP is
+written here: the child's request is the SDK's, byte for byte.
 
 Bounded, and never on the loop: the child holds at most WINDOW messages (it answers each
 batch it has exported); past that the processor's thread waits, so its bounded queue fills
@@ -46,39 +46,30 @@ from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-CHUNK: Final = 128  # records per message
-WINDOW: Final = 8  # messages the child may hold (sent, not yet exported): 1,024 spans
-MAX_MESSAGE: Final = 64 * 1024  # bytes; a bigger chunk is split (a span is at most a few KiB)
+from gateway.ops.spanrecord import RequestRecord, SharedResource, plain, spans_in, spans_of
+
+CHUNK: Final = 128  # requests' records per message (~35 KiB for a proxied GET's)
+WINDOW: Final = 8  # messages the child may hold (sent, not yet exported): 1,024 requests
+MAX_MESSAGE: Final = 64 * 1024  # bytes; a bigger chunk is split (a record is at most a few KiB)
 SEND_BUFFER: Final = 2 * WINDOW * MAX_MESSAGE  # the socket's, asked for
-BATCH: Final = 512  # spans the child puts in one OTLP request, from the messages waiting
+BATCH: Final = 512  # requests the child puts in one OTLP request (~1,000 spans), from the
+# messages waiting: the POST's own cost is then about 2 µs a span
 POLL: Final = 0.25  # seconds between looks at the child while a send waits
 STUCK_MARGIN: Final = 1.0  # seconds past two export timeouts with no answer: it hangs
 YOUNG: Final = 10.0  # a child that dies sooner than this after its start is restarted later
 MAX_PAUSE: Final = 30.0  # seconds, the longest pause before a restart
 _FLUSH, _DONE, _FLUSHED = "f", "d", "F"  # control messages: (kind, number)
 _IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)  # meant for the gateway
-_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
-_UNSET: Final = Status(StatusCode.UNSET)
-_ERROR: Final = Status(StatusCode.ERROR)
-_NO_STATE: Final = TraceState()
 logger = logging.getLogger("gateway.tracing")
-
-# One span: name, trace id, span id, trace state header ("" for none), parent span id (0: a
-# root), parent remote, kind (SpanKind's value), start and end (ns since the epoch), error
-# (the status: ERROR, else UNSET), attributes. Its trace flags say sampled (only sampled
-# spans are recorded). A message is a list of them, or a control tuple.
-SpanRecord = tuple[str, int, int, str, int, bool, int, int, int, bool, dict[str, Any]]
+# A message is a list of RequestRecords (gateway/ops/spanrecord.py), or a control tuple.
 
 
 class ExportProcess(SpanExporter):
-    """Where the BatchSpanProcessor sends its batches of SpanRecords (not ReadableSpans): the
-    export child (see the module's text). Its methods block: the processor's thread calls
+    """Where the BatchSpanProcessor sends its batches of RequestRecords (not ReadableSpans):
+    the export child (see the module's text). Its methods block: the processor's thread calls
     them, and `start` and `shutdown` run on threads of their own."""
 
     def __init__(
@@ -118,10 +109,12 @@ class ExportProcess(SpanExporter):
                 self._running()
 
     def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        """Send a batch of the processor's items, each a request's SpanRecords (a list); wait
-        while the child holds WINDOW messages."""
+        """Send a batch of the processor's items, each a request's RequestRecord; wait while
+        the child holds WINDOW messages. All are marshalled first, then sent back to back:
+        the child finds them waiting and puts them in one OTLP request."""
+        messages = list(_messages(spans))
         with self._lock:
-            for count, message in _messages([record for group in spans for record in group]):
+            for count, message in messages:
                 if not self._send(message, count):
                     return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
@@ -283,79 +276,29 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def _messages(records: Sequence[SpanRecord]) -> Iterator[tuple[int, bytes]]:
+def _messages(records: Sequence[RequestRecord]) -> Iterator[tuple[int, bytes]]:
     """The records as messages of at most CHUNK (and MAX_MESSAGE bytes), each with its
     number of spans."""
     for at in range(0, len(records), CHUNK):
         yield from _sized(list(records[at : at + CHUNK]))
 
 
-def _sized(records: list[SpanRecord]) -> Iterator[tuple[int, bytes]]:
+def _sized(records: list[RequestRecord]) -> Iterator[tuple[int, bytes]]:
     try:
         message = marshal.dumps(records)
-    except ValueError:  # an attribute of a str or int subclass (marshal takes exact types)
-        message = marshal.dumps([(*r[:-1], _plain(r[-1])) for r in records])
+    except ValueError:  # a value of a str or int subclass (marshal takes exact types)
+        message = marshal.dumps([plain(record) for record in records])
     if len(message) <= MAX_MESSAGE:
-        yield len(records), message
+        yield sum(map(spans_in, records)), message
     elif len(records) > 1:
         half = len(records) // 2
         yield from _sized(records[:half])
         yield from _sized(records[half:])
     else:
-        logger.warning("trace export: a span of %d bytes is too big to send: dropped", len(message))
-
-
-def _plain(attributes: dict[str, Any]) -> dict[str, Any]:
-    """The attributes with values of the exact types marshal takes."""
-    return {str(key): _exact(value) for key, value in attributes.items()}
-
-
-def _exact(value: Any) -> Any:
-    for kind in (bool, str, int, float):  # bool first: it is an int
-        if isinstance(value, kind):
-            return kind(value)
-    return tuple(_exact(item) for item in value)  # a sequence attribute
-
-
-def spans_of(
-    records: Sequence[SpanRecord], resource: Resource, scope: InstrumentationScope
-) -> list[ReadableSpan]:
-    """The SDK's ReadableSpans of `records` (the child's side; tests use it too)."""
-    out = []
-    for (
-        name,
-        trace_id,
-        span_id,
-        state,
-        parent_id,
-        remote,
-        kind,
-        start,
-        end,
-        error,
-        attributes,
-    ) in records:
-        out.append(
-            ReadableSpan(
-                name,
-                SpanContext(
-                    trace_id,
-                    span_id,
-                    False,
-                    _SAMPLED,
-                    TraceState.from_header([state]) if state else _NO_STATE,
-                ),
-                SpanContext(trace_id, parent_id, remote) if parent_id else None,
-                resource,
-                attributes,
-                kind=SpanKind(kind),
-                status=_ERROR if error else _UNSET,
-                start_time=start,
-                end_time=end,
-                instrumentation_scope=scope,
-            )
+        logger.warning(
+            "trace export: a request's spans of %d bytes are too big to send: dropped",
+            len(message),
         )
-    return out
 
 
 def main(argv: Sequence[str]) -> int:
@@ -372,14 +315,14 @@ def main(argv: Sequence[str]) -> int:
     parent = os.getppid()
     endpoint, timeout, resource_json, scope_name = argv
     exporter = OTLPSpanExporter(endpoint, timeout=float(timeout))
-    resource = Resource(json.loads(resource_json))  # no detectors: no I/O
+    resource = SharedResource(json.loads(resource_json))
     scope = InstrumentationScope(scope_name)
     source = socket.socket(fileno=sys.stdin.fileno())
     while data := source.recv(MAX_MESSAGE):  # b"": the gateway closed its end
-        records: list[SpanRecord] = []
+        records: list[RequestRecord] = []
         messages, flushes = 0, []
         source.setblocking(False)
-        while data:  # with what else waits, up to BATCH spans: one OTLP request
+        while data:  # with what else waits, up to BATCH requests: one OTLP request
             message = marshal.loads(data)
             if isinstance(message, tuple):
                 flushes.append(message[1])

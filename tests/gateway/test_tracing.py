@@ -24,12 +24,11 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.sampling import Decision, ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.config.build import load_text
 from gateway.http.exchange import start_exchange
-from gateway.ops import spanexport, tracing
+from gateway.ops import spanexport, spanrecord, tracing
 from gateway.runtime.state import Gateway
 from tests.gateway.conftest import GatewayClient, GatewayTestServer, base_url, compile_gateway
 from tests.polling import eventually, free_port
@@ -515,14 +514,14 @@ async def test_a_hung_export_process_is_killed_and_the_spans_it_held_are_counted
     exporter = spanexport.ExportProcess(
         f"{base_url(server)}/v1/traces", 0.5, {"service.name": "edge"}, "gateway"
     )  # 0.5 s export timeout: hung after 2 s without an answer
-    records = [_record(f"span {n}") for n in range((spanexport.WINDOW + 1) * spanexport.CHUNK)]
+    records = [_record(f"/{n}") for n in range((spanexport.WINDOW + 1) * spanexport.CHUNK)]
     try:
         await asyncio.to_thread(exporter.start)
         hung = exporter.pid
         assert hung is not None
         os.kill(hung, signal.SIGSTOP)  # it reads nothing more, and answers nothing
 
-        result = await asyncio.to_thread(exporter.export, [records])  # fills the window, waits
+        result = await asyncio.to_thread(exporter.export, records)  # fills the window, waits
         assert await asyncio.to_thread(exporter.force_flush, 15000)
     finally:
         await asyncio.to_thread(exporter.shutdown, 5000)
@@ -532,7 +531,7 @@ async def test_a_hung_export_process_is_killed_and_the_spans_it_held_are_counted
     # What the hung one held (its window, or less if the socket's buffer is smaller) is
     # counted; the rest went to the next one.
     assert spanexport.CHUNK <= exporter.lost <= spanexport.WINDOW * spanexport.CHUNK
-    assert [s.name for s in received.spans] == [r[0] for r in records[exporter.lost :]]
+    assert [s.name for s in received.spans] == [f"GET {r[9]}" for r in records[exporter.lost :]]
 
 
 async def test_the_export_process_rebuilds_what_the_gateway_recorded(
@@ -542,18 +541,21 @@ async def test_the_export_process_rebuilds_what_the_gateway_recorded(
     exporter = spanexport.ExportProcess(
         f"{base_url(server)}/v1/traces", 5.0, {"service.name": "edge"}, "gateway"
     )
-    record = _record("GET /api", state="vendor=1,other=x", parent=0x00F067AA0BA902B7, error=True)
-    values = {"http.request.method": istr("GET"), "http.response.status_code": 502}
-    odd = (*record[:-1], values)  # a str subclass: marshal takes exact types only
+    call = ("echo", "forward", "echo#1", 2, 0.5, 2.0, 0, "timeout")  # no answer: 2 ms waited
+    record = _record(
+        "/api", incoming=f"00-{CALLER_TRACE}-{CALLER_SPAN}-01", state="vendor=1,other=x"
+    )
+    # An istr (a str subclass) for the method: marshal takes exact types only.
+    odd = (*record[:4], istr("GET"), *record[5:7], 502, *record[8:14], [call])
     try:
-        assert await asyncio.to_thread(exporter.export, [[odd]]) is SpanExportResult.SUCCESS
+        assert await asyncio.to_thread(exporter.export, [odd]) is SpanExportResult.SUCCESS
         assert await asyncio.to_thread(exporter.force_flush, 15000)
     finally:
         await asyncio.to_thread(exporter.shutdown, 5000)
 
-    (span,) = received.spans
+    (span,) = received.by_name("GET /api")
+    (client,) = received.by_name("GET echo")
     assert received.services == {"edge"}
-    assert span.name == "GET /api"
     assert span.trace_id.hex() == CALLER_TRACE
     assert span.span_id.hex() == "00000000000000aa"
     assert span.parent_span_id.hex() == CALLER_SPAN
@@ -561,8 +563,36 @@ async def test_the_export_process_rebuilds_what_the_gateway_recorded(
     assert span.trace_state == "vendor=1,other=x"
     assert span.kind == Span.SPAN_KIND_SERVER
     assert span.status.code == span.status.STATUS_CODE_ERROR
-    assert (span.start_time_unix_nano, span.end_time_unix_nano) == (10**18, 10**18 + 5000)
-    assert attributes(span) == {"http.request.method": "GET", "http.response.status_code": 502}
+    # Ended at 10**18 ns, 0.75 s after its start (perf_counter 0.25 then, 1.0 at the end).
+    assert (span.start_time_unix_nano, span.end_time_unix_nano) == (10**18 - 75 * 10**7, 10**18)
+    assert attributes(span) == {
+        "http.request.method": "GET",
+        "url.path": "/api/x",
+        "url.scheme": "http",
+        "http.response.status_code": 502,
+        "client.address": "127.0.0.1",
+        "http.route": "/api",
+        "gateway.route": "routes.0",
+        "error.type": "502",
+    }
+    assert client.trace_id.hex() == CALLER_TRACE
+    assert client.span_id.hex() == "00000000000000bb"  # the id the forward sent upstream
+    assert client.parent_span_id == span.span_id
+    assert client.flags & 0x300 == 0x100  # its parent is local
+    assert client.trace_state == "vendor=1,other=x"
+    assert client.kind == Span.SPAN_KIND_CLIENT
+    assert client.status.code == client.status.STATUS_CODE_ERROR
+    start = 10**18 - 5 * 10**8  # began at perf_counter 0.5
+    assert (client.start_time_unix_nano, client.end_time_unix_nano) == (start, start + 2 * 10**6)
+    assert attributes(client) == {
+        "http.request.method": "GET",
+        "gateway.service": "echo",
+        "gateway.call.kind": "forward",
+        "gateway.target": "echo#1",
+        "gateway.attempts": 2,
+        "http.request.resend_count": 1,
+        "error.type": "timeout",
+    }
 
 
 async def test_closing_sends_the_spans_recorded_before_it(
@@ -590,10 +620,9 @@ def _dead(pid: int) -> bool:
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
-def _record(
-    name: str, *, state: str = "", parent: int = 0, error: bool = False
-) -> spanexport.SpanRecord:
+def _record(route: str, *, incoming: str = "", state: str = "") -> spanrecord.RequestRecord:
+    """A GET of `route`/x that ended at 10**18 ns, 0.75 s after it began, with no call."""
     return (
-        name, int(CALLER_TRACE, 16), 0xAA, state, parent, bool(parent), SpanKind.SERVER.value,
-        10**18, 10**18 + 5000, error, {"http.request.method": "GET"},
+        f"00-{CALLER_TRACE}-00000000000000bb-01", "00000000000000aa", incoming, state, "GET",
+        f"{route}/x", "http", 200, "127.0.0.1", route, "routes.0", 10**18, 1.0, 0.25, [],
     )  # fmt: skip
