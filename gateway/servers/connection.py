@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, EmptyStreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
@@ -43,6 +44,8 @@ from gateway.http.errors import (
     problem_response,
 )
 from gateway.http.exchange import EXCHANGE, start_exchange
+from gateway.servers.hitlane import HitLane, lane_ready
+from gateway.servers.public import remote_text
 
 if TYPE_CHECKING:
     from gateway.runtime.state import Gateway
@@ -67,6 +70,7 @@ class GatewayServer(web.Server):
             **server._kwargs,
         )
         self.gateway = gateway
+        self.lane: HitLane | None = None  # set by GatewayRunner for the public app
         self.open = 0  # client connections open now
         self._rejections = 0  # parser rejections since the last event-log line
         self._logged_at = -REJECTION_LOG_INTERVAL
@@ -92,7 +96,8 @@ class GatewayServer(web.Server):
 
 
 class GatewayProtocol(RequestHandler):
-    __slots__ = ("_counted", "_head_bytes", "_head_timer", "_limits", "_payload", "_send_timer")
+    __slots__ = ("_answered", "_counted", "_head_bytes", "_head_timer", "_lane", "_limits",
+                 "_payload", "_remote", "_send_timer")  # fmt: skip
 
     def __init__(self, server: GatewayServer, limits: ClientLimits, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
@@ -102,6 +107,11 @@ class GatewayProtocol(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._payload: Any = None  # the body of the last request parsed, while it arrives
+        self._lane = server.lane
+        # Requests taken from the queue (by start() or the lane) when the last of them was
+        # answered, on a connection that goes on; -1: it does not (servers/hitlane.py).
+        self._answered = 0
+        self._remote: str | None = None  # the peer, as requests name it (for the lane)
 
     @property
     def _server(self) -> GatewayServer:
@@ -120,6 +130,12 @@ class GatewayProtocol(RequestHandler):
         self._counted = True
         super().connection_made(transport)
         self._arm_head_timer()
+        if self._lane is not None:
+            peer = self.peername
+            if peer is None:
+                self._lane = None
+            else:
+                self._remote = remote_text(peer)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._counted:
@@ -135,6 +151,93 @@ class GatewayProtocol(RequestHandler):
         if self._upgraded or self._payload_parser is not None:  # WebSocket frames
             super().data_received(data)
             return
+        waiter = self._waiter
+        if waiter is None:
+            last = self._payload
+            if (
+                self._lane is None
+                or self._messages
+                or self._request_in_progress
+                or self._answered != self._request_count  # start() took one since
+                or not (last is None or type(last) is EmptyStreamReader or last.is_eof())
+            ):
+                self._receive(data)
+                return
+            # start() is between the response it finished and its next wait (or not started
+            # yet): it takes what the lane leaves in the queue when it resumes.
+            self._receive(data)
+            if self._messages and not self._close and not self._force_close:
+                self._serve_lane()
+            return
+        if self._lane is None or waiter.done():
+            self._receive(data)
+            return
+        # start() is idle, waiting for a request: hidden from aiohttp while the heads that
+        # arrive are parsed, so the lane may answer the first ones itself (servers/hitlane.py).
+        self._waiter = None
+        try:
+            self._receive(data)
+            if self._messages and not self._close and not self._force_close:
+                self._serve_lane()
+        finally:
+            self._waiter = waiter
+        if self._force_close:  # what force_close() or close() would have done to it
+            waiter.cancel()
+        elif self._messages:  # start() answers the rest, in order
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self._close:
+            waiter.cancel()
+
+    async def finish_response(
+        self, request: BaseRequest, resp: StreamResponse, start_time: float | None
+    ) -> tuple[StreamResponse, bool]:
+        result = await super().finish_response(request, resp, start_time)
+        # Every request start() took is answered; the connection goes on unless this said no.
+        # The lane may answer what arrives before start() waits again (data_received).
+        answered = not result[1] and result[0].keep_alive and not self._close
+        self._answered = self._request_count - len(self._messages) if answered else -1
+        return result
+
+    def _serve_lane(self) -> None:
+        """Answer queued requests from the front while the lane has their answers: what
+        start() does around a response, without a Task or a request object."""
+        lane, remote, messages, transport = self._lane, self._remote, self._messages, self.transport
+        assert lane is not None
+        assert remote is not None
+        answered = False
+        keep_alive = True
+        while messages and not self._paused and transport is not None:
+            message, payload = messages[0]
+            if payload is not EMPTY_PAYLOAD or type(message) is not RawRequestMessage:
+                break
+            answer = lane.answer(message, remote)
+            if answer is None:
+                break
+            messages.popleft()
+            if self._parser is not None:
+                self._parser.message_consumed()
+            self._server.requests_count += 1
+            transport.write(answer.wire)
+            answered = True
+            keep_alive = self._keepalive = answer.keep_alive
+            if not keep_alive:
+                break
+            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+                self._resume_reading_if_drained()  # parses what the queue held back
+        if not answered:
+            return
+        self._answered = self._request_count - len(messages) if keep_alive else -1
+        if not keep_alive:  # start() would leave its loop and close: it is ended with it
+            self.force_close()
+        elif not self._close and not self._force_close:  # start()'s keep-alive timer
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    def _receive(self, data: bytes) -> None:
+        """aiohttp's data_received, with the head limits and the header timeout."""
         before = self._request_count
         payload = self._payload  # the last request's body: bytes now are a body's, or a head
         in_head = payload is None or type(payload) is EmptyStreamReader or payload.is_eof()
@@ -268,4 +371,7 @@ class GatewayRunner(web.AppRunner):
         self._gateway = gateway
 
     async def _make_server(self) -> web.Server:
-        return GatewayServer(await super()._make_server(), self._gateway)
+        server = GatewayServer(await super()._make_server(), self._gateway)
+        if lane_ready(self.app):
+            server.lane = HitLane(self._gateway)
+        return server
