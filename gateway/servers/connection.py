@@ -207,20 +207,22 @@ class GatewayProtocol(RequestHandler):
         assert remote is not None
         answered = False
         keep_alive = True
+        server = self._manager
+        assert server is not None
         while messages and not self._paused and transport is not None:
             message, payload = messages[0]
             if payload is not EMPTY_PAYLOAD or type(message) is not RawRequestMessage:
                 break
-            answer = lane.answer(message, remote)
-            if answer is None:
+            wire = lane.answer(message, remote)
+            if wire is None:
                 break
             messages.popleft()
             if self._parser is not None:
                 self._parser.message_consumed()
-            self._server.requests_count += 1
-            transport.write(answer.wire)
+            server.requests_count += 1
+            transport.write(wire)
             answered = True
-            keep_alive = self._keepalive = answer.keep_alive
+            keep_alive = self._keepalive = not message.should_close
             if not keep_alive:
                 break
             if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:

@@ -48,11 +48,6 @@ class Seen(NamedTuple):
     remote: str
 
 
-class Answered(NamedTuple):
-    wire: bytes  # what to write
-    keep_alive: bool  # False: close the connection once it is written
-
-
 class HitLane:
     """The lane of one public listener's connections (`GatewayServer.lane`)."""
 
@@ -63,9 +58,10 @@ class HitLane:
         self._finished = make_recorder(gateway)
         self.answered = 0  # requests answered here (tests and benchmarks read it)
 
-    def answer(self, message: RawRequestMessage, remote: str) -> Answered | None:
+    def answer(self, message: RawRequestMessage, remote: str) -> bytes | None:
         """The answer to a parsed request without a body from the peer `remote`, counted and
-        logged; None: the normal path answers it (nothing of it was recorded)."""
+        logged; None: the normal path answers it (nothing of it was recorded). The connection
+        goes on after it unless `message.should_close`."""
         gateway = self._gateway
         method = message.method
         if (
@@ -91,13 +87,14 @@ class HitLane:
             return None
         for step in lane.steps:
             step(exchange)
-        keep_alive = not message.should_close
-        hit = lane.cache.lane_hit(exchange, method, headers, message.version, keep_alive)
+        hit = lane.cache.lane_hit(
+            exchange, method, headers, message.version, not message.should_close
+        )
         if hit is None:
             return None
         self._finished(Seen(method, remote), exchange, hit.status, 0, hit.length)
         self.answered += 1
-        return Answered(hit.wire, keep_alive)
+        return hit.wire
 
 
 def lane_ready(app: web.Application) -> bool:
