@@ -209,11 +209,18 @@ class GatewayProtocol(RequestHandler):
         keep_alive = True
         server = self._manager
         assert server is not None
+        # A client that stops reading, or is gone, is left to start(): it waits, or gives up.
         while messages and not self._paused and transport is not None:
             message, payload = messages[0]
             if payload is not EMPTY_PAYLOAD or type(message) is not RawRequestMessage:
                 break
-            wire = lane.answer(message, remote)
+            if transport.is_closing():
+                break
+            try:
+                wire = lane.answer(message, remote)
+            except Exception:  # a bug: the dispatcher answers it, as if the lane had not asked
+                logger.exception("the hit lane failed; the request goes to the dispatcher")
+                wire = None
             if wire is None:
                 break
             messages.popleft()
