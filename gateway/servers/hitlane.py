@@ -13,7 +13,7 @@ known to do nothing for this request, and then through the same functions:
 - tracing off (`gateway.tracer` None), the public application's own response hook alone
   (`lane_ready`), no trusted proxy (the peer is the client);
 - a GET or HEAD of HTTP/1.0 or 1.1, origin-form target, no body, no `Expect`, no upgrade;
-- the route found by `locate` (the dispatcher's routing) has a `Lane`: its request phase is
+- the route the table matches (as the dispatcher's `enter` does) has a `Lane`: its request phase is
   the cache stage, after stages whose work on a body-less request is synchronous (body limit,
   header rules: runtime/assemble.py `lane_of`);
 - the cache stage's `lane_hit` has an unconditional fresh hit in memory that its `Wire`
@@ -32,13 +32,15 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
 
 from gateway.http.exchange import apply_exchange, exchange_for
-from gateway.servers.public import locate, make_recorder
+from gateway.servers.public import make_recorder, target
 
 if TYPE_CHECKING:
+    from gateway.http.routing import RouteTable
     from gateway.runtime.state import Gateway
 
 LANE_METHODS: Final = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 LANE_VERSIONS: Final = frozenset({HttpVersion10, HttpVersion11})
+ELSEWHERE_KEPT: Final = 4096  # targets remembered per method as not the lane's
 
 
 class Seen(NamedTuple):
@@ -51,40 +53,56 @@ class Seen(NamedTuple):
 class HitLane:
     """The lane of one public listener's connections (`GatewayServer.lane`)."""
 
-    __slots__ = ("_finished", "_gateway", "answered")
+    __slots__ = ("_elsewhere", "_finished", "_gateway", "_table", "answered")
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._finished = make_recorder(gateway)
         self.answered = 0  # requests answered here (tests and benchmarks read it)
+        # Request targets, by method, whose route in `_table` has no lane (or that it refuses):
+        # asked again, they go to the dispatcher without being matched twice.
+        self._table: RouteTable | None = None
+        self._elsewhere: dict[str, set[str]] = {method: set() for method in LANE_METHODS}
 
     def answer(self, message: RawRequestMessage, remote: str) -> bytes | None:
         """The answer to a parsed request without a body from the peer `remote`, counted and
         logged; None: the normal path answers it (nothing of it was recorded). The connection
         goes on after it unless `message.should_close`."""
         gateway = self._gateway
-        method = message.method
-        if (
-            method not in LANE_METHODS
-            or gateway.tracer is not None
-            or message.version not in LANE_VERSIONS
-            or message.upgrade
-        ):
+        method, raw, table = message.method, message.path, gateway.table
+        if table is not self._table:  # a reload: what was learned is of the old table
+            self._table = table
+            for known in self._elsewhere.values():
+                known.clear()
+        elsewhere = self._elsewhere.get(method)  # None: not a GET or HEAD
+        if elsewhere is None or raw in elsewhere:
             return None
         headers = message.headers
-        raw = message.path
-        table = gateway.table
-        if hdrs.EXPECT in headers or not raw.startswith("/") or table.clients.trusted:
+        if (
+            gateway.tracer is not None
+            or message.version not in LANE_VERSIONS
+            or message.upgrade
+            or hdrs.EXPECT in headers
+            or not raw.startswith("/")
+            or table.clients.trusted
+        ):
             return None
-        exchange = exchange_for(headers)
-        exchange.client = remote
+        path, query = target(raw)
         try:
-            route = locate(table, method, raw, exchange)
+            route = table.match(method, path)
         except Exception:  # 404, 405: the dispatcher's answer
-            return None
-        lane = route.chain.lane
+            route = None
+        lane = None if route is None else route.chain.lane
         if lane is None:
+            if len(elsewhere) >= ELSEWHERE_KEPT:
+                elsewhere.clear()
+            elsewhere.add(raw)
             return None
+        assert route is not None
+        exchange = exchange_for(headers)  # what `enter` puts on it, for this request
+        exchange.client = remote
+        exchange.path, exchange.query = path, query
+        exchange.route, exchange.service = route.name, route.service
         for step in lane.steps:
             step(exchange)
         hit = lane.cache.lane_hit(

@@ -150,15 +150,21 @@ def enter(table: RouteTable, request: web.Request, exchange: Exchange) -> Route:
 def locate(table: RouteTable, method: str, raw: str, exchange: Exchange) -> Route:
     """`enter`'s routing, for an origin-form target `raw`: path and query on the Exchange, and
     the route it matches (404 and 405 raise)."""
-    path, mark, query = raw.partition("?")  # split_target, inline
-    exchange.query = mark + query
-    if "%" in path or "/." in path or "//" in path:  # else it is normalized already
-        path = normalize_path(path)
+    path, query = target(raw)
     exchange.path = path
+    exchange.query = query
     route = table.match(method, path)
     exchange.route = route.name
     exchange.service = route.service
     return route
+
+
+def target(raw: str) -> tuple[str, str]:
+    """An origin-form target's normalized path and its query string (with its "?", or "")."""
+    path, mark, query = raw.partition("?")
+    if "%" in path or "/." in path or "//" in path:  # else it is normalized already
+        path = normalize_path(path)
+    return path, mark + query
 
 
 async def request_phase(chain: Chain, exchange: Exchange, request: web.Request) -> Answer:
