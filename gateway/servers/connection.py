@@ -189,15 +189,19 @@ class GatewayProtocol(RequestHandler):
         elif self._close:
             waiter.cancel()
 
-    async def finish_response(
-        self, request: BaseRequest, resp: StreamResponse, start_time: float | None
-    ) -> tuple[StreamResponse, bool]:
-        result = await super().finish_response(request, resp, start_time)
-        # Every request start() took is answered; the connection goes on unless this said no.
-        # The lane may answer what arrives before start() waits again (data_received).
-        answered = not result[1] and result[0].keep_alive and not self._close
-        self._answered = self._request_count - len(self._messages) if answered else -1
-        return result
+    def log_access(
+        self, request: BaseRequest, response: StreamResponse, time: float | None
+    ) -> None:
+        """finish_response's last step, once the response is sent (or the client left, when
+        the transport is gone): every request start() took is answered, and the connection
+        goes on unless this one said no. The lane may answer what arrives before start() waits
+        again (data_received)."""
+        if response.keep_alive and not self._close:
+            self._answered = self._request_count - len(self._messages)
+        else:
+            self._answered = -1
+        if self._logging_enabled:  # never in production: aiohttp's access log is off
+            super().log_access(request, response, time)
 
     def _serve_lane(self) -> None:
         """Answer queued requests from the front while the lane has their answers: what
