@@ -23,7 +23,8 @@ It answers only where that is the whole story: a request whose application prepa
 with `apply_exchange` alone, a body (not a 304, not a 204 entry) of at most BODY_BYTES, no
 Exchange edit of a header written here, and no control character anywhere; otherwise the
 stage answers through the relay as before. The answer (`EncodedAnswer`) has no header
-multidict: what is sent is in its bytes. tests/gateway/test_cache_wire.py compares both ways,
+multidict: what is sent is in its bytes. The hit lane (servers/hitlane.py) writes the same
+bytes (`encode`) without a response object. tests/gateway/test_cache_wire.py compares both ways,
 header for header, over routes with CORS, rate limits and header rules, HEAD, HTTP/1.0 and
 Connection: close.
 """

@@ -15,6 +15,10 @@ it lacks for a server on the open internet (CONTRACT §7):
   arrived whole is measured exactly, and only when its read was that large.
 - `max_client_connections`: connections over it are closed at once.
 
+While the connection's loop is idle, parsed requests are first offered to the hit lane
+(servers/hitlane.py), which answers a fresh cache hit at once, in order, and leaves the rest to
+aiohttp's loop.
+
 A request the parser rejects gets the gateway's problem+json (400, 414 or 431) with no Server
 header and no echo of the request's bytes, is counted and access-logged, and the connection
 closes. The event log gets one line per interval, however many arrive.
