@@ -3,8 +3,9 @@ the bytes of a HIT are a well-formed HTTP/1.1 answer carrying the MISS's headers
 has no body, a conditional hit is a 304, pipelined requests are all answered in order,
 HTTP/1.0 clients and `Connection: close` are honoured as aiohttp honours them, and the access
 line, the metrics and the trace still record every hit, and a hit the lane answers from the
-connection (gateway/servers/hitlane.py) is byte for byte the one aiohttp's loop sends. (Hits are answered through
-gateway/http/whole.py: test_whole.py holds it to aiohttp's own `web.Response`.)"""
+connection (gateway/servers/hitlane.py) is byte for byte the one aiohttp's loop sends. (Hits
+are answered through gateway/http/whole.py: test_whole.py holds it to aiohttp's own
+`web.Response`.)"""
 
 from __future__ import annotations
 
