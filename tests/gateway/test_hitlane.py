@@ -2,7 +2,8 @@
 it answers, that pipelined requests keep their order across it and aiohttp's loop, that the
 connection is kept or closed as aiohttp would, that its hits are logged and counted like the
 others, that a route with auth or a rate limit never uses it, that a reload turns it off and
-on, and that the keep-alive timeout still closes a connection it answered on. Its bytes are
+on, that more pipelined hits than aiohttp queues are all answered, and that the keep-alive and
+header timeouts still close a connection it answered on. Its bytes are
 compared with aiohttp's loop's in test_cache_wire.py."""
 
 from __future__ import annotations
@@ -313,3 +314,43 @@ async def test_tracing_leaves_every_hit_to_aiohttps_loop(serve: Start) -> None:
     [hit], _ = await talk(port(server), get("/c/t", CLOSE), ["GET"])
     assert hit.headers["x-cache"] == "HIT"
     assert lane_of(server).answered == 0
+
+
+async def test_more_pipelined_hits_than_aiohttp_queues_are_all_answered_in_order(
+    serve: Start,
+) -> None:
+    server = await serve()
+    lane = lane_of(server)
+    await warm(server, "/c/q1", "/c/q2")
+    count = 80  # aiohttp's parser holds back what is past 32 queued requests
+    paths = [f"/c/q{1 + i % 2}" for i in range(count)]
+    data = b"".join(get(path) for path in paths[:-1]) + get(paths[-1], CLOSE)
+    answers, rest = await talk(port(server), data, ["GET"] * count)
+
+    assert rest == b""
+    assert all(a.headers["x-cache"] == "HIT" for a in answers)
+    assert [f'"{path}"'.encode() in a.body for a, path in zip(answers, paths, strict=True)] == [
+        True
+    ] * count
+    assert lane.answered == count
+
+
+async def test_a_head_that_stalls_after_lane_answers_meets_the_header_timeout(
+    serve: Start,
+) -> None:
+    limits = "limits: {keepalive_timeout: 10s, header_timeout: 300ms}"
+    server = await serve(ROUTES.replace("limits: {keepalive_timeout: 500ms}", limits))
+    lane = lane_of(server)
+    await warm(server, "/c/s")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port(server))
+    try:
+        writer.write(get("/c/s"))
+        assert (await read_answer(reader)).headers["x-cache"] == "HIT"
+        assert lane.answered == 1
+        writer.write(b"GET /c/s HTTP/1.1\r\nHost: gw\r\n")  # a head that never ends
+        started = time.monotonic()
+        assert await closing(reader) == b""
+        assert 0.25 <= time.monotonic() - started < 3.0
+    finally:
+        writer.close()
+    assert b'reason="header_timeout"' in server.gateway.metrics.render()
