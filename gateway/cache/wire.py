@@ -23,7 +23,8 @@ It answers only where that is the whole story: a request whose application prepa
 with `apply_exchange` alone, a body (not a 304, not a 204 entry) of at most BODY_BYTES, no
 Exchange edit of a header written here, and no control character anywhere; otherwise the
 stage answers through the relay as before. The answer (`EncodedAnswer`) has no header
-multidict: what is sent is in its bytes. tests/gateway/test_cache_wire.py compares both ways,
+multidict: what is sent is in its bytes. The hit lane (servers/hitlane.py) writes the same
+bytes (`encode`) without a response object. tests/gateway/test_cache_wire.py compares both ways,
 header for header, over routes with CORS, rate limits and header rules, HEAD, HTTP/1.0 and
 Connection: close.
 """
@@ -38,7 +39,7 @@ from typing import Final
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 
 from gateway.cache.policy import Entry
 from gateway.config.model import HeaderRules
@@ -84,18 +85,37 @@ class Wire:
         self, request: web.Request, exchange: Exchange, entry: Entry, age: int
     ) -> EncodedAnswer | None:
         """The hit's answer, or None when it must go through the relay (see the module)."""
+        if not _prepared_by_exchange_alone(request):
+            return None
+        keep_alive = request.keep_alive
+        head_only = request.method == hdrs.METH_HEAD
+        wire = self.encode(exchange, entry, age, request.version, head_only, keep_alive)
+        if wire is None:
+            return None
+        return EncodedAnswer(entry.status, entry.reason, wire, len(entry.body), keep_alive)
+
+    def encode(
+        self,
+        exchange: Exchange,
+        entry: Entry,
+        age: int,
+        version: HttpVersion,
+        head_only: bool,
+        keep_alive: bool,
+    ) -> bytes | None:
+        """The bytes of the hit's answer to a request of that version and method (HEAD:
+        `head_only`) whose connection stays open or not, for an application that prepares
+        responses with `apply_exchange` alone; None where the relay must answer."""
         if (
             entry.status in _BODILESS
             or len(entry.body) > BODY_BYTES
             or exchange.from_upstream  # never on a hit; apply_exchange would keep its Server
-            or not _prepared_by_exchange_alone(request)
         ):
             return None
         extra = exchange.response_headers
         for name, value in extra:
             if _FORBIDDEN.search(name) or _FORBIDDEN.search(value):
                 return None  # the general path refuses it, as aiohttp does
-        version, head_only = request.version, request.method == hdrs.METH_HEAD
         rules, removed = exchange.response_rules, exchange.response_remove
         key = (id(entry), version.minor, head_only, removed, id(rules))
         head = self._heads.get(key)
@@ -103,7 +123,6 @@ class Wire:
             head = self._encode(key, entry, version.minor, head_only, removed, rules)
         if not head.usable:
             return None
-        keep_alive = request.keep_alive
         connection = ""
         if keep_alive:
             if version == HttpVersion10:
@@ -119,8 +138,7 @@ class Wire:
             f"X-Request-ID: {exchange.request_id}\r\n{stages}{head.end}"
         )
         body = b"" if head_only else entry.body
-        wire = b"".join((head.start, tail.encode("utf-8", "ignore"), body))
-        return EncodedAnswer(entry.status, entry.reason, wire, len(entry.body), keep_alive)
+        return b"".join((head.start, tail.encode("utf-8", "ignore"), body))
 
     def _encode(
         self,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import AsyncIterable, Iterator
+from collections.abc import AsyncIterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -140,9 +140,13 @@ _ids: list[Iterator[tuple[str, str]]] = [iter(())]  # the pairs not taken yet
 
 
 def start_exchange(request: web.BaseRequest) -> Exchange:
+    """The request's Exchange (`exchange_for` its headers)."""
+    return exchange_for(request.headers)
+
+
+def exchange_for(headers: Mapping[str, str]) -> Exchange:
     """Keep a sane client request id and a valid traceparent, or make new ones (both from
     the pairs drawn ahead when both are new, as on most requests)."""
-    headers = request.headers
     request_id = headers.get(X_REQUEST_ID)
     parent = headers.get(TRACEPARENT)
     if request_id is None or not _SANE_ID.fullmatch(request_id):

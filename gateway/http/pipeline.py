@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from aiohttp import web
+from aiohttp.http import HttpVersion
+from multidict import CIMultiDictProxy
 
 from gateway.http.exchange import Exchange, UpstreamCall
 
@@ -83,6 +85,40 @@ class ResponseStage(Protocol):
     async def on_response(self, exchange: Exchange, up: UpstreamResponse) -> UpstreamResponse: ...
 
 
+class LaneHit(NamedTuple):
+    """A cache hit answered in the hit lane: the bytes sent, status and body length (a HEAD's
+    too), for the metrics and access line."""
+
+    wire: bytes
+    status: int
+    length: int
+
+
+class LaneCache(Protocol):
+    """The cache stage as the hit lane (servers/hitlane.py) calls it: what `on_request` answers
+    at once for a fresh, in-memory, unconditional hit, as bytes; None for anything else."""
+
+    def lane_hit(
+        self,
+        exchange: Exchange,
+        method: str,
+        headers: CIMultiDictProxy[str],
+        version: HttpVersion,
+        keep_alive: bool,
+    ) -> LaneHit | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """A route whose request phase, for a GET or HEAD without a body, is synchronous steps
+    and then the cache stage: the hit lane may answer its hits from the connection's
+    data_received (servers/hitlane.py). `steps` are the stages before the cache (their
+    `without_body`), in order."""
+
+    steps: tuple[Callable[[Exchange], None], ...]
+    cache: LaneCache
+
+
 @dataclass(frozen=True, slots=True)
 class Chain:
     """One route's stages by phase and its action, built once per load. A stage the route
@@ -92,6 +128,7 @@ class Chain:
     action: Action
     response: tuple[ResponseStage, ...]
     names: tuple[str, ...]  # the stages in order, then the action: what /routes shows
+    lane: Lane | None = None  # set when the hit lane may answer this route's hits
 
 
 class Prepared(NamedTuple):

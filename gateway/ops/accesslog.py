@@ -27,9 +27,8 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.http.exchange import Exchange, UpstreamCall
@@ -43,6 +42,17 @@ ACCESS_BACKLOG: Final = 20_000  # access lines waiting for their writer, at most
 EVENT_BACKLOG: Final = 5_000  # event records waiting for their writer, at most
 DROP_REPORT_INTERVAL: Final = 10.0  # seconds: at most one "log lines dropped" warning this often
 STREAMS: Final = ("access", "event")
+
+
+class Requested(Protocol):
+    """What an access line reads of the request beside its Exchange (an aiohttp request, or
+    the hit lane's view of a parsed message: servers/hitlane.py)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def remote(self) -> str | None: ...
 
 
 class Drops:
@@ -318,7 +328,7 @@ class AccessLog:
 
     def record(
         self,
-        request: web.BaseRequest,
+        request: Requested,
         exchange: Exchange,
         status: int,
         bytes_in: int,

@@ -182,6 +182,7 @@ class Metrics:
         self.active = 0  # requests in flight in this process, exported at flush
         self._pending: dict[tuple[str, str, int], _Stats] = {}
         self._calls: dict[tuple[str, str, str], int] = {}  # (service, kind, outcome): count
+        self._lookups: dict[tuple[str, str], int] = {}  # (route, cache result): count
         self._local: list[Collector] = []  # scrape-time collectors of this process
         self._config_watched = False
 
@@ -230,7 +231,8 @@ class Metrics:
         else:
             self._observe_calls(stats, calls)
         if ex.cache and ex.cache in _CACHE_RESULTS:
-            self.cache.labels(ex.route or "none", _CACHE_RESULTS[ex.cache]).inc()
+            lookup = (ex.route or "none", _CACHE_RESULTS[ex.cache])
+            self._lookups[lookup] = self._lookups.get(lookup, 0) + 1
         if status == 429 and not ex.from_upstream:  # only the rate-limit stage answers 429
             self.rate_limited.labels(ex.route or "none").inc()
 
@@ -254,6 +256,9 @@ class Metrics:
         calls, self._calls = self._calls, {}
         for labels, count in calls.items():
             self.upstream_calls.labels(*labels).inc(count)
+        lookups, self._lookups = self._lookups, {}
+        for lookup, count in lookups.items():
+            self.cache.labels(*lookup).inc(count)
         for (route, method, status_class), stats in pending.items():
             name = route or "none"
             klass = _STATUS_CLASS.get(status_class, "other")

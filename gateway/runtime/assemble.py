@@ -31,16 +31,16 @@ from gateway.config.model import (
     JwtConfig,
     RouteConfig,
 )
-from gateway.http.pipeline import Action, Chain, RequestStage, ResponseStage
+from gateway.http.pipeline import Action, Chain, Lane, RequestStage, ResponseStage
 from gateway.http.proxies import ClientAddress
 from gateway.http.routing import Route, RouteTable
 from gateway.ratelimit.memory import MemoryStore
 from gateway.ratelimit.store import RateLimitStore
 from gateway.stages.auth import auth_stage
-from gateway.stages.bodylimit import body_limit_stage
+from gateway.stages.bodylimit import BodyLimitStage, body_limit_stage
 from gateway.stages.cache import CacheStage, InvalidateStage
 from gateway.stages.cors import cors_stage
-from gateway.stages.headers import headers_stage
+from gateway.stages.headers import HeadersStage, headers_stage
 from gateway.stages.ratelimit import rate_limit_stage
 from gateway.upstream.service import Service
 
@@ -163,7 +163,21 @@ def build_chain(
     request: list[RequestStage] = [s for _, s in present if isinstance(s, RequestStage)]
     response: list[ResponseStage] = [s for _, s in present if isinstance(s, ResponseStage)]
     names = (*(name for name, _ in present), action_name)
-    return Chain(tuple(request), action, tuple(reversed(response)), names)
+    return Chain(tuple(request), action, tuple(reversed(response)), names, lane_of(request))
+
+
+def lane_of(request: list[RequestStage]) -> Lane | None:
+    """The hit lane of a request phase that ends with the cache stage and has before it only
+    stages whose work on a body-less request is synchronous and answers nothing (body limit,
+    header rules); None when any other stage acts first (CORS, auth, rate limit)."""
+    if not request or not isinstance(request[-1], CacheStage):
+        return None
+    steps = []
+    for stage in request[:-1]:
+        if not isinstance(stage, BodyLimitStage | HeadersStage):
+            return None
+        steps.append(stage.without_body)
+    return Lane(tuple(steps), request[-1])
 
 
 def body_limit_of(route: RouteConfig, global_limit: int | None) -> int | None:

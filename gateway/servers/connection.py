@@ -15,6 +15,10 @@ it lacks for a server on the open internet (CONTRACT §7):
   arrived whole is measured exactly, and only when its read was that large.
 - `max_client_connections`: connections over it are closed at once.
 
+While the connection's loop is idle, parsed requests are first offered to the hit lane
+(servers/hitlane.py), which answers a fresh cache hit at once, in order, and leaves the rest to
+aiohttp's loop.
+
 A request the parser rejects gets the gateway's problem+json (400, 414 or 431) with no Server
 header and no echo of the request's bytes, is counted and access-logged, and the connection
 closes. The event log gets one line per interval, however many arrive.
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, EmptyStreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
@@ -43,6 +48,8 @@ from gateway.http.errors import (
     problem_response,
 )
 from gateway.http.exchange import EXCHANGE, start_exchange
+from gateway.servers.hitlane import HitLane, lane_ready
+from gateway.servers.public import remote_text
 
 if TYPE_CHECKING:
     from gateway.runtime.state import Gateway
@@ -67,6 +74,7 @@ class GatewayServer(web.Server):
             **server._kwargs,
         )
         self.gateway = gateway
+        self.lane: HitLane | None = None  # set by GatewayRunner for the public app
         self.open = 0  # client connections open now
         self._rejections = 0  # parser rejections since the last event-log line
         self._logged_at = -REJECTION_LOG_INTERVAL
@@ -92,7 +100,8 @@ class GatewayServer(web.Server):
 
 
 class GatewayProtocol(RequestHandler):
-    __slots__ = ("_counted", "_head_bytes", "_head_timer", "_limits", "_payload", "_send_timer")
+    __slots__ = ("_answered", "_counted", "_head_bytes", "_head_timer", "_lane", "_limits",
+                 "_payload", "_remote", "_send_timer")  # fmt: skip
 
     def __init__(self, server: GatewayServer, limits: ClientLimits, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
@@ -102,6 +111,11 @@ class GatewayProtocol(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._payload: Any = None  # the body of the last request parsed, while it arrives
+        self._lane = server.lane
+        # Requests taken from the queue (by start() or the lane) when the last of them was
+        # answered, on a connection that goes on; -1: it does not (servers/hitlane.py).
+        self._answered = 0
+        self._remote: str | None = None  # the peer, as requests name it (for the lane)
 
     @property
     def _server(self) -> GatewayServer:
@@ -120,6 +134,12 @@ class GatewayProtocol(RequestHandler):
         self._counted = True
         super().connection_made(transport)
         self._arm_head_timer()
+        if self._lane is not None:
+            peer = self.peername
+            if peer is None:
+                self._lane = None
+            else:
+                self._remote = remote_text(peer)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._counted:
@@ -135,6 +155,106 @@ class GatewayProtocol(RequestHandler):
         if self._upgraded or self._payload_parser is not None:  # WebSocket frames
             super().data_received(data)
             return
+        waiter = self._waiter
+        if waiter is None:
+            last = self._payload
+            if (
+                self._lane is None
+                or self._messages
+                or self._request_in_progress
+                or self._answered != self._request_count  # start() took one since
+                or not (last is None or type(last) is EmptyStreamReader or last.is_eof())
+            ):
+                self._receive(data)
+                return
+            # start() is between the response it finished and its next wait (or not started
+            # yet): it takes what the lane leaves in the queue when it resumes.
+            self._receive(data)
+            if self._messages and not self._close and not self._force_close:
+                self._serve_lane()
+            return
+        if self._lane is None or waiter.done():
+            self._receive(data)
+            return
+        # start() is idle, waiting for a request: hidden from aiohttp while the heads that
+        # arrive are parsed, so the lane may answer the first ones itself (servers/hitlane.py).
+        self._waiter = None
+        try:
+            self._receive(data)
+            if self._messages and not self._close and not self._force_close:
+                self._serve_lane()
+        finally:
+            self._waiter = waiter
+        if self._force_close:  # what force_close() or close() would have done to it
+            waiter.cancel()
+        elif self._messages:  # start() answers the rest, in order
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self._close:
+            waiter.cancel()
+
+    def log_access(
+        self, request: BaseRequest, response: StreamResponse, time: float | None
+    ) -> None:
+        """finish_response's last step, once the response is sent (or the client left, when
+        the transport is gone): every request start() took is answered, and the connection
+        goes on unless this one said no. The lane may answer what arrives before start() waits
+        again (data_received)."""
+        if response.keep_alive and not self._close:
+            self._answered = self._request_count - len(self._messages)
+        else:
+            self._answered = -1
+        if self._logging_enabled:  # never in production: aiohttp's access log is off
+            super().log_access(request, response, time)
+
+    def _serve_lane(self) -> None:
+        """Answer queued requests from the front while the lane has their answers: what
+        start() does around a response, without a Task or a request object."""
+        lane, remote, messages, transport = self._lane, self._remote, self._messages, self.transport
+        assert lane is not None
+        assert remote is not None
+        answered = False
+        keep_alive = True
+        server = self._manager
+        assert server is not None
+        # A client that stops reading, or is gone, is left to start(): it waits, or gives up.
+        while messages and not self._paused and transport is not None:
+            message, payload = messages[0]
+            if payload is not EMPTY_PAYLOAD or type(message) is not RawRequestMessage:
+                break
+            if transport.is_closing():
+                break
+            try:
+                wire = lane.answer(message, remote)
+            except Exception:  # a bug: the dispatcher answers it, as if the lane had not asked
+                logger.exception("the hit lane failed; the request goes to the dispatcher")
+                wire = None
+            if wire is None:
+                break
+            messages.popleft()
+            if self._parser is not None:
+                self._parser.message_consumed()
+            server.requests_count += 1
+            transport.write(wire)
+            answered = True
+            keep_alive = self._keepalive = not message.should_close
+            if not keep_alive:
+                break
+            if self._buffer_paused and len(messages) <= self._msg_queue_resume_size:
+                self._resume_reading_if_drained()  # parses what the queue held back
+        if not answered:
+            return
+        self._answered = self._request_count - len(messages) if keep_alive else -1
+        if not keep_alive:  # start() would leave its loop and close: it is ended with it
+            self.force_close()
+        elif not self._close and not self._force_close:  # start()'s keep-alive timer
+            close_time = self._loop.time() + self._keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+
+    def _receive(self, data: bytes) -> None:
+        """aiohttp's data_received, with the head limits and the header timeout."""
         before = self._request_count
         payload = self._payload  # the last request's body: bytes now are a body's, or a head
         in_head = payload is None or type(payload) is EmptyStreamReader or payload.is_eof()
@@ -268,4 +388,7 @@ class GatewayRunner(web.AppRunner):
         self._gateway = gateway
 
     async def _make_server(self) -> web.Server:
-        return GatewayServer(await super()._make_server(), self._gateway)
+        server = GatewayServer(await super()._make_server(), self._gateway)
+        if lane_ready(self.app):
+            server.lane = HitLane(self._gateway)
+        return server

@@ -25,10 +25,17 @@ from gateway.http.errors import (
     VersionNotSupported,
     problem_for,
 )
-from gateway.http.exchange import EXCHANGE, Exchange, apply_exchange, start_exchange
+from gateway.http.exchange import (
+    EXCHANGE,
+    Exchange,
+    apply_exchange,
+    exchange_for,
+    start_exchange,
+)
 from gateway.http.pipeline import Answer, Chain, Prepared, UpstreamResponse
 from gateway.http.relay import relay
 from gateway.http.routing import Route, RouteTable, normalize_path
+from gateway.ops.accesslog import Requested
 from gateway.runtime.reload import Reloader
 from gateway.runtime.state import GATEWAY, Gateway
 
@@ -46,14 +53,15 @@ def make_dispatch(gateway: Gateway) -> Handler:
     phase, the relay. It also does what app middlewares would (the Exchange, problem+json, the
     access line and metrics) in the same frame: on a route with no feature this is most of the
     gateway's own cost, so it is kept flat."""
-    access_log, metrics, tracer = gateway.access_log, gateway.metrics, gateway.tracer
+    metrics, tracer = gateway.metrics, gateway.tracer
+    finished = make_recorder(gateway)
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         # Only a request that says `Expect` can have met the Expect handler, which began its
         # Exchange and request phase; the header test is cheaper than the request's mapping.
         exchange = request.get(EXCHANGE) if hdrs.EXPECT in request.headers else None
         if exchange is None:
-            exchange = start_exchange(request)
+            exchange = exchange_for(request.headers)  # start_exchange, inline
             request[EXCHANGE] = exchange
             if tracer is not None:
                 tracer.begin(exchange, request)
@@ -97,13 +105,30 @@ def make_dispatch(gateway: Gateway) -> Handler:
             metrics.active -= 1
             sent = exchange.bytes_out or sent  # relayed body bytes, even if the client left
             received = request.content.total_bytes  # 0 for a request without a body
-            seconds = time.perf_counter() - exchange.started
-            metrics.observe(exchange, request.method, status, received, sent, seconds)
-            access_log.record(request, exchange, status, received, sent, seconds)
+            finished(request, exchange, status, received, sent)
             if tracer is not None:
                 tracer.record(request, exchange, status)
 
     return dispatch
+
+
+Recorder = Callable[[Requested, Exchange, int, int, int], None]
+
+
+def make_recorder(gateway: Gateway) -> Recorder:
+    """What ends every answered request, the dispatcher's and the hit lane's
+    (servers/hitlane.py) alike: its metrics and its access line, timed from the Exchange's
+    start. Arguments: the request, its Exchange, status, body bytes received and sent."""
+    access_log, metrics = gateway.access_log, gateway.metrics
+
+    def finished(
+        request: Requested, exchange: Exchange, status: int, received: int, sent: int
+    ) -> None:
+        seconds = time.perf_counter() - exchange.started
+        metrics.observe(exchange, request.method, status, received, sent, seconds)
+        access_log.record(request, exchange, status, received, sent, seconds)
+
+    return finished
 
 
 def enter(table: RouteTable, request: web.Request, exchange: Exchange) -> Route:
@@ -114,20 +139,32 @@ def enter(table: RouteTable, request: web.Request, exchange: Exchange) -> Route:
     raw = request.raw_path
     if not raw.startswith("/"):
         raw = origin_form(request)
-    path, mark, query = raw.partition("?")  # split_target, inline
-    exchange.query = mark + query
     clients = table.clients
     if clients.trusted:
         exchange.client, exchange.forwarded_for = clients.resolve(request)
     else:  # no trusted proxy: the peer is the client, whatever X-Forwarded-For says
         exchange.client = request.remote or ""
-    if "%" in path or "/." in path or "//" in path:  # else it is normalized already
-        path = normalize_path(path)
+    return locate(table, request.method, raw, exchange)
+
+
+def locate(table: RouteTable, method: str, raw: str, exchange: Exchange) -> Route:
+    """`enter`'s routing, for an origin-form target `raw`: path and query on the Exchange, and
+    the route it matches (404 and 405 raise)."""
+    path, query = target(raw)
     exchange.path = path
-    route = table.match(request.method, path)
+    exchange.query = query
+    route = table.match(method, path)
     exchange.route = route.name
     exchange.service = route.service
     return route
+
+
+def target(raw: str) -> tuple[str, str]:
+    """An origin-form target's normalized path and its query string (with its "?", or "")."""
+    path, mark, query = raw.partition("?")
+    if "%" in path or "/." in path or "//" in path:  # else it is normalized already
+        path = normalize_path(path)
+    return path, mark + query
 
 
 async def request_phase(chain: Chain, exchange: Exchange, request: web.Request) -> Answer:
@@ -280,7 +317,7 @@ def create_app(gateway: Gateway) -> web.Application:
         cache["content"] = payload
         peer = request._transport_peername  # what the request took from its protocol
         if peer is not None:
-            cache["remote"] = str(peer[0]) if isinstance(peer, list | tuple) else str(peer)
+            cache["remote"] = remote_text(peer)
         if "scheme" not in cache:  # an absolute-form target set it already
             cache["scheme"] = "https" if request._transport_sslcontext else "http"
         return request
@@ -289,6 +326,11 @@ def create_app(gateway: Gateway) -> web.Application:
     app.on_response_prepare.append(apply_exchange)
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+def remote_text(peer: object) -> str:
+    """`BaseRequest.remote` of a connection's peer name (not None)."""
+    return str(peer[0]) if isinstance(peer, list | tuple) else str(peer)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -31,6 +31,9 @@ class BodyLimitStage:
             exchange.body = _capped(request.content, self.limit, exchange, self.detail)
         return None
 
+    def without_body(self, exchange: Exchange) -> None:
+        """The request phase of a request without a body (the hit lane's): nothing to limit."""
+
 
 def body_limit_stage(limit: int | None) -> BodyLimitStage | None:
     return None if limit is None else BodyLimitStage(limit)

@@ -24,18 +24,19 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.cache import policy
 from gateway.cache.coalesce import MAX_WAIT_SECONDS, Coalescer, Flight
 from gateway.cache.invalidate import Invalidator
 from gateway.cache.policy import Entry, Freshness
-from gateway.cache.store import CacheStore
+from gateway.cache.store import CacheStore, Found
 from gateway.cache.wire import Wire
 from gateway.config.model import CachePolicy, RouteConfig
 from gateway.http.errors import UpstreamError
 from gateway.http.exchange import Exchange
-from gateway.http.pipeline import Action, Answer, Body, UpstreamResponse
+from gateway.http.pipeline import Action, Answer, Body, LaneHit, UpstreamResponse
 
 X_CACHE: Final = istr("X-Cache")
 AGE: Final = istr("Age")
@@ -104,11 +105,8 @@ class CacheStage:
             self._mark(exchange, "BYPASS", BYPASS)
             return None
         path = exchange.path
-        parts = policy.base_key(path + exchange.query, self.rule, exchange.consumer, headers)
-        found = self.store.hot(path, parts, headers)  # the usual hit: no await, no notes
-        now = self.clock()
-        hot = None if found is None else found.entry
-        if hot is not None and not req.revalidate and hot.fresh(now):
+        parts, found, hot, now = self._hot(exchange, req, headers)
+        if hot is not None:  # the usual hit: no await, no notes
             return self._hit(exchange, request, hot, now)
         notes = _Notes(parts, headers, method == "HEAD")
         exchange.cache_state = notes
@@ -135,6 +133,45 @@ class CacheStage:
                 notes.flight = flight
         self._mark(exchange, "MISS", MISS)
         return None
+
+    def _hot(
+        self, exchange: Exchange, req: policy.RequestView, headers: CIMultiDictProxy[str]
+    ) -> tuple[tuple[str, ...], Found | None, Entry | None, float]:
+        """The key's parts, what the store holds in memory for it, that entry if it answers
+        the request at once (fresh, and not to be revalidated), and the time now."""
+        path = exchange.path
+        parts = policy.base_key(path + exchange.query, self.rule, exchange.consumer, headers)
+        found = self.store.hot(path, parts, headers)
+        now = self.clock()
+        hot = None if found is None else found.entry
+        if hot is not None and (req.revalidate or not hot.fresh(now)):
+            hot = None
+        return parts, found, hot, now
+
+    def lane_hit(
+        self,
+        exchange: Exchange,
+        method: str,
+        headers: CIMultiDictProxy[str],
+        version: HttpVersion,
+        keep_alive: bool,
+    ) -> LaneHit | None:
+        """`on_request` for the hit lane (servers/hitlane.py), which asks only when no stage
+        before this one acts: the encoded answer where on_request would answer a hit at once
+        (`_hit`) with the wire's bytes; None for anything else (a bypass, a miss, a 304, an
+        entry the wire does not encode), which the lane leaves to the normal path."""
+        if method in policy.UNSAFE_METHODS:
+            return None
+        req = policy.view_request(method, headers)
+        if policy.bypass_reason(req, self.rule, exchange.consumer) is not None:
+            return None
+        _, _, hot, now = self._hot(exchange, req, headers)
+        if hot is None or policy.not_modified(hot, headers):
+            return None
+        self._mark(exchange, "HIT", HIT)
+        head_only = method == hdrs.METH_HEAD
+        wire = self.wire.encode(exchange, hot, hot.age(now), version, head_only, keep_alive)
+        return None if wire is None else LaneHit(wire, hot.status, len(hot.body))
 
     def guard(self, action: Action) -> Action:
         """The route's action, with stale_if_error on an upstream failure and the coalescing

@@ -26,11 +26,16 @@ class HeadersStage:
         self.response = response_rules or None
 
     async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
+        self.without_body(exchange)
+        return None
+
+    def without_body(self, exchange: Exchange) -> None:
+        """The request phase, whatever the request (the hit lane calls it for a body-less one):
+        the rules on the Exchange."""
         if self.remove:
             exchange.upstream_remove |= self.remove
         exchange.upstream_set += self.upstream_set
         exchange.response_rules = self.response
-        return None
 
 
 def headers_stage(request_rules: HeaderRules, response_rules: HeaderRules) -> HeadersStage | None:

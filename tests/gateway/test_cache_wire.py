@@ -2,8 +2,10 @@
 the bytes of a HIT are a well-formed HTTP/1.1 answer carrying the MISS's headers, a HEAD hit
 has no body, a conditional hit is a 304, pipelined requests are all answered in order,
 HTTP/1.0 clients and `Connection: close` are honoured as aiohttp honours them, and the access
-line, the metrics and the trace still record every hit. (Hits are answered through
-gateway/http/whole.py: test_whole.py holds it to aiohttp's own `web.Response`.)"""
+line, the metrics and the trace still record every hit, and a hit the lane answers from the
+connection (gateway/servers/hitlane.py) is byte for byte the one aiohttp's loop sends. (Hits
+are answered through gateway/http/whole.py: test_whole.py holds it to aiohttp's own
+`web.Response`.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from aiohttp import web
@@ -20,6 +22,8 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.ops.accesslog import access_logger
 from gateway.servers.admin import create_admin_app
+from gateway.servers.connection import GatewayServer
+from gateway.servers.hitlane import HitLane
 from tests.cache_upstream import CountingUpstream
 from tests.gateway.conftest import GatewayTestServer, compile_gateway
 from tests.gateway.test_accesslog import Lines
@@ -388,3 +392,96 @@ async def test_an_encoded_hit_is_the_answer_the_general_path_gives(
     assert (encoded.pairs[0][0] == "X-Request-ID") == path.startswith("/written")
     assert encoded.headers.get("x-cache", "HIT") == "HIT"
     assert len(after) == int(kept)
+
+
+# --- the hit lane against aiohttp's connection loop ----------------------------------------------
+
+
+def lane_of(server: GatewayTestServer) -> HitLane:
+    """The hit lane of a started test server's connections."""
+    connections = server.runner.server if server.runner is not None else None
+    assert isinstance(connections, GatewayServer)
+    assert connections.lane is not None
+    return connections.lane
+
+
+def lane_off(server: GatewayTestServer) -> None:
+    """Connections made from now on leave every request to aiohttp's loop."""
+    connections = server.runner.server if server.runner is not None else None
+    assert isinstance(connections, GatewayServer)
+    connections.lane = None
+
+
+def blanked(answer: Answer) -> bytes:
+    """The answer's bytes as sent, the values that differ per answer blanked in place."""
+    lines = [answer.line]
+    for name, value in answer.pairs:
+        lines.append(f"{name}: {'-' if name.lower() in VARYING else value}")
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + answer.body
+
+
+# Answered in the lane: the route has only the cache stage, or header rules before it, and
+# the wire encodes the entry. /written (a rule sets Date) and the routes with CORS or a rate
+# limit are answered by aiohttp's loop either way.
+IN_LANE: Final = frozenset({"/plain/a", "/rules/a"})
+
+
+@pytest.mark.parametrize(
+    ("path", "lines"),
+    [
+        ("/plain/a", ()),
+        ("/plain/a", ("X-Request-ID: client.id-1",)),
+        ("/plain/a", ("Accept-Language: fr",)),  # another Vary value: a miss, then its hit
+        ("/cors/a", ("Origin: https://app.example",)),
+        ("/limited/a", ()),
+        ("/rules/a", ()),
+        ("/written/a", ()),
+    ],
+)
+@pytest.mark.parametrize(
+    ("version", "connection", "kept"),
+    [("1.1", "", True), ("1.1", CLOSE, False), ("1.0", "", False),
+     ("1.0", "Connection: keep-alive", True)],
+)  # fmt: skip
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_hit_in_the_lane_is_the_encoded_hit_byte_for_byte(
+    tmp_path: Path,
+    path: str,
+    lines: tuple[str, ...],
+    version: str,
+    connection: str,
+    kept: bool,
+    method: str,
+) -> None:
+    async with Upstream(answering(UPSTREAM_ANSWER)) as up:
+        answers, lanes = [], []
+        for name in ("lane", "loop"):
+            text = EDITED.format(dir=tmp_path / name).replace("$UP", up.url)
+            server = GatewayTestServer(compile_gateway(text))
+            await server.start_server()
+            try:
+                assert server.port is not None
+                lane = lane_of(server)
+                if name == "loop":
+                    lane_off(server)
+                await talk(server.port, get(path, *lines, CLOSE), ["GET"])  # the miss
+                said = (connection,) if connection else ()
+                data = get(path, *lines, *said, method=method, version=version)
+                methods = [method]
+                if kept:
+                    data += get("/plain/last", CLOSE)  # a miss after it, pipelined: in order
+                    methods.append("GET")
+                before = lane.answered
+                found, rest = await talk(server.port, data, methods)
+                assert rest == b""
+                answers.append(found)
+                lanes.append(lane.answered - before)
+            finally:
+                await server.close()
+    (in_lane, *after_lane), (in_loop, *after_loop) = answers
+    assert blanked(in_lane) == blanked(in_loop)
+    assert in_lane.headers.get("x-cache", "HIT") == "HIT"  # /rules removes it
+    if "X-Request-ID: client.id-1" in lines:
+        assert in_lane.headers["x-request-id"] == in_loop.headers["x-request-id"] == "client.id-1"
+    assert [blanked(a) for a in after_lane] == [blanked(a) for a in after_loop]
+    assert lanes == [int(path in IN_LANE), 0]
