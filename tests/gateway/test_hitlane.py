@@ -32,6 +32,7 @@ from tests.gateway.test_cache_wire import (
     get,
     lane_of,
     lane_off,
+    miss,
     read_answer,
     talk,
 )
@@ -93,10 +94,11 @@ def port(server: GatewayTestServer) -> int:
 
 
 async def warm(server: GatewayTestServer, *paths: str) -> None:
-    """Each path asked once (the miss that stores it), on a connection of its own."""
+    """Each path asked once (the miss that stores it), on a connection of its own, until its
+    entry is in the hot map."""
     for path in paths:
-        [miss], _ = await talk(port(server), get(path, CLOSE), ["GET"])
-        assert miss.headers["x-cache"] == "MISS"
+        answer = await miss(server, get(path, CLOSE))
+        assert answer.headers["x-cache"] == "MISS"
 
 
 async def test_hits_one_after_another_on_a_connection_are_answered_in_the_lane(
