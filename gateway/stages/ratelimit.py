@@ -20,7 +20,9 @@ from gateway.ratelimit.store import RateLimitStore
 class RateLimitStage:
     """Request phase only: one token for the request's key, or 429."""
 
-    __slots__ = ("detail", "key", "maker", "policy", "store", "take")
+    __slots__ = (
+        "detail", "full", "full_answer", "ip", "key", "maker", "policy", "store", "take"
+    )  # fmt: skip
 
     def __init__(self, route: RouteConfig, policy: RateLimitPolicy, store: RateLimitStore) -> None:
         self.policy, self.store = policy, store
@@ -28,17 +30,24 @@ class RateLimitStage:
         # no coroutine, no Decision per request.
         self.take = store.taker(policy) if isinstance(store, MemoryStore) else None
         # per route: by prefix, stable across reloads
-        self.key = key_of(f"rl:{route.prefix}|", policy.key)
-        self.maker = HeaderMaker(policy)
+        bucket = f"rl:{route.prefix}|"
+        self.key = key_of(bucket, policy.key)
+        self.ip = bucket + "ip:" if policy.key == "ip" else None  # key_of's, made in place
+        self.maker = maker = HeaderMaker(policy)
+        self.full, self.full_answer = maker.full, maker.full_answer
         self.detail = (
             f"this route admits {policy.limit} requests per {policy.per:g}s; try again later"
         )
 
     async def on_request(self, exchange: Exchange, request: web.Request) -> Answer:
-        key = self.key(exchange, request.headers)
+        ip = self.ip
+        key = ip + exchange.client if ip is not None else self.key(exchange, request.headers)
         take = self.take
         if take is not None:
             answer = take(key)
+            if answer == self.full_answer:  # a full bucket's take: its headers are made
+                exchange.response_headers += self.full
+                return None
             if answer > 0:
                 exchange.response_headers += self.maker.admitted(answer)
                 return None
