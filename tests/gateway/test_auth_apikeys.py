@@ -145,7 +145,8 @@ def test_only_keys_that_verified_are_remembered_so_spraying_keys_grows_nothing()
 
     first = keys.identify(key_facts(KEY))
     again = keys.identify(key_facts(f"  {KEY} "))  # the same key, as api_key() reads it
-    assert first is again is not None
+    assert first is not None
+    assert first is again
     assert first.consumer == "thermostat"
     assert keys.remembered() == 1
     with pytest.raises(CredentialRejected):  # one character off a remembered key
