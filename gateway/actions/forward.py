@@ -27,6 +27,11 @@ from gateway.upstream.service import Headers, Service, client_timeout
 X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
 X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
 X_FORWARDED_PREFIX: Final = istr("X-Forwarded-Prefix")
+# The headers written below: a stage's header of one of these names replaces the one written.
+WRITTEN_HERE: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-request-id", "traceparent", "x-forwarded-host",
+     "x-forwarded-prefix"}
+)  # fmt: skip
 
 
 def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteConfig) -> Headers:
@@ -64,10 +69,17 @@ def upstream_headers(request: web.BaseRequest, exchange: Exchange, route: RouteC
         out.append((X_FORWARDED_HOST, host))
     if route.strip_prefix and route.prefix != "/":
         out.append((X_FORWARDED_PREFIX, route.prefix))
-    if exchange.upstream_set:
-        owned = {name.lower() for name, _ in exchange.upstream_set}
-        out = [item for item in out if item[0].lower() not in owned]
-        out += exchange.upstream_set
+    extra = exchange.upstream_set
+    if extra:
+        # The client's headers of names in `drop` are gone already (auth's X-Consumer...):
+        # only a name outside it, or one written above, can be in `out` too.
+        for name, _ in extra:
+            lowered = name.lower()
+            if lowered in WRITTEN_HERE or lowered not in drop:
+                owned = {name.lower() for name, _ in extra}
+                out = [item for item in out if item[0].lower() not in owned]
+                break
+        out += extra
     return out
 
 

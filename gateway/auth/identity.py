@@ -9,7 +9,8 @@ tries the route's methods in turn; a `GatewayError` raised by a method (a relaye
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from multidict import CIMultiDictProxy
@@ -27,9 +28,27 @@ class Identity:
     scopes: frozenset[str]
     method: Method  # which method proved it
     headers: tuple[tuple[str, str], ...] = ()  # extra headers for the upstream (copy_headers)
+    # `upstream_headers(self)`, made ahead by an authenticator whose identities outlive a
+    # request (an API key's: one per key per config); () when it is made per request.
+    sent_up: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+def upstream_headers(identity: Identity) -> tuple[tuple[str, str], ...]:
+    """What the upstream is told (the client's own headers of these names never go up)."""
+    return (
+        ("X-Consumer", identity.consumer),
+        ("X-Auth-Subject", identity.subject),
+        ("X-Auth-Scopes", " ".join(sorted(identity.scopes))),
+        *identity.headers,
+    )
+
+
+def with_upstream_headers(identity: Identity) -> Identity:
+    """`identity` with `sent_up` made: for identities made once and reused per request."""
+    return replace(identity, sent_up=upstream_headers(identity))
+
+
+@dataclass(slots=True)  # not frozen: one is made per request, and a frozen one costs more
 class RequestFacts:
     """What an authenticator may look at: never the body, which is not read yet."""
 
@@ -46,3 +65,8 @@ class CredentialRejected(Exception):
 
 class Authenticator(Protocol):
     async def authenticate(self, facts: RequestFacts) -> Identity | None: ...
+
+
+# What an authenticator that never waits may also offer as `identify`: `authenticate` as a
+# plain call (the policy then runs no coroutine of its own for it).
+Identify = Callable[[RequestFacts], Identity | None]

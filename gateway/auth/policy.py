@@ -10,7 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from gateway.auth.identity import Authenticator, CredentialRejected, Identity, Method, RequestFacts
+from gateway.auth.identity import (
+    Authenticator,
+    CredentialRejected,
+    Identify,
+    Identity,
+    Method,
+    RequestFacts,
+    upstream_headers,
+)
 from gateway.config.model import ALL_METHODS
 from gateway.http.errors import Forbidden, Unauthenticated
 
@@ -30,7 +38,16 @@ def scopes_by_method(scopes: Mapping[str, frozenset[str]]) -> dict[str, frozense
 
 
 class RoutePolicy:
-    __slots__ = ("_any_of", "_consumers", "_key_challenge", "_needs", "_wanted", "strip")
+    __slots__ = (
+        "_any_of",
+        "_consumers",
+        "_identify",
+        "_key_challenge",
+        "_needs",
+        "_wanted",
+        "strip",
+        "synchronous",
+    )
 
     def __init__(
         self,
@@ -41,6 +58,14 @@ class RoutePolicy:
         strip_credentials: bool = False,
     ) -> None:
         self._any_of = tuple((name, authenticators[name]) for name in any_of)
+        # Every method answers without waiting (API keys): `admit_now`, a plain call, admits.
+        identifies: list[Identify | None] = [
+            getattr(authenticator, "identify", None) for _, authenticator in self._any_of
+        ]
+        self._identify: tuple[tuple[Method, Identify], ...] | None = None
+        if all(identifies):
+            self._identify = tuple(zip(any_of, identifies, strict=True))  # type: ignore[arg-type]
+        self.synchronous = self._identify is not None
         self._needs = scopes_by_method(scopes)
         self._consumers = consumers
         # Names never sent up as the client wrote them: its credentials when asked, and the
@@ -54,6 +79,8 @@ class RoutePolicy:
 
     async def admit(self, facts: RequestFacts) -> Identity:
         """The caller's identity, or Unauthenticated (401) / Forbidden (403)."""
+        if self._identify is not None:
+            return self.admit_now(facts)
         rejected: dict[Method, str] = {}
         for name, authenticator in self._any_of:
             try:
@@ -66,10 +93,26 @@ class RoutePolicy:
                 return identity
         raise self._unauthenticated(rejected)
 
+    def admit_now(self, facts: RequestFacts) -> Identity:
+        """`admit` as a plain call, for a policy whose methods all answer without waiting
+        (`synchronous`)."""
+        assert self._identify is not None
+        rejected: dict[Method, str] = {}
+        for name, identify in self._identify:
+            try:
+                identity = identify(facts)
+            except CredentialRejected as exc:
+                rejected[name] = str(exc)
+                continue
+            if identity is not None:
+                self._authorize(identity, facts.method)
+                return identity
+        raise self._unauthenticated(rejected)
+
     def _authorize(self, identity: Identity, method: str) -> None:
-        missing = self._needs.get(method, frozenset()) - identity.scopes
-        if missing:
-            shown = " ".join(sorted(missing))
+        needs = self._needs.get(method)
+        if needs and not needs <= identity.scopes:
+            shown = " ".join(sorted(needs - identity.scopes))
             raise Forbidden(
                 f"this request needs the scope {shown}",
                 headers={"WWW-Authenticate": _forbidden_challenge(shown)},
@@ -90,13 +133,9 @@ class RoutePolicy:
 
     @staticmethod
     def upstream_headers(identity: Identity) -> tuple[tuple[str, str], ...]:
-        """What the upstream is told (the client's own headers of these names never go up)."""
-        return (
-            ("X-Consumer", identity.consumer),
-            ("X-Auth-Subject", identity.subject),
-            ("X-Auth-Scopes", " ".join(sorted(identity.scopes))),
-            *identity.headers,
-        )
+        """What the upstream is told (the client's own headers of these names never go up):
+        made ahead for identities that are (`Identity.sent_up`), else now."""
+        return identity.sent_up or upstream_headers(identity)
 
 
 def _forbidden_challenge(scope: str) -> str:

@@ -73,14 +73,20 @@ def policy_text(policy: RateLimitPolicy) -> str:
 
 class HeaderMaker:
     """The rate-limit headers of one route: the fixed ones made once, two values per request.
-    RateLimit-Limit is the bucket's size (`burst`), so Remaining never exceeds it."""
+    RateLimit-Limit is the bucket's size (`burst`), so Remaining never exceeds it.
 
-    __slots__ = ("_capacity", "_interval", "_limit", "_policy")
+    A take from a full bucket (a key that stays under its limit: most of them, most of the
+    time) always answers one interval (`full_answer`), so its headers are made once too
+    (`full`)."""
+
+    __slots__ = ("_capacity", "_interval", "_limit", "_policy", "full", "full_answer")
 
     def __init__(self, policy: RateLimitPolicy) -> None:
         self._limit = (RATELIMIT_LIMIT, str(policy.burst))
         self._policy = (RATELIMIT_POLICY, policy_text(policy))
         self._interval, self._capacity = policy.interval_us, policy.capacity_us
+        self.full_answer = policy.interval_us
+        self.full = self._admitted(policy.interval_us)
 
     def headers(self, decision: Decision) -> tuple[tuple[str, str], ...]:
         reset = decision.reset
@@ -95,6 +101,9 @@ class HeaderMaker:
     def admitted(self, answer: int) -> tuple[tuple[str, str], ...]:
         """`headers` for an admitted take's signed answer (> 0: microseconds to the bucket's
         TAT), in integers: the same values, without making a Decision first."""
+        return self.full if answer == self.full_answer else self._admitted(answer)
+
+    def _admitted(self, answer: int) -> tuple[tuple[str, str], ...]:
         return (
             self._limit,
             (RATELIMIT_REMAINING, str((self._capacity - answer) // self._interval)),

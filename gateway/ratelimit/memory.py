@@ -11,12 +11,13 @@ Exact under concurrency: a take is a plain call that runs to completion on the e
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
 from gateway.config.model import RateLimitPolicy
-from gateway.ratelimit.bucket import Clock, Decision, decided, monotonic_us, step
+from gateway.ratelimit.bucket import Clock, Decision, decided, monotonic_us
 
 DEFAULT_MAX_KEYS: Final = 100_000
 
@@ -41,24 +42,33 @@ class MemoryStore:
 
     def taker(self, policy: RateLimitPolicy) -> Taker:
         """The take for buckets of `policy`, its table looked up once: what the stage calls per
-        request (a plain call, no coroutine, no Decision)."""
+        request (a plain call, no coroutine, no Decision). It is bucket.py's `step` inline: a
+        refused take leaves the bucket as it is, so only an admitted one stores its TAT."""
         interval, capacity = policy.interval_us, policy.capacity_us
         shape = (interval, capacity)
         table = self._tables.get(shape)
         if table is None:
             table = self._tables[shape] = OrderedDict()
         clock, move_to_end = self._clock, table.move_to_end
+        # The default clock read in place: monotonic_us's own frame costs as much as a take.
+        ns = time.monotonic_ns if clock is monotonic_us else None
 
         def take(key: str) -> int:
-            now = clock()
+            now = ns() // 1000 if ns is not None else clock()
             tat = table.get(key)
             if tat is None:
                 self._make_room(table, now)
                 self._size += 1
+                tat = now
             else:
                 move_to_end(key)
-            table[key], answer = step(tat, now, interval, capacity)
-            return answer
+                if tat < now:
+                    tat = now
+            ahead = tat + interval - now
+            if ahead > capacity:
+                return now - tat
+            table[key] = tat + interval
+            return ahead
 
         return take
 

@@ -114,6 +114,11 @@ class RedisStore:
         self._closed = False
 
     async def hit(self, key: str, policy: RateLimitPolicy) -> Decision:
+        return decided(await self.check(key, policy), policy)
+
+    def check(self, key: str, policy: RateLimitPolicy) -> asyncio.Future[int]:
+        """One check joins the open batch: its future answers the take's signed integer
+        (bucket.py), or fails with the batch. A plain call: the guard awaits the future."""
         batch = self._open or self._begin()
         future: asyncio.Future[int] = batch.loop.create_future()
         batch.futures.append(future)
@@ -123,7 +128,7 @@ class RedisStore:
         else:  # a new run: checks of one route come in runs, so ARGV stays short
             batch.policy, batch.run = policy, len(batch.args)
             batch.args += (1, policy.interval_us, policy.capacity_us)
-        return decided(await future, policy)
+        return future
 
     def _begin(self) -> _Batch:
         """A new open batch, its timer started; the sender started if it is not running (its

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from gateway.config.model import RateLimitPolicy, RateLimitStoreConfig
 from gateway.http.errors import RateLimitUnavailable
-from gateway.ratelimit.bucket import UNCHECKED, Decision
+from gateway.ratelimit.bucket import UNCHECKED, Decision, decided
 from gateway.ratelimit.memory import MemoryStore
 
 logger = logging.getLogger("gateway.ratelimit")
@@ -31,11 +31,17 @@ class RateLimitStore(Protocol):
     async def close(self) -> None: ...
 
 
+class SharedStore(RateLimitStore, Protocol):
+    def check(self, key: str, policy: RateLimitPolicy) -> Awaitable[int]:
+        """`hit`'s take as its signed integer (bucket.py), which the guard awaits."""
+        ...
+
+
 class GuardedStore:
     """A store that may fail, made to answer within `timeout` whatever it does."""
 
     def __init__(
-        self, store: RateLimitStore, config: RateLimitStoreConfig, on_error: Callable[[], None]
+        self, store: SharedStore, config: RateLimitStoreConfig, on_error: Callable[[], None]
     ) -> None:
         self.store = store
         self._timeout = config.timeout
@@ -45,20 +51,27 @@ class GuardedStore:
         self.failing = False
 
     async def hit(self, key: str, policy: RateLimitPolicy) -> Decision:
+        answer = await self.answer(key, policy)
+        return UNCHECKED if answer is None else decided(answer, policy)
+
+    async def answer(self, key: str, policy: RateLimitPolicy) -> int | None:
+        """The take's signed integer (bucket.py), or None when the store failed and the
+        request goes on unchecked (what the stage calls: no Decision made per request)."""
         try:
             if self._bounded:  # the store keeps to the timeout itself, more cheaply
-                decision = await self.store.hit(key, policy)
+                answer = await self.store.check(key, policy)
             else:
                 async with asyncio.timeout(self._timeout):
-                    decision = await self.store.hit(key, policy)
+                    answer = await self.store.check(key, policy)
         except Exception as exc:  # any failure of the store is an outage
-            return self._failed(exc)
+            self._failed(exc)
+            return None
         if self.failing:
             self.failing = False
             logger.info("rate-limit store answers again; limits are enforced")
-        return decision
+        return answer
 
-    def _failed(self, exc: Exception) -> Decision:
+    def _failed(self, exc: Exception) -> None:
         self._on_error()
         if not self.failing:
             self.failing = True
@@ -70,7 +83,6 @@ class GuardedStore:
             )  # fmt: skip
         if self._deny:
             raise RateLimitUnavailable("the rate-limit store is unavailable; try again shortly")
-        return UNCHECKED
 
     async def close(self) -> None:
         await self.store.close()
@@ -87,7 +99,7 @@ class RateLimits:
         self._shared: GuardedStore | None = None
         self._retired: list[RateLimitStore] = []
 
-    def store_for(self, config: RateLimitStoreConfig) -> RateLimitStore:
+    def store_for(self, config: RateLimitStoreConfig) -> MemoryStore | GuardedStore:
         if config.redis is None:
             return self.memory
         if self._shared is None or config != self._config:

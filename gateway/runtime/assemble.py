@@ -35,7 +35,7 @@ from gateway.http.pipeline import Action, Chain, Lane, RequestStage, ResponseSta
 from gateway.http.proxies import ClientAddress
 from gateway.http.routing import Route, RouteTable
 from gateway.ratelimit.memory import MemoryStore
-from gateway.ratelimit.store import RateLimitStore
+from gateway.ratelimit.store import GuardedStore
 from gateway.stages.auth import auth_stage
 from gateway.stages.bodylimit import BodyLimitStage, body_limit_stage
 from gateway.stages.cache import CacheStage, InvalidateStage
@@ -81,7 +81,7 @@ def _jwt_authenticator(config: JwtConfig, jwks: JwksStore) -> JwtAuthenticator:
 def build_table(
     config: GatewayConfig,
     services: Mapping[str, Service],
-    rate_limits: RateLimitStore | None = None,
+    rate_limits: MemoryStore | GuardedStore | None = None,
     jwks: JwksStore | None = None,
     cache: ResponseCache | None = None,
 ) -> RouteTable:
@@ -143,7 +143,7 @@ def build_chain(
     action: Action,
     action_name: str,
     global_body_limit: int | None,
-    rate_limits: RateLimitStore | None = None,
+    rate_limits: MemoryStore | GuardedStore | None = None,
     auth: RoutePolicy | None = None,
     cache: CacheStage | InvalidateStage | None = None,
 ) -> Chain:

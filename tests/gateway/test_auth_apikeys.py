@@ -9,9 +9,13 @@ from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict, CIMultiDictProxy
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.__main__ import main
+from gateway.auth.apikeys import ApiKeyAuthenticator, hash_key
+from gateway.auth.identity import CredentialRejected, RequestFacts, upstream_headers
+from gateway.config.build import load_text
 from tests.gateway.conftest import GatewayTestServer
 from tests.tokens import GatewayClient, Seen, compile_auth_gateway, counting_echo
 
@@ -120,3 +124,63 @@ def test_hash_key_refuses_an_empty_input(
 
     assert main(["hash-key"]) == 2
     assert "no key" in capsys.readouterr().err
+
+
+def key_facts(key: str) -> RequestFacts:
+    return RequestFacts("GET", "/", CIMultiDictProxy(CIMultiDict({"X-API-Key": key})))
+
+
+def test_only_keys_that_verified_are_remembered_so_spraying_keys_grows_nothing() -> None:
+    other = "k-other-2b9d"
+    keys = ApiKeyAuthenticator(
+        [
+            (hash_key(KEY), "thermostat", frozenset({"inventory:read"})),
+            (hash_key(other), "b", frozenset()),
+        ]
+    )
+    for i in range(2000):  # a client spraying keys: each is hashed, refused, forgotten
+        with pytest.raises(CredentialRejected):
+            keys.identify(key_facts(f"{KEY}-{i}"))
+    assert keys.remembered() == 0
+
+    first = keys.identify(key_facts(KEY))
+    again = keys.identify(key_facts(f"  {KEY} "))  # the same key, as api_key() reads it
+    assert first is not None
+    assert first is again
+    assert first.consumer == "thermostat"
+    assert keys.remembered() == 1
+    with pytest.raises(CredentialRejected):  # one character off a remembered key
+        keys.identify(key_facts(KEY[:-1] + "0"))
+    keys.identify(key_facts(other))
+    assert keys.remembered() == 2  # never more than the keys configured
+
+
+def test_an_api_key_identity_carries_the_upstream_headers_made_once() -> None:
+    keys = ApiKeyAuthenticator([(hash_key(KEY), "thermostat", frozenset({"b:w", "a:r"}))])
+    identity = keys.identify(key_facts(KEY))
+    assert identity is not None
+    assert (
+        identity.sent_up
+        == upstream_headers(identity)
+        == (
+            ("X-Consumer", "thermostat"),
+            ("X-Auth-Subject", "thermostat"),
+            ("X-Auth-Scopes", "a:r b:w"),
+        )
+    )
+
+
+async def test_a_key_removed_by_a_reload_is_refused_though_it_was_remembered(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, seen: Seen
+) -> None:
+    echo: TestServer = await aiohttp_server(counting_echo(seen))
+    gateway = await compile_auth_gateway(ROUTES, echo=echo)
+    client = cast(GatewayClient, await aiohttp_client(GatewayTestServer(gateway)))
+    assert (await client.get("/api/x", headers={"X-API-Key": KEY})).status == 200
+    assert (await client.get("/api/x", headers={"X-API-Key": KEY})).status == 200
+
+    url = str(echo.make_url("")).rstrip("/")
+    without = ROUTES.replace(hashlib.sha256(KEY.encode()).hexdigest(), hash_key("another key"))
+    assert gateway.apply(load_text(without.replace("$ECHO", url), "routes.yaml", environ={}))
+
+    assert (await client.get("/api/x", headers={"X-API-Key": KEY})).status == 401

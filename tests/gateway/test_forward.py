@@ -202,6 +202,27 @@ routes:
     assert "Set-Cookie" not in resp.headers
 
 
+async def test_a_set_rule_replaces_a_header_the_forwarder_writes_itself(
+    make_gateway: MakeGateway,
+) -> None:
+    routes = """
+version: 1
+services:
+  echo: {targets: [$ECHO]}
+routes:
+  - prefix: /
+    service: echo
+    request_headers: {set: {X-Forwarded-Proto: https, X-Gateway: "true"}}
+"""
+    client = await make_gateway(routes)
+
+    seen = await (await client.get("/x", headers={"X-Forwarded-Proto": "gopher"})).json()
+
+    assert header(seen, "X-Forwarded-Proto") == ["https"]  # the rule's, not the gateway's "http"
+    assert header(seen, "X-Gateway") == ["true"]
+    assert header(seen, "X-Request-ID") != []  # the other headers it writes are still there
+
+
 async def test_gateway_never_advertises_its_server_software(make_gateway: MakeGateway) -> None:
     client = await make_gateway(ECHO_ROUTE)
 

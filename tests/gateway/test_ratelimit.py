@@ -12,7 +12,7 @@ from gateway.config.build import load_text
 from gateway.config.model import RateLimitPolicy
 from gateway.config.redisurl import parse_sentinel, redis_url_problem
 from gateway.http.exchange import Exchange
-from gateway.ratelimit.bucket import take
+from gateway.ratelimit.bucket import decided, step, take
 from gateway.ratelimit.keys import HeaderMaker, policy_text, subject_of
 from gateway.ratelimit.memory import MemoryStore
 from tests.gateway.conftest import MakeGateway
@@ -122,6 +122,24 @@ def test_the_headers_of_an_admitted_take_are_the_same_made_from_its_answer_or_de
         if decision.allowed:
             assert maker.admitted(answer) == maker.headers(decision)
         clock.now += 123_457
+
+
+def test_the_memory_take_is_the_bucket_arithmetic_and_a_full_bucket_has_its_headers_made() -> None:
+    policy = RateLimitPolicy(limit=5, per=2.0, burst=3)
+    clock = FakeClock()
+    take, maker = MemoryStore(clock).taker(policy), HeaderMaker(policy)
+    tat: int | None = None
+    gaps = [0, 0, 0, 0, 1, 399_999, 1, 400_000, 5 * SECOND, 0, 123_457, 0, 0, 0, 2 * SECOND]
+    for gap in gaps * 3:
+        clock.now += gap
+        tat, expected = step(tat, clock.now, policy.interval_us, policy.capacity_us)
+        answer = take("k")
+        assert answer == expected
+        if answer > 0:
+            assert maker.admitted(answer) == maker.headers(decided(answer, policy))
+    full = maker.headers(decided(policy.interval_us, policy))
+    assert maker.full == full
+    assert dict(full)["RateLimit-Remaining"] == "2"
 
 
 BASE = """
