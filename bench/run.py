@@ -813,7 +813,7 @@ def bench(args: argparse.Namespace) -> Results:
             warmup=args.warmup,
             startup_deadline=STARTUP_DEADLINE,
         )
-        results.tracing = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
+        results.tracing = measure_tracing(processes, loadgen, env, args, pin)
         rss_pids = {**pids, "direct": None}  # RSS is the proxy's; direct has none
         for round_index in range(args.transfer_rounds):
             for direction in ("upload", "download"):
@@ -865,7 +865,6 @@ def measure_tracing(
     processes: Processes,
     loadgen: LoadGen,
     env: dict[str, str],
-    upstream_url: str,
     args: argparse.Namespace,
     pin: bool,
 ) -> tracing_phase.TracingRun:
@@ -878,7 +877,6 @@ def measure_tracing(
         cpu_of=process_cpu,
         free_ports=free_ports,
         env=env,
-        upstream_url=upstream_url,
         out=OUT,
         rounds=args.rounds,
         duration=args.duration,
@@ -960,7 +958,7 @@ def phase_only(args: argparse.Namespace) -> int:
         )
         wait_ready(upstream, upstream_url + "/small", time.monotonic() + STARTUP_DEADLINE)
         if args.only == "tracing":
-            run: Any = measure_tracing(processes, loadgen, env, upstream_url, args, pin)
+            run: Any = measure_tracing(processes, loadgen, env, args, pin)
             lines, judged = tracing_phase.section(run), tracing_phase.verdicts(run)
         elif args.only == "cache":
             run = measure_cache(processes, loadgen, env, upstream_url, args, pin)

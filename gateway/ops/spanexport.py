@@ -28,6 +28,13 @@ closes its end too, and the child, its parent gone, exits without exporting more
 
 One child per gateway process: with --workers N, each worker has its own. The child inherits
 the gateway's CPU affinity; nothing here changes it.
+
+Background work. The child lowers its own priority by NICENESS (nice +10 over the gateway's):
+on a CPU both need, the scheduler gives the gateway's requests about nine tenths of it, and
+spans the child can't keep up with wait in the bounded queue and are then dropped and counted
+(gateway_trace_spans_dropped_total), as the SDK's processor does when its exporter is slow. On
+a host with CPU to spare it changes nothing. A collector agent, its CPU and its priority are
+the operator's.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ POLL: Final = 0.25  # seconds between looks at the child while a send waits
 STUCK_MARGIN: Final = 1.0  # seconds past two export timeouts with no answer: it hangs
 YOUNG: Final = 10.0  # a child that dies sooner than this after its start is restarted later
 MAX_PAUSE: Final = 30.0  # seconds, the longest pause before a restart
+NICENESS: Final = 10  # the child's, above the gateway's: where they share a CPU, requests win
 _FLUSH, _DONE, _FLUSHED = "f", "d", "F"  # control messages: (kind, number)
 _IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)  # meant for the gateway
 logger = logging.getLogger("gateway.tracing")
@@ -323,6 +331,7 @@ def main(argv: Sequence[str]) -> int:
 
     for sig in _IGNORED:  # the gateway stops this process by closing the socket
         signal.signal(sig, signal.SIG_IGN)
+    os.nice(NICENESS)  # see the module's text ("Background work")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])

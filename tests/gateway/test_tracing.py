@@ -534,6 +534,32 @@ async def test_a_hung_export_process_is_killed_and_the_spans_it_held_are_counted
     assert [s.name for s in received.spans] == [f"GET {r[9]}" for r in records[exporter.lost :]]
 
 
+async def test_the_export_process_runs_below_the_gateways_priority(
+    collector: tuple[Collector, TestServer],
+) -> None:
+    received, server = collector
+    exporter = spanexport.ExportProcess(
+        f"{base_url(server)}/v1/traces", 5.0, {"service.name": "edge"}, "gateway"
+    )
+    try:
+        await asyncio.to_thread(exporter.start)
+        child = exporter.pid
+        assert child is not None
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        # It lowers its own priority once it runs: poll until it has.
+        await eventually(lambda: os.getpriority(os.PRIO_PROCESS, child) != ours)
+        niceness = os.getpriority(os.PRIO_PROCESS, child)
+        # Its spans still go out.
+        result = await asyncio.to_thread(exporter.export, [_record("/niced")])
+        assert await asyncio.to_thread(exporter.force_flush, 15000)
+    finally:
+        await asyncio.to_thread(exporter.shutdown, 5000)
+
+    assert niceness == min(19, ours + spanexport.NICENESS)
+    assert result is SpanExportResult.SUCCESS
+    assert [s.name for s in received.spans] == ["GET /niced"]
+
+
 async def test_the_export_process_rebuilds_what_the_gateway_recorded(
     collector: tuple[Collector, TestServer],
 ) -> None:
