@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.ops.accesslog import access_logger
+from gateway.runtime.state import Gateway
 from gateway.servers.admin import create_admin_app
 from gateway.servers.connection import GatewayServer
 from gateway.servers.hitlane import HitLane
@@ -123,6 +124,13 @@ def get(path: str, *lines: str, method: str = "GET", version: str = "1.1") -> by
 
 
 CLOSE = "Connection: close"
+# HTTP version, Connection header, whether the connection stays open after the answer.
+KEEP_ALIVE_CASES: Final = [
+    ("1.1", "", True),
+    ("1.1", CLOSE, False),
+    ("1.0", "", False),
+    ("1.0", "Connection: keep-alive", True),
+]
 
 
 async def test_a_hit_is_well_formed_and_carries_the_misss_headers(
@@ -228,6 +236,20 @@ async def test_http_1_0_and_connection_close_are_honoured_on_a_hit(
         writer.close()
 
 
+async def metrics_text(aiohttp_client: AiohttpClient, gateway: Gateway) -> str:
+    admin = await aiohttp_client(create_admin_app(gateway))
+    async with admin.get("/metrics") as resp:
+        return await resp.text()
+
+
+def assert_three_hits_and_a_head(text: str) -> None:
+    """/metrics counted three cache hits of routes.0, answered to 3 GETs and a HEAD (2xx)."""
+    assert 'gateway_cache_lookups_total{result="hit",route="routes.0"} 3.0' in text
+    for method, count in (("GET", 3), ("HEAD", 1)):
+        labels = f'method="{method}",route="routes.0",status_class="2xx"'
+        assert f"gateway_requests_total{{{labels}}} {count}.0" in text
+
+
 @pytest.fixture
 def access_lines() -> Iterator[Lines]:
     lines = Lines()
@@ -256,13 +278,8 @@ async def test_the_access_line_and_the_metrics_record_every_hit(
     assert lines[1]["bytes_out"] == len(hit.body) == len(miss.body)
     assert lines[2]["request_id"] == head.headers["x-request-id"]
     assert (lines[1]["upstream_ms"], lines[1]["calls"]) == (None, [])  # nothing went up
-    admin = await aiohttp_client(create_admin_app(server.gateway))
-    async with admin.get("/metrics") as resp:
-        text = await resp.text()
-    assert 'gateway_cache_lookups_total{result="hit",route="routes.0"} 3.0' in text
-    for method, count in (("GET", 3), ("HEAD", 1)):
-        labels = f'method="{method}",route="routes.0",status_class="2xx"'
-        assert f"gateway_requests_total{{{labels}}} {count}.0" in text
+    text = await metrics_text(aiohttp_client, server.gateway)
+    assert_three_hits_and_a_head(text)
 
 
 async def test_a_hit_is_traced_as_a_server_span_without_upstream_calls(
@@ -347,11 +364,7 @@ def normalized(answer: Answer) -> tuple[str, list[tuple[str, str]], bytes]:
         ("/written/a", ()),
     ],
 )
-@pytest.mark.parametrize(
-    ("version", "connection", "kept"),
-    [("1.1", "", True), ("1.1", CLOSE, False), ("1.0", "", False),
-     ("1.0", "Connection: keep-alive", True)],
-)  # fmt: skip
+@pytest.mark.parametrize(("version", "connection", "kept"), KEEP_ALIVE_CASES)
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_an_encoded_hit_is_the_answer_the_general_path_gives(
     tmp_path: Path,
@@ -452,11 +465,7 @@ IN_LANE: Final = frozenset({"/plain/a", "/rules/a"})
         ("/written/a", ()),
     ],
 )
-@pytest.mark.parametrize(
-    ("version", "connection", "kept"),
-    [("1.1", "", True), ("1.1", CLOSE, False), ("1.0", "", False),
-     ("1.0", "Connection: keep-alive", True)],
-)  # fmt: skip
+@pytest.mark.parametrize(("version", "connection", "kept"), KEEP_ALIVE_CASES)
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_a_hit_in_the_lane_is_the_encoded_hit_byte_for_byte(
     tmp_path: Path,

@@ -27,11 +27,13 @@ from tests.gateway.test_cache_wire import (
     CLOSE,
     Answer,
     access_lines,  # noqa: F401 (a fixture)
+    assert_three_hits_and_a_head,
     blanked,
     closing,
     get,
     lane_of,
     lane_off,
+    metrics_text,
     miss,
     read_answer,
     talk,
@@ -229,13 +231,8 @@ async def test_lane_hits_are_logged_and_counted_like_the_loops(
     assert (lane_get["bytes_out"], lane_get["cache"]) == (len(in_lane.body), "HIT")
     assert isinstance(lane_get["total_ms"], float)
 
+    assert_three_hits_and_a_head(await metrics_text(aiohttp_client, server.gateway))
     admin = await aiohttp_client(create_admin_app(server.gateway))
-    async with admin.get("/metrics") as resp:
-        text = await resp.text()
-    assert 'gateway_cache_lookups_total{result="hit",route="routes.0"} 3.0' in text
-    for method, count in (("GET", 3), ("HEAD", 1)):
-        labels = f'method="{method}",route="routes.0",status_class="2xx"'
-        assert f"gateway_requests_total{{{labels}}} {count}.0" in text
     async with admin.get("/stats") as resp:
         stats = await resp.json()
     assert "routes.0" in str(stats)
