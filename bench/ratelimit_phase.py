@@ -14,11 +14,12 @@ import shutil
 import socket
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+import scrape
 
 BENCH: Final = Path(__file__).resolve().parent
 HOST: Final = "127.0.0.1"
@@ -141,12 +142,7 @@ def measure(
 
 def _store_errors(metrics_url: str) -> int:
     """The gateway's count of checks its store did not answer in time, from /metrics."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    for line in text.splitlines():
-        if line.startswith("gateway_rate_limit_store_errors_total "):
-            return int(float(line.split()[1]))
-    return 0
+    return int(scrape.totals(metrics_url)["gateway_rate_limit_store_errors_total"])
 
 
 def _wait_redis(port: int, deadline: float) -> None:

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import scrape
+
 HOST: Final = "127.0.0.1"
 SETTINGS: Final = ("off", "0.01", "1.0", "1.0 shared")  # off, then the two sample ratios
 RATIOS: Final = {"0.01": "0.01", "1.0": "1.0", "1.0 shared": "1.0"}
@@ -233,15 +235,8 @@ def measure(
 
 def counted(admin: str) -> tuple[int, int]:
     """A gateway's spans dropped and requests answered, from its /metrics."""
-    with urllib.request.urlopen(admin + "/metrics", timeout=5) as response:
-        text = response.read().decode()
-    dropped = requests = 0.0
-    for line in text.splitlines():
-        if line.startswith("gateway_trace_spans_dropped_total "):
-            dropped = float(line.split()[-1])
-        elif line.startswith("gateway_requests_total{"):
-            requests += float(line.split()[-1])
-    return int(dropped), int(requests)
+    sums = scrape.totals(admin + "/metrics")
+    return int(sums["gateway_trace_spans_dropped_total"]), int(sums["gateway_requests_total"])
 
 
 def section(run: TracingRun | None) -> list[str]:
