@@ -29,8 +29,11 @@ X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
 X_FORWARDED_PREFIX: Final = istr("X-Forwarded-Prefix")
 # The headers written below: a stage's header of one of these names replaces the one written.
 WRITTEN_HERE: Final = frozenset(
-    {"x-forwarded-for", "x-forwarded-proto", "x-request-id", "traceparent", "x-forwarded-host",
-     "x-forwarded-prefix"}
+    name.lower()
+    for name in (
+        X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID, TRACEPARENT, X_FORWARDED_HOST,
+        X_FORWARDED_PREFIX,
+    )
 )  # fmt: skip
 
 

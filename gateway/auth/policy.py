@@ -17,7 +17,6 @@ from gateway.auth.identity import (
     Identity,
     Method,
     RequestFacts,
-    upstream_headers,
 )
 from gateway.config.model import ALL_METHODS
 from gateway.http.errors import Forbidden, Unauthenticated
@@ -130,12 +129,6 @@ class RoutePolicy:
         challenges = (bearer, *self._key_challenge)
         detail = "; ".join(rejected.values()) or f"this route needs {self._wanted}"
         return Unauthenticated(detail, headers={"WWW-Authenticate": ", ".join(challenges)})
-
-    @staticmethod
-    def upstream_headers(identity: Identity) -> tuple[tuple[str, str], ...]:
-        """What the upstream is told (the client's own headers of these names never go up):
-        made ahead for identities that are (`Identity.sent_up`), else now."""
-        return identity.sent_up or upstream_headers(identity)
 
 
 def _forbidden_challenge(scope: str) -> str:

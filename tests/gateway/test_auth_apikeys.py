@@ -61,13 +61,21 @@ def sent(body: dict[str, Any], name: str) -> list[str]:
 async def test_a_known_key_admits_as_its_consumer(
     client: GatewayClient, headers: dict[str, str]
 ) -> None:
-    resp = await client.get("/api/devices", headers=headers)
-    body = await resp.json()
+    spoofed = {  # the client's own claims: replaced, never passed on
+        "X-Consumer": "admin",
+        "X-Auth-Subject": "root",
+        "X-Auth-Scopes": "inventory:write admin",
+        "X_Consumer": "admin",
+    }
+    for _ in range(2):  # the key verified, then remembered
+        resp = await client.get("/api/devices", headers={**spoofed, **headers})
+        body = await resp.json()
 
-    assert resp.status == 200, body
-    assert sent(body, "X-Consumer") == ["thermostat"]
-    assert sent(body, "X-Auth-Subject") == ["thermostat"]
-    assert sent(body, "X-Auth-Scopes") == ["inventory:read"]
+        assert resp.status == 200, body
+        assert sent(body, "X-Consumer") == ["thermostat"]
+        assert sent(body, "X-Auth-Subject") == ["thermostat"]
+        assert sent(body, "X-Auth-Scopes") == ["inventory:read"]
+        assert sent(body, "X_Consumer") == []
 
 
 async def test_credentials_go_upstream_unless_the_route_strips_them(client: GatewayClient) -> None:
