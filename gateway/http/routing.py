@@ -82,11 +82,14 @@ class Route:
 class RouteTable:
     """The frozen table a request is matched against. Reload builds a new one and swaps it."""
 
-    __slots__ = ("_depth", "_groups", "clients", "routes")
+    __slots__ = ("_depth", "_groups", "clients", "lanes", "routes")
 
     def __init__(self, routes: Iterable[Route], clients: ClientAddress | None = None) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
         self.clients = clients or ClientAddress(())  # trusted-proxy rules of this config
+        # Whether the hit lane (servers/hitlane.py) may answer any request of this table: a
+        # route with a lane, and no trusted proxy (the peer is the client).
+        self.lanes = not self.clients.trusted and any(r.chain.lane for r in self.routes)
         groups: dict[str, list[Route]] = {}
         for route in self.routes:
             groups.setdefault(route.config.prefix, []).append(route)

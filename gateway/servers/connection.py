@@ -100,8 +100,8 @@ class GatewayServer(web.Server):
 
 
 class GatewayProtocol(RequestHandler):
-    __slots__ = ("_answered", "_counted", "_head_bytes", "_head_timer", "_lane", "_limits",
-                 "_payload", "_remote", "_send_timer")  # fmt: skip
+    __slots__ = ("_answered", "_counted", "_head_bytes", "_head_timer", "_lane", "_lane_turn",
+                 "_limits", "_payload", "_remote", "_send_timer")  # fmt: skip
 
     def __init__(self, server: GatewayServer, limits: ClientLimits, **kwargs: Any) -> None:
         super().__init__(server, **kwargs)
@@ -116,6 +116,8 @@ class GatewayProtocol(RequestHandler):
         # answered, on a connection that goes on; -1: it does not (servers/hitlane.py).
         self._answered = 0
         self._remote: str | None = None  # the peer, as requests name it (for the lane)
+        # The lane's next turn at a pipelined flood, when one queue's worth was answered.
+        self._lane_turn: asyncio.Handle | None = None
 
     @property
     def _server(self) -> GatewayServer:
@@ -145,10 +147,10 @@ class GatewayProtocol(RequestHandler):
         if self._counted:
             self._counted = False
             self._server.open -= 1
-        for timer in (self._head_timer, self._send_timer):
+        for timer in (self._head_timer, self._send_timer, self._lane_turn):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._send_timer = None
+        self._head_timer = self._send_timer = self._lane_turn = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -178,20 +180,34 @@ class GatewayProtocol(RequestHandler):
             return
         # start() is idle, waiting for a request: hidden from aiohttp while the heads that
         # arrive are parsed, so the lane may answer the first ones itself (servers/hitlane.py).
+        self._serve_hidden(waiter, data)
+
+    def _serve_hidden(self, waiter: asyncio.Future[None], data: bytes) -> None:
+        """Receive `data` and let the lane answer from the queue while start() waits on
+        `waiter`, hidden from aiohttp meanwhile; then wake start() for what is left."""
         self._waiter = None
         try:
-            self._receive(data)
+            if data:
+                self._receive(data)
             if self._messages and not self._close and not self._force_close:
                 self._serve_lane()
         finally:
             self._waiter = waiter
         if self._force_close:  # what force_close() or close() would have done to it
             waiter.cancel()
-        elif self._messages:  # start() answers the rest, in order
-            if not waiter.done():
+        elif self._messages:  # start() answers the rest, in order (or the lane, next turn)
+            if self._lane_turn is None and not waiter.done():
                 waiter.set_result(None)
         elif self._close:
             waiter.cancel()
+
+    def _next_lane_turn(self) -> None:
+        """The lane's next queue's worth of a pipelined flood, while start() still waits
+        (when it does not, it answers the rest itself)."""
+        self._lane_turn = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._serve_hidden(waiter, b"")
 
     def log_access(
         self, request: BaseRequest, response: StreamResponse, time: float | None
@@ -218,7 +234,12 @@ class GatewayProtocol(RequestHandler):
         server = self._manager
         assert server is not None
         # A client that stops reading, or is gone, is left to start(): it waits, or gives up.
-        while messages and not self._paused and transport is not None:
+        # At most a queue's worth per call (reading resumes below as the queue drains, so a
+        # pipelined flood would refill it without end): the rest waits for the lane's next
+        # turn of the event loop, and other connections run meanwhile.
+        budget = self._max_msg_queue_size
+        while messages and not self._paused and transport is not None and budget:
+            budget -= 1
             message, payload = messages[0]
             if payload is not EMPTY_PAYLOAD or type(message) is not RawRequestMessage:
                 break
@@ -244,6 +265,8 @@ class GatewayProtocol(RequestHandler):
                 self._resume_reading_if_drained()  # parses what the queue held back
         if not answered:
             return
+        if not budget and messages and keep_alive and self._lane_turn is None:
+            self._lane_turn = self._loop.call_soon(self._next_lane_turn)
         self._answered = self._request_count - len(messages) if keep_alive else -1
         if not keep_alive:  # start() would leave its loop and close: it is ended with it
             self.force_close()

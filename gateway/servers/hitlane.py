@@ -31,16 +31,15 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
 
+from gateway.http.errors import MethodNotAllowed, RouteNotFound
 from gateway.http.exchange import apply_exchange, exchange_for
 from gateway.servers.public import make_recorder, target
 
 if TYPE_CHECKING:
-    from gateway.http.routing import RouteTable
     from gateway.runtime.state import Gateway
 
 LANE_METHODS: Final = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
 LANE_VERSIONS: Final = frozenset({HttpVersion10, HttpVersion11})
-ELSEWHERE_KEPT: Final = 4096  # targets remembered per method as not the lane's
 
 
 class Seen(NamedTuple):
@@ -53,16 +52,12 @@ class Seen(NamedTuple):
 class HitLane:
     """The lane of one public listener's connections (`GatewayServer.lane`)."""
 
-    __slots__ = ("_elsewhere", "_finished", "_gateway", "_table", "answered")
+    __slots__ = ("_finished", "_gateway", "answered")
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._finished = make_recorder(gateway)
         self.answered = 0  # requests answered here (tests and benchmarks read it)
-        # Request targets, by method, whose route in `_table` has no lane (or that it refuses):
-        # asked again, they go to the dispatcher without being matched twice.
-        self._table: RouteTable | None = None
-        self._elsewhere: dict[str, set[str]] = {method: set() for method in LANE_METHODS}
 
     def answer(self, message: RawRequestMessage, remote: str) -> bytes | None:
         """The answer to a parsed request without a body from the peer `remote`, counted and
@@ -70,12 +65,7 @@ class HitLane:
         goes on after it unless `message.should_close`."""
         gateway = self._gateway
         method, raw, table = message.method, message.path, gateway.table
-        if table is not self._table:  # a reload: what was learned is of the old table
-            self._table = table
-            for known in self._elsewhere.values():
-                known.clear()
-        elsewhere = self._elsewhere.get(method)  # None: not a GET or HEAD
-        if elsewhere is None or raw in elsewhere:
+        if not table.lanes or method not in LANE_METHODS:  # the table's, set as it is built
             return None
         headers = message.headers
         if (
@@ -84,21 +74,17 @@ class HitLane:
             or message.upgrade
             or hdrs.EXPECT in headers
             or not raw.startswith("/")
-            or table.clients.trusted
         ):
             return None
+        # `locate`'s routing, with the Exchange made only for a lane's route
         path, query = target(raw)
         try:
             route = table.match(method, path)
-        except Exception:  # 404, 405: the dispatcher's answer
-            route = None
-        lane = None if route is None else route.chain.lane
-        if lane is None:
-            if len(elsewhere) >= ELSEWHERE_KEPT:
-                elsewhere.clear()
-            elsewhere.add(raw)
+        except (RouteNotFound, MethodNotAllowed):  # the dispatcher's 404 or 405
             return None
-        assert route is not None
+        lane = route.chain.lane
+        if lane is None:
+            return None
         exchange = exchange_for(headers)  # what `enter` puts on it, for this request
         exchange.client = remote
         exchange.path, exchange.query = path, query

@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.config.build import load_text
 from gateway.servers.admin import create_admin_app
+from gateway.servers.connection import GatewayProtocol
 from tests.cache_upstream import CountingUpstream
 from tests.gateway.conftest import GatewayTestServer, compile_gateway
 from tests.gateway.test_accesslog import Lines
@@ -332,6 +334,56 @@ async def test_more_pipelined_hits_than_aiohttp_queues_are_all_answered_in_order
         True
     ] * count
     assert lane.answered == count
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["Authorization: Bearer x.y.z", "Cookie: session=1", "Cache-Control: no-cache"],
+)
+async def test_requests_the_cache_must_not_answer_from_memory_skip_the_lane(
+    serve: Start, upstream: CountingUpstream, line: str
+) -> None:
+    server = await serve()
+    lane = lane_of(server)
+    await warm(server, "/c/b")
+    before = upstream.count("/c/b")
+
+    [answer], _ = await talk(port(server), get("/c/b", line, CLOSE), ["GET"])
+
+    assert answer.status == 200
+    assert answer.headers["x-cache"] != "HIT"
+    assert lane.answered == 0
+    assert upstream.count("/c/b") == before + 1  # it went upstream, as the contract says
+
+
+async def test_a_pipelined_flood_is_answered_a_queue_at_a_time_across_loop_turns(
+    serve: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await serve()
+    lane = lane_of(server)
+    await warm(server, "/c/f1", "/c/f2")
+    per_call: list[int] = []
+    serve_lane = GatewayProtocol._serve_lane
+
+    def counted(self: GatewayProtocol) -> None:  # the real one, each call's answers noted
+        before = lane.answered
+        serve_lane(self)
+        per_call.append(lane.answered - before)
+
+    monkeypatch.setattr(GatewayProtocol, "_serve_lane", counted)
+    count = 400  # one write: aiohttp's parser queues 32 and holds back the rest
+    paths = [f"/c/f{1 + i % 2}" for i in range(count)]
+    data = b"".join(get(path) for path in paths[:-1]) + get(paths[-1], CLOSE)
+    answers, rest = await talk(port(server), data, ["GET"] * count)
+
+    assert rest == b""
+    assert [f'"{path}"'.encode() in a.body for a, path in zip(answers, paths, strict=True)] == [
+        True
+    ] * count
+    assert lane.answered == count  # all in the lane, in order
+    # No loop callback answers more than a queue's worth: other connections run between.
+    assert max(per_call) <= MAX_MSG_QUEUE_SIZE < count
+    assert sum(per_call) == count
 
 
 async def test_a_head_that_stalls_after_lane_answers_meets_the_header_timeout(
